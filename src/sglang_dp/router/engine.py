@@ -1,0 +1,426 @@
+"""The routing engine: tree + policy + per-worker state, with time as a parameter.
+
+For every request the shell calls, on one event loop:
+
+    dispatch = engine.route(key, now)         match → choose → speculate (insert for the worker)
+    try:
+        ... forward the request to dispatch.worker ...
+        engine.observe(dispatch, outcome, now)  correct the tree from `cached_tokens`
+    except ...:
+        engine.fail(dispatch, "connect_error", now)
+    finally:
+        engine.release(dispatch, now)           no-op if observe/fail already released it
+
+A `Dispatch` is the in-flight handle: the worker's in-flight count goes up in `route` and down
+exactly once, by whichever of observe/fail/release comes first, so a `finally` makes a leak
+impossible (streams that end early, timeouts, client disconnects included).
+
+Correction (`observe`), the proposal's fourth phase that sgl-router never built:
+- the worker now caches prompt + output: insert the extended key for it;
+- predicted tokens = matched elements / elements-per-token (learned from responses for character
+  keys, exactly 1 for token keys), capped at prompt_tokens - 1 as SGLang caps `cached_tokens`;
+- a *confirmed* prediction (the matched part was touched before any request still in flight on
+  that worker was sent, so it had surely been prefilled) that the worker contradicts by more than
+  `TOLERANCE` means it has been evicting: its budget shrinks to `SHRINK` × its current share and
+  its least recently used leaves go; accurate predictions grow the budget back, up to the worker's
+  KV capacity (converted to key elements) when known, else the global budget. Unconfirmed misses
+  (same-batch duplicates compute the prefix twice in SGLang) change nothing but the statistics.
+- `reset_worker` (restarted or flushed) drops the worker's whole share.
+The tree as a whole never exceeds `max_tree_size` key elements (a global budget: memory does not
+grow with the number of workers); eviction runs only when a budget is exceeded by `SLACK`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sglang_dp.router.policies import Candidates, PolicyConfig, make_policy
+from sglang_dp.router.tree import Key, KeyLike, RadixTree, normalize_key
+
+TOLERANCE_TOKENS = 8  # below this a misprediction is noise (token boundaries, templates)
+TOLERANCE_RATE = 0.1  # ... or below this share of the prediction
+SHRINK = 0.85  # budget after an eviction is detected, as a share of the current tree share
+SLACK = 0.05  # evict when a budget is exceeded by this share, so eviction is amortised
+EWMA = 0.05  # weight of one response in the elements-per-token estimate
+CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
+
+
+class NoWorkerAvailable(Exception):
+    """No healthy worker can take the request (none registered, none healthy, all excluded)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the routing engine (policy settings included)."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    max_tree_size: int = field(
+        default=2**26,
+        metadata={"help": "Key elements the whole tree may hold (all workers together)."},
+    )
+    token_keys: bool = field(
+        default=False, metadata={"help": "Keys are token ids (else characters)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_tree_size <= 0:
+            raise ValueError("max_tree_size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a request goes and why (also what `/debug/route` shows, without side effects)."""
+
+    worker: str
+    reason: str
+    policy: str
+    matched: int  # key elements the chosen worker probably holds
+    key_length: int
+    matches: tuple[tuple[str, int], ...]  # every routable worker's match, in worker order
+    loads: tuple[tuple[str, int], ...]  # every routable worker's load when deciding
+
+    @property
+    def match_rate(self) -> float:
+        return self.matched / self.key_length if self.key_length else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the worker reported for a finished request."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int = 0
+    extended_key: KeyLike | None = None  # key + generated output, in the key's own format
+
+
+class _WorkerState:
+    __slots__ = (
+        "budget",
+        "cached_tokens",
+        "capacity_tokens",
+        "completed",
+        "corrections",
+        "errors",
+        "evicted",
+        "generation",
+        "healthy",
+        "in_flight",
+        "mispredicted",
+        "predicted_tokens",
+        "prompt_tokens",
+        "resets",
+        "routed",
+        "url",
+    )
+
+    def __init__(self, url: str, capacity_tokens: int | None) -> None:
+        self.url = url
+        self.healthy = True
+        self.capacity_tokens = capacity_tokens
+        self.budget = math.inf  # learned share of the tree, in key elements
+        self.in_flight: dict[int, float] = {}  # dispatch id -> when it was sent (ordered)
+        self.generation = 0
+        self.routed = self.completed = self.errors = self.resets = 0
+        self.predicted_tokens = self.cached_tokens = self.prompt_tokens = 0
+        self.mispredicted = self.corrections = self.evicted = 0
+
+
+@dataclass(slots=True, eq=False)
+class Dispatch:
+    """The handle of one request in flight; see the module docstring."""
+
+    id: int
+    decision: Decision
+    key: Key
+    sent_at: float
+    prior_touch: float | None  # when the worker last touched the matched part, before this
+    oldest_in_flight: float  # send time of its oldest request in flight when this was routed
+    _state: _WorkerState
+    _generation: int
+    released: bool = False
+
+    @property
+    def worker(self) -> str:
+        return self.decision.worker
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    url: str
+    healthy: bool
+    in_flight: int
+    routed: int
+    completed: int
+    errors: int
+    resets: int
+    prompt_tokens: int
+    cached_tokens: int  # what the worker reported
+    predicted_tokens: int  # what the tree predicted for the same requests
+    mispredicted: int  # requests whose prediction was off by more than the tolerance
+    corrections: int  # evictions detected and applied to the tree
+    evicted: int  # key elements removed from its share by corrections and budgets
+    tree_size: int
+    budget: float  # its learned share budget (inf: unbounded but for the global budget)
+    capacity_tokens: int | None
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def predicted_rate(self) -> float:
+        return self.predicted_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    policy: str
+    now: float
+    workers: tuple[WorkerStats, ...]
+    reasons: tuple[tuple[str, int], ...]
+    tree_size: int
+    tree_nodes: int
+    max_tree_size: int
+    elements_per_token: float
+
+    @property
+    def routed(self) -> int:
+        return sum(w.routed for w in self.workers)
+
+    @property
+    def hit_rate(self) -> float:
+        prompt = sum(w.prompt_tokens for w in self.workers)
+        return sum(w.cached_tokens for w in self.workers) / prompt if prompt else 0.0
+
+
+class RoutingEngine:
+    """Owns the tree, the policy and the workers' state; see the module docstring."""
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._policy = make_policy(self.config.policy)
+        self._tree = RadixTree()
+        self._workers: dict[str, _WorkerState] = {}
+        self._routable: tuple[_WorkerState, ...] = ()
+        self._ids = itertools.count(1)
+        self._reasons: Counter[str] = Counter()
+        self._per_token = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
+
+    @property
+    def tree(self) -> RadixTree:
+        """The tree, for read-only inspection (`branches`, `match`)."""
+        return self._tree
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def add_worker(self, url: str, capacity_tokens: int | None = None) -> None:
+        """Register a worker (healthy, empty share); re-adding an existing one is a no-op."""
+        if url not in self._workers:
+            self._workers[url] = _WorkerState(url, capacity_tokens)
+            self._refresh_routable()
+
+    def remove_worker(self, url: str) -> None:
+        state = self._workers.pop(url, None)
+        if state is not None:
+            self._tree.remove_tenant(url)
+            self._refresh_routable()
+
+    def set_healthy(self, url: str, healthy: bool) -> None:
+        """Take a worker out of routing or back in; its share of the tree is kept."""
+        state = self._workers.get(url)
+        if state is not None and state.healthy != healthy:
+            state.healthy = healthy
+            self._refresh_routable()
+
+    def set_capacity(self, url: str, capacity_tokens: int | None) -> None:
+        """The worker's KV capacity (`max_total_num_tokens`) bounds its share of the tree."""
+        state = self._workers.get(url)
+        if state is not None:
+            state.capacity_tokens = capacity_tokens
+
+    def reset_worker(self, url: str) -> None:
+        """The worker restarted or flushed its cache: it holds nothing any more."""
+        state = self._workers.get(url)
+        if state is not None:
+            self._tree.remove_tenant(url)
+            state.generation += 1
+            state.resets += 1
+            state.budget = math.inf
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self._workers)
+
+    def healthy_workers(self) -> list[str]:
+        return [s.url for s in self._routable]
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def decide(self, key: KeyLike, exclude: Iterable[str] = ()) -> Decision:
+        """The decision the policy would take now, with no side effect at all (a dry run).
+
+        Random and round-robin policies advance their generator, so two dry runs may differ.
+        """
+        return self._decide(normalize_key(key), self._candidates(exclude))
+
+    def route(self, key: KeyLike, now: float, exclude: Iterable[str] = ()) -> Dispatch:
+        """Choose a worker, count the request in flight there and speculate: insert the key."""
+        key = normalize_key(key)
+        states = self._candidates(exclude)
+        decision = self._decide(key, states)
+        state = self._workers[decision.worker]
+        prior = self._tree.insert(key, state.url, now)
+        oldest = next(iter(state.in_flight.values()), math.inf)
+        dispatch = Dispatch(
+            next(self._ids), decision, key, now, prior, oldest, state, state.generation
+        )
+        state.in_flight[dispatch.id] = now
+        state.routed += 1
+        self._reasons[decision.reason] += 1
+        self._enforce_budgets(state)
+        return dispatch
+
+    def observe(self, dispatch: Dispatch, outcome: Outcome, now: float) -> None:
+        """The correction phase: the worker's real `cached_tokens` repairs the tree."""
+        self.release(dispatch)
+        state = dispatch._state
+        state.completed += 1
+        if outcome.prompt_tokens <= 0:
+            return
+        self._learn_elements_per_token(dispatch, outcome)
+        predicted = self._predicted_tokens(dispatch, outcome)
+        state.prompt_tokens += outcome.prompt_tokens
+        state.cached_tokens += outcome.cached_tokens
+        state.predicted_tokens += predicted
+        if state is not self._workers.get(state.url) or dispatch._generation != state.generation:
+            return  # removed or restarted since: what it cached then is gone
+        extended = outcome.extended_key if outcome.extended_key is not None else dispatch.key
+        self._tree.insert(extended, state.url, now)
+        short = predicted - outcome.cached_tokens
+        if short > max(TOLERANCE_TOKENS, TOLERANCE_RATE * predicted):
+            state.mispredicted += 1
+            if self._confirmed(dispatch):
+                self._shrink(state)
+        else:
+            state.budget = min(self._ceiling(state), state.budget + len(extended))
+        self._enforce_budgets(state)
+
+    def fail(self, dispatch: Dispatch, reason: str) -> None:
+        """The request failed at or before the worker (connect error, 5xx, timeout)."""
+        if not dispatch.released:
+            dispatch._state.errors += 1
+            self._reasons[f"error:{reason}"] += 1
+        self.release(dispatch)
+
+    def release(self, dispatch: Dispatch) -> None:
+        """End the request's in-flight accounting; only the first call has an effect."""
+        if not dispatch.released:
+            dispatch.released = True
+            dispatch._state.in_flight.pop(dispatch.id, None)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> EngineSnapshot:
+        return EngineSnapshot(
+            policy=self._policy.name,
+            now=now,
+            workers=tuple(self._stats(s) for s in self._workers.values()),
+            reasons=tuple(sorted(self._reasons.items())),
+            tree_size=self._tree.total_size,
+            tree_nodes=self._tree.node_count,
+            max_tree_size=self.config.max_tree_size,
+            elements_per_token=self._per_token,
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _refresh_routable(self) -> None:
+        self._routable = tuple(s for s in self._workers.values() if s.healthy)
+
+    def _candidates(self, exclude: Iterable[str]) -> tuple[_WorkerState, ...]:
+        excluded = set(exclude)
+        states = self._routable
+        if excluded:
+            states = tuple(s for s in states if s.url not in excluded)
+        if not states:
+            raise NoWorkerAvailable(self._why_none(excluded))
+        return states
+
+    def _why_none(self, excluded: set[str]) -> str:
+        if not self._workers:
+            return "no workers are registered"
+        if not self._routable:
+            return f"none of the {len(self._workers)} workers is healthy"
+        return f"all {len(excluded)} healthy workers were tried and failed"
+
+    def _decide(self, key: Key, states: tuple[_WorkerState, ...]) -> Decision:
+        workers = [s.url for s in states]
+        loads = [len(s.in_flight) for s in states]
+        matched = self._tree.match(key)
+        choice = self._policy.choose(Candidates(workers, loads, matched, len(key)))
+        return Decision(
+            worker=choice.worker,
+            reason=choice.reason,
+            policy=self._policy.name,
+            matched=matched.get(choice.worker, 0),
+            key_length=len(key),
+            matches=tuple((w, matched.get(w, 0)) for w in workers),
+            loads=tuple(zip(workers, loads)),
+        )
+
+    def _learn_elements_per_token(self, dispatch: Dispatch, outcome: Outcome) -> None:
+        if not self.config.token_keys:
+            ratio = len(dispatch.key) / outcome.prompt_tokens
+            self._per_token += EWMA * (ratio - self._per_token)
+
+    def _predicted_tokens(self, dispatch: Dispatch, outcome: Outcome) -> int:
+        tokens = int(dispatch.decision.matched / self._per_token)
+        return max(0, min(tokens, outcome.prompt_tokens - 1))
+
+    @staticmethod
+    def _confirmed(dispatch: Dispatch) -> bool:
+        """The matched part was touched before any request still in flight was sent."""
+        return dispatch.prior_touch is not None and dispatch.prior_touch < dispatch.oldest_in_flight
+
+    def _shrink(self, state: _WorkerState) -> None:
+        state.corrections += 1
+        state.budget = SHRINK * self._tree.size(state.url)
+        state.evicted += self._tree.evict(state.url, int(state.budget))
+
+    def _ceiling(self, state: _WorkerState) -> float:
+        if state.capacity_tokens is None:
+            return float(self.config.max_tree_size)
+        return state.capacity_tokens * self._per_token
+
+    def _enforce_budgets(self, state: _WorkerState) -> None:
+        budget = min(state.budget, self._ceiling(state))
+        if self._tree.size(state.url) > budget * (1 + SLACK):
+            state.evicted += self._tree.evict(state.url, int(budget))
+        limit = self.config.max_tree_size
+        if self._tree.total_size > limit * (1 + SLACK):
+            self._tree.evict_global(limit)
+
+    def _stats(self, state: _WorkerState) -> WorkerStats:
+        return WorkerStats(
+            url=state.url,
+            healthy=state.healthy,
+            in_flight=len(state.in_flight),
+            routed=state.routed,
+            completed=state.completed,
+            errors=state.errors,
+            resets=state.resets,
+            prompt_tokens=state.prompt_tokens,
+            cached_tokens=state.cached_tokens,
+            predicted_tokens=state.predicted_tokens,
+            mispredicted=state.mispredicted,
+            corrections=state.corrections,
+            evicted=state.evicted,
+            tree_size=self._tree.size(state.url),
+            budget=min(state.budget, self._ceiling(state)),
+            capacity_tokens=state.capacity_tokens,
+        )

@@ -1,0 +1,198 @@
+"""The approximate radix tree: drawn examples, then properties against a brute-force reference."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sglang_dp.router.tree import Key, RadixTree, common_length, iter_branches, preview
+
+
+def test_docstring_example() -> None:
+    tree = RadixTree()
+    tree.insert("hello world", "w0", 1)
+    tree.insert("hello there", "w1", 2)
+    tree.insert("help", "w1", 3)
+    assert tree.match("hello there!") == {"w0": 6, "w1": 11}
+    assert tree.match("help me") == {"w0": 3, "w1": 4}
+    assert tree.match("xyz") == {}
+    assert tree.size("w0") == 11
+    assert tree.size("w1") == 3 + 3 + 5 + 1
+    assert tree.total_size == 17
+
+
+def test_token_keys_use_the_same_code() -> None:
+    tree = RadixTree()
+    tree.insert([1, 2, 3, 4], "a", 1)
+    tree.insert((1, 2, 9), "b", 2)
+    assert tree.match([1, 2, 3, 7]) == {"a": 3, "b": 2}
+    assert tree.size("a") == 4 and tree.size("b") == 3
+
+
+def test_unicode_keys_are_matched_by_code_point() -> None:
+    tree = RadixTree()
+    tree.insert("日本語のプロンプト🙂a", "w", 1)
+    assert tree.match("日本語のプロンプト🙂b") == {"w": 10}
+    assert tree.match("日本") == {"w": 2}
+
+
+def test_insert_reports_the_prior_touch_of_the_deepest_held_part() -> None:
+    tree = RadixTree()
+    assert tree.insert("abcdef", "w", 1) is None
+    assert tree.insert("abcxyz", "w", 5) == 1
+    assert tree.insert("abcxyz", "w", 7) == 5
+    assert tree.insert("q", "w", 8) is None
+
+
+def test_evict_drops_least_recently_used_leaves_first() -> None:
+    tree = RadixTree()
+    tree.insert("system prompt A: question 1", "w", 1)
+    tree.insert("system prompt A: question 2", "w", 2)
+    tree.insert("system prompt B: question 3", "w", 3)
+    removed = tree.evict("w", tree.size("w") - 1)
+    assert removed == 1  # the leaf "1" of the oldest key goes first
+    assert tree.match("system prompt A: question 1") == {"w": len("system prompt A: question ")}
+    assert tree.match("system prompt B: question 3") == {"w": 27}
+
+
+def test_remove_tenant_frees_unshared_nodes() -> None:
+    tree = RadixTree()
+    tree.insert("shared prefix one", "a", 1)
+    tree.insert("shared prefix two", "b", 1)
+    tree.remove_tenant("a")
+    assert tree.size("a") == 0
+    assert tree.match("shared prefix one") == {"b": len("shared prefix ")}
+    assert tree.total_size == len("shared prefix two")
+
+
+def test_global_eviction_bounds_memory_whoever_holds_it() -> None:
+    tree = RadixTree()
+    for i in range(10):
+        tree.insert(f"prompt {i} " + "x" * 50, f"w{i % 3}", i)
+    tree.evict_global(200)
+    assert tree.total_size <= 200
+    assert tree.match("prompt 0 " + "x" * 50)["w0"] == len("prompt ")  # the oldest went first
+    assert tree.match("prompt 9 " + "x" * 50)["w0"] == 59
+
+
+def test_branches_show_largest_first_with_holders() -> None:
+    tree = RadixTree()
+    tree.insert("S" * 100 + "q1", "a", 1)
+    tree.insert("S" * 100 + "q2", "b", 2)
+    tree.insert("tiny", "a", 3)
+    top = tree.branches(depth=2, top=1)
+    assert len(top) == 1
+    assert top[0].label == "S" * 100 + "q"
+    assert {t for t, _ in top[0].tenants} == {"a", "b"}
+    assert top[0].subtree_size == 103
+    assert top[0].hidden_children == 1
+    assert [b.label for b in iter_branches(tree.branches(depth=1, top=5, tenant="a"))] == [
+        "S" * 100 + "q",
+        "tiny",
+    ]
+
+
+def test_preview_escapes_and_shortens_in_the_middle() -> None:
+    assert preview("a\nb") == "a\\nb"
+    shortened = preview("x" * 30 + "y" * 30, width=11)
+    assert len(shortened) == 11 and shortened.startswith("xxxxx") and shortened.endswith("yyyyy")
+    assert preview((1, 2, 3)) == "1 2 3"
+
+
+# -- properties against a brute-force reference -----------------------------------------------
+
+ALPHABET = "ab☃"
+text_keys = st.text(alphabet=ALPHABET, min_size=1, max_size=12)
+token_keys = st.lists(st.integers(0, 2), min_size=1, max_size=12).map(tuple)
+tenants = st.sampled_from(["w0", "w1", "w2"])
+
+
+def prefix_length(a: Key, b: Key) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reference_match(held: dict[str, set[Key]], key: Key) -> dict[str, int]:
+    result = {}
+    for tenant, keys in held.items():
+        best = max((prefix_length(k, key) for k in keys), default=0)
+        if best:
+            result[tenant] = best
+    return result
+
+
+def prefixes(keys: set[Key]) -> set[Key]:
+    return {k[:i] for k in keys for i in range(1, len(k) + 1)}
+
+
+def check_against_reference(tree: RadixTree, held: dict[str, set[Key]], probes: list[Key]) -> None:
+    for tenant, keys in held.items():
+        assert tree.size(tenant) == len(prefixes(keys))
+    assert tree.total_size == len(prefixes(set().union(*held.values())))
+    for probe in probes:
+        assert tree.match(probe) == reference_match(held, probe)
+
+
+operations = st.lists(
+    st.tuples(st.sampled_from(["insert", "insert", "insert", "remove", "evict"]), tenants),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=operations, data=st.data(), tokens=st.booleans())
+def test_tree_agrees_with_reference(
+    ops: list[tuple[str, str]], data: st.DataObject, tokens: bool
+) -> None:
+    keys = token_keys if tokens else text_keys
+    tree = RadixTree()
+    held: dict[str, set[Key]] = {"w0": set(), "w1": set(), "w2": set()}
+    for now, (op, tenant) in enumerate(ops):
+        if op == "insert":
+            key = data.draw(keys)
+            tree.insert(key, tenant, now)
+            held[tenant].add(key)
+        elif op == "remove":
+            tree.remove_tenant(tenant)
+            held[tenant] = set()
+        else:
+            budget = data.draw(st.integers(0, max(tree.size(tenant), 1)))
+            before = dict(tree.held_keys(tenant))
+            tree.evict(tenant, budget)
+            assert tree.size(tenant) <= budget
+            after = dict(tree.held_keys(tenant))
+            assert prefixes(set(after)) <= prefixes(set(before))
+            gone = [t for k, t in before.items() if k not in prefixes(set(after))]
+            if gone and after:
+                assert max(gone) <= min(after.values())  # least recently used first
+            held[tenant] = set(after)
+        check_against_reference(tree, held, [data.draw(keys) for _ in range(3)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(inserts=st.lists(st.tuples(text_keys, tenants), min_size=1, max_size=25), data=st.data())
+def test_global_eviction_keeps_the_invariants(
+    inserts: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    tree = RadixTree()
+    for now, (key, tenant) in enumerate(inserts):
+        tree.insert(key, tenant, now)
+    budget = data.draw(st.integers(0, tree.total_size))
+    tree.evict_global(budget)
+    assert tree.total_size <= budget
+    held = {t: {k for k, _ in tree.held_keys(t)} for t in ["w0", "w1", "w2"]}
+    original = {k for k, _ in inserts}
+    for keys in held.values():
+        assert prefixes(keys) <= prefixes(original)
+    check_against_reference(tree, held, [data.draw(text_keys) for _ in range(3)])
+
+
+@given(a=st.text(alphabet="ab", max_size=40), b=st.text(alphabet="ab", min_size=1, max_size=40))
+def test_common_length_is_the_common_prefix(a: str, b: str) -> None:
+    for pos in range(len(a) + 1):
+        assert common_length(a, pos, b) == prefix_length(a[pos:], b)
