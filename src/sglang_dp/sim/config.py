@@ -1,0 +1,202 @@
+"""All options of the simulated worker, declared once, and the click command built from them.
+
+`SimConfig` is one frozen dataclass. Every field carries its default and its help text; the
+click options of `sglang-dp sim-worker` and `python -m sglang_dp.sim` are generated from the
+fields (flag = field name with dashes), so an option is never written twice.
+
+SGLang's own flags keep SGLang's names and defaults (`--port 30000`, `--host 127.0.0.1`,
+`--schedule-policy fcfs`, ...). Options SGLang has that the simulator does not model are accepted
+and ignored with one warning, so users can pass their real `sglang.launch_server` argv unchanged.
+Sizes left unset (`--max-total-tokens`, `--max-running-requests`, ...) come from the cost-model
+profile (`cost_model.PROFILES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    type: Any = None,
+    choices: Sequence[str] = (),
+    aliases: Sequence[str] = (),
+    group: str = "sglang",
+) -> Any:
+    """A dataclass field that also describes its command-line option."""
+    meta = {
+        "help": help,
+        "type": type,
+        "choices": tuple(choices),
+        "aliases": tuple(aliases),
+        "group": group,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Options of one simulated worker (see the module docstring)."""
+
+    # --- SGLang server flags that matter to the simulator
+    model_path: str = _opt(
+        "sglang-dp/sim-llama3-8b", "Model name or local folder (reported, not loaded)."
+    )
+    host: str = _opt("127.0.0.1", "Address to bind.")
+    port: int = _opt(30000, "HTTP port.")
+    tp_size: int = _opt(
+        1, "Tensor-parallel size: scales KV memory and prefill rate.", aliases=["--tp"]
+    )
+    base_gpu_id: int = _opt(0, "First GPU id (reported only).")
+    mem_fraction_static: float | None = _opt(
+        None, "GPU memory fraction for weights + KV; sizes the KV cache. [profile]", type=float
+    )
+    max_running_requests: int | None = _opt(
+        None, "Most requests decoding at once. [profile]", type=int
+    )
+    max_total_tokens: int | None = _opt(
+        None, "KV cache capacity in tokens. [from profile and --mem-fraction-static]", type=int
+    )
+    chunked_prefill_size: int | None = _opt(
+        None,
+        "Most prompt tokens in one prefill batch; longer prompts are chunked. [profile]",
+        type=int,
+    )
+    context_length: int | None = _opt(None, "Model context length. [profile]", type=int)
+    schedule_policy: str = _opt("fcfs", "Waiting-queue order.", choices=SCHEDULE_POLICIES)
+    disable_radix_cache: bool = _opt(False, "No prefix caching (every prompt is computed).")
+    enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
+    enable_cache_report: bool = _opt(
+        False, "Report usage.prompt_tokens_details.cached_tokens on OpenAI routes."
+    )
+    api_key: str | None = _opt(
+        None, "Require `Authorization: Bearer KEY` (not on /health*, /metrics).", type=str
+    )
+    served_model_name: str | None = _opt(
+        None, "Model name in OpenAI responses. [model-path]", type=str
+    )
+    tokenizer_path: str | None = _opt(
+        None,
+        "Local Hugging Face tokenizer folder; default: built-in word-level tokenizer.",
+        type=str,
+    )
+    nccl_port: int | None = _opt(None, "Accepted for compatibility (nothing is bound).", type=int)
+    log_level: str = _opt("info", "Logging level.", choices=LOG_LEVELS)
+    stream_interval: int = _opt(1, "Streaming: one event every N generated tokens.")
+    random_seed: int = _opt(0, "Seed of the deterministic outputs and fault injection.")
+    skip_server_warmup: bool = _opt(False, "Skip the warm-up request after start-up.")
+    # --- cost model
+    profile: str = _opt(
+        "h100-llama3-8b", "Hardware/model profile of the cost model.", group="cost model"
+    )
+    prefill_tokens_per_s: float | None = _opt(
+        None, "Prefill throughput in tokens/s. [profile]", type=float, group="cost model"
+    )
+    decode_step_ms: float | None = _opt(
+        None, "Fixed time of one decode step in ms. [profile]", type=float, group="cost model"
+    )
+    decode_per_seq_ms: float | None = _opt(
+        None,
+        "Extra decode-step time per running request in ms. [profile]",
+        type=float,
+        group="cost model",
+    )
+    decode_per_kv_token_ns: float | None = _opt(
+        None,
+        "Extra decode-step time per cached context token in ns (KV reads). [profile]",
+        type=float,
+        group="cost model",
+    )
+    time_scale: float = _opt(
+        1.0, "Run K times faster than the modelled hardware.", group="cost model"
+    )
+    startup_seconds: float = _opt(
+        0.0, "Simulated model-loading time (modelled seconds).", group="cost model"
+    )
+    # --- fault injection
+    fail_rate: float = _opt(
+        0.0, "Fraction of generation requests answered with HTTP 500.", group="fault injection"
+    )
+    crash_after: int | None = _opt(
+        None,
+        "Exit the process when generation request N+1 arrives.",
+        type=int,
+        group="fault injection",
+    )
+    hang_rate: float = _opt(
+        0.0, "Fraction of generation requests never answered.", group="fault injection"
+    )
+    instant: bool = _opt(
+        False,
+        "Answer at once, no cost model (router-overhead benchmarks).",
+        group="fault injection",
+    )
+
+    @property
+    def model_name(self) -> str:
+        """The name OpenAI routes report (SGLang: served-model-name, else model-path)."""
+        return self.served_model_name or self.model_path
+
+    def replace(self, **changes: Any) -> SimConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _click_option(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    decls = [flag, *meta["aliases"], f.name]
+    help_text = meta["help"]
+    if isinstance(f.default, bool):
+        return click.option(*decls, is_flag=True, default=f.default, help=help_text)
+    if meta["choices"]:
+        kind: Any = click.Choice(meta["choices"], case_sensitive=False)
+    else:
+        kind = meta["type"] or type(f.default)
+    return click.option(
+        *decls, type=kind, default=f.default, show_default=f.default is not None, help=help_text
+    )
+
+
+def config_from_options(values: dict[str, Any]) -> SimConfig:
+    """Build a SimConfig from click's keyword arguments (unknown keys are ignored)."""
+    names = {f.name for f in dataclasses.fields(SimConfig)}
+    return SimConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def build_command(name: str, run: Callable[[SimConfig, list[str]], None]) -> click.Command:
+    """The click command: parses the options into a SimConfig and calls `run(config, extra)`.
+
+    `extra` holds the unknown arguments (SGLang flags the simulator does not model): the command
+    never fails on them.
+    """
+
+    def callback(**values: Any) -> None:
+        ctx = click.get_current_context()
+        run(config_from_options(values), list(ctx.args))
+
+    decorated: Any = callback
+    for f in reversed(dataclasses.fields(SimConfig)):
+        decorated = _click_option(f)(decorated)
+    command: click.Command = click.command(
+        name,
+        help="A CPU-only SGLang worker: SGLang's HTTP API, a RadixAttention-like cache and "
+        "scheduler, a cost model of the GPU, and a time scale.",
+        context_settings={
+            "ignore_unknown_options": True,
+            "allow_extra_args": True,
+            "help_option_names": ["-h", "--help"],
+            "max_content_width": 100,
+        },
+    )(decorated)
+    return command

@@ -1,0 +1,676 @@
+"""The simulated worker's shell: SGLang's HTTP API in front of the pure scheduler.
+
+One asyncio loop; no task per request. A generation request is parsed (`api`), tokenized, given
+its deterministic output (`tokenizer.OutputText`), and submitted to the `Scheduler` at the
+current simulated time, `now = (loop time − start) × time_scale`. A single timer sleeps until
+`scheduler.next_event_time()` (converted back to loop time); on waking it calls
+`advance(now)` and writes what became visible: first tokens, stream progress every
+`--stream-interval` tokens, finished requests. With `--instant` the scheduler answers inside the
+handler (`run_instant`), so a request costs one parse, one cache match and one write.
+
+Streaming: SSE (`data: {json}\\n\\n`, ending `data: [DONE]\\n\\n`); `/generate` events carry the
+cumulative text, OpenAI chunks the delta. A client that disconnects aborts its request, which
+frees its KV. Fault injection (`--fail-rate`, `--hang-rate`, `--crash-after`) applies to
+generation requests only and uses a seeded RNG, so test runs repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sglang_dp import __version__
+from sglang_dp.sim import api
+from sglang_dp.sim.config import SimConfig
+from sglang_dp.sim.cost_model import CostModel, resolve
+from sglang_dp.sim.http import TEXT, HttpRequest, Responder, serve
+from sglang_dp.sim.metrics import SimMetrics
+from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
+from sglang_dp.sim.tokenizer import Output, OutputText, Tokenizer, load_tokenizer
+
+log = logging.getLogger("sglang_dp.sim")
+
+WARMUP_PROMPT = "The capital city of France is"  # what SGLang's warm-up request sends
+HEALTH_TIMEOUT_S = 20.0
+DONE = b"data: [DONE]\n\n"
+UNAUTHENTICATED = ("/health", "/health_generate", "/metrics")
+
+
+def error_body(message: str, kind: str = "BadRequestError", code: int = 400) -> bytes:
+    """The JSON error every 4xx/5xx carries."""
+    return orjson.dumps(
+        {
+            "error": {"message": message, "type": kind, "code": code},
+            "object": "error",
+            "message": message,
+            "code": code,
+        }
+    )
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+@dataclass(eq=False)
+class _Item:
+    """One prompt of a call and its request in the scheduler."""
+
+    req: SimRequest
+    out: Output
+    echo: str = ""
+    sent_chars: int = 0  # OpenAI streams: characters of text already sent as deltas
+
+
+@dataclass(eq=False)
+class _Call:
+    """One HTTP generation call (one or several prompts) waiting for the scheduler."""
+
+    api: api.ApiRequest | None  # None: internal (warm-up, health check)
+    responder: Responder | None
+    items: list[_Item] = field(default_factory=list)
+    open: int = 0  # items not finished yet
+    oid: str = ""
+    created: int = 0
+    on_done: Callable[[], None] | None = None
+
+
+class SimWorker:
+    """State of one simulated worker and its HTTP handler (`handle`)."""
+
+    def __init__(
+        self, config: SimConfig, loop: asyncio.AbstractEventLoop, tokenizer: Tokenizer | None = None
+    ) -> None:
+        self.config = config
+        self.cost: CostModel = resolve(config)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
+        self.outputs = OutputText(self.tokenizer, config.random_seed)
+        self.scheduler = Scheduler(
+            self.cost, config.schedule_policy, not config.disable_radix_cache
+        )
+        self.metrics = (
+            SimMetrics(self.scheduler, config.model_name) if config.enable_metrics else None
+        )
+        self._loop = loop
+        self._start = loop.time()
+        self._scale = config.time_scale
+        self._last_now = 0.0
+        self._rng = random.Random(config.random_seed)
+        self._calls: dict[str, _Call] = {}  # rid -> call
+        self._streams: dict[str, _Call] = {}  # rid -> streaming call (first token sent)
+        self._wake: asyncio.TimerHandle | None = None
+        self._wake_at = 0.0
+        self._received = 0
+        self.ready = False
+        get, post = "GET", "POST"
+        self._routes: dict[str, dict[str, Callable[[HttpRequest, Responder], None]]] = {
+            "/health": {get: self._health, post: self._health},
+            "/health_generate": {get: self._health_generate, post: self._health_generate},
+            "/get_model_info": {get: self._model_info},
+            "/model_info": {get: self._model_info},
+            "/get_server_info": {get: self._server_info},
+            "/server_info": {get: self._server_info},
+            "/v1/models": {get: self._models},
+            "/get_load": {get: self._load},
+            "/metrics": {get: self._metrics},
+            "/flush_cache": {get: self._flush, post: self._flush},
+            "/abort_request": {post: self._abort},
+            "/generate": {post: self._generation(api.parse_generate)},
+            "/v1/completions": {post: self._generation(api.parse_completion)},
+            "/v1/chat/completions": {post: self._generation(api.parse_chat)},
+        }
+
+    # ------------------------------------------------------------------ time
+
+    def now(self) -> float:
+        """Simulated seconds since start (never decreasing, even if a timer fires early)."""
+        t = max((self._loop.time() - self._start) * self._scale, self._last_now)
+        self._last_now = t
+        return t
+
+    def _schedule_wake(self) -> None:
+        t = self.scheduler.next_event_time()
+        if t is None:
+            if self._wake is not None:
+                self._wake.cancel()
+                self._wake = None
+            return
+        if self._wake is not None:
+            if self._wake_at <= t:
+                return  # an earlier wake-up is pending; it will reschedule
+            self._wake.cancel()
+        self._wake_at = t
+        self._wake = self._loop.call_at(self._start + t / self._scale, self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._wake = None
+        self._last_now = max(self._last_now, self._wake_at)  # libuv timers may fire ~1 ms early
+        self._dispatch(self.scheduler.advance(self.now()))
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        """Model loading (simulated), then warm-up, then ready."""
+        delay = self.config.startup_seconds / self._scale
+        self._loop.call_later(delay, self._become_ready)
+
+    def _become_ready(self) -> None:
+        self.ready = True
+        if not self.config.skip_server_warmup:
+            self._submit_internal(WARMUP_PROMPT, 8, None)
+        log.info("The server is fired up and ready to roll!")
+
+    # ------------------------------------------------------------------ HTTP entry
+
+    def handle(self, request: HttpRequest, responder: Responder) -> None:
+        """Route one HTTP request."""
+        methods = self._routes.get(request.path)
+        if methods is None:
+            responder.send(404, error_body(f"no route {request.path}", "NotFoundError", 404))
+            return
+        route = methods.get(request.method)
+        if route is None:
+            responder.send(
+                405, error_body(f"{request.method} not allowed", "MethodNotAllowed", 405)
+            )
+            return
+        key = self.config.api_key
+        if (
+            key
+            and request.path not in UNAUTHENTICATED
+            and (request.headers.get("authorization") != "Bearer " + key)
+        ):
+            responder.send(401, error_body("Unauthorized", "AuthenticationError", 401))
+            return
+        route(request, responder)
+
+    def _not_ready(self, responder: Responder) -> bool:
+        if not self.ready:
+            responder.send(503, error_body("the server is starting", "ServiceUnavailable", 503))
+        return not self.ready
+
+    # ------------------------------------------------------------------ info routes
+
+    def _health(self, request: HttpRequest, responder: Responder) -> None:
+        if not self._not_ready(responder):
+            responder.send(200, b"", TEXT)
+
+    def _health_generate(self, request: HttpRequest, responder: Responder) -> None:
+        if self._not_ready(responder):
+            return
+        if self.config.instant:
+            responder.send(200, b"", TEXT)
+            return
+
+        def timeout() -> None:
+            if not responder.done:
+                self.abort(rid)
+                responder.send(
+                    503, error_body("health generation timed out", "ServiceUnavailable", 503)
+                )
+
+        handle = self._loop.call_later(HEALTH_TIMEOUT_S, timeout)
+
+        def done() -> None:
+            handle.cancel()
+            responder.send(200, b"", TEXT)
+
+        rid = self._submit_internal("health", 1, done)
+
+    def _local(self, path: str | None) -> str | None:
+        # other routers (sgl-router among them) download a tokenizer for any non-local name
+        return path if path and Path(path).is_dir() else None
+
+    def _model_info(self, request: HttpRequest, responder: Responder) -> None:
+        c = self.config
+        responder.send(
+            200,
+            orjson.dumps(
+                {
+                    "model_path": self._local(c.model_path),
+                    "tokenizer_path": self._local(c.tokenizer_path or c.model_path),
+                    "is_generation": True,
+                    "served_model_name": c.model_name,
+                }
+            ),
+        )
+
+    def _server_info(self, request: HttpRequest, responder: Responder) -> None:
+        c = self.config
+        info = dataclasses.asdict(c)
+        cost = self.cost
+        info.update(
+            model_path=self._local(c.model_path),
+            tokenizer_path=self._local(c.tokenizer_path or c.model_path),
+            api_key=None,
+            served_model_name=c.model_name,
+            max_total_num_tokens=cost.max_total_tokens,
+            max_total_tokens=cost.max_total_tokens,
+            max_running_requests=cost.max_running_requests,
+            chunked_prefill_size=cost.chunked_prefill_size,
+            context_length=cost.context_length,
+            max_req_input_len=min(cost.context_length, cost.max_total_tokens) - 1,
+            prefill_tokens_per_s=cost.prefill_tokens_per_s,
+            internal_states=[{"last_gen_throughput": 0.0, "memory_usage": {}}],
+            version=f"sglang-dp-sim {__version__}",
+            simulated=True,
+        )
+        responder.send(200, orjson.dumps(info))
+
+    def _models(self, request: HttpRequest, responder: Responder) -> None:
+        name = self.config.model_name
+        responder.send(
+            200,
+            orjson.dumps(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": name,
+                            "object": "model",
+                            "created": int(time.time()),
+                            "owned_by": "sglang",
+                            "root": name,
+                            "max_model_len": self.cost.context_length,
+                        }
+                    ],
+                }
+            ),
+        )
+
+    def _load(self, request: HttpRequest, responder: Responder) -> None:
+        s = self.scheduler
+        waiting = len(s.waiting)
+        responder.send(
+            200,
+            orjson.dumps(
+                [
+                    {
+                        "dp_rank": 0,
+                        "num_reqs": len(s.running) + waiting + (1 if s.chunked else 0),
+                        "num_waiting_reqs": waiting,
+                        "num_tokens": s.used_tokens + sum(len(r.prompt) for r in s.waiting),
+                    }
+                ]
+            ),
+        )
+
+    def _metrics(self, request: HttpRequest, responder: Responder) -> None:
+        if self.metrics is None:
+            responder.send(
+                404, error_body("metrics are off (--enable-metrics)", "NotFoundError", 404)
+            )
+            return
+        responder.send(200, self.metrics.render(), b"text/plain; version=0.0.4; charset=utf-8")
+
+    def _flush(self, request: HttpRequest, responder: Responder) -> None:
+        self.scheduler.advance(self.now())
+        if not self.scheduler.flush():
+            s = self.scheduler
+            responder.send(
+                400,
+                error_body(
+                    f"Cache not flushed: {len(s.running)} running and {len(s.waiting)} waiting "
+                    "requests"
+                ),
+            )
+            return
+        log.info("cache flushed")
+        responder.send(200, b"Cache flushed.\n", TEXT)
+
+    def _abort(self, request: HttpRequest, responder: Responder) -> None:
+        try:
+            body = orjson.loads(request.body or b"{}")
+        except orjson.JSONDecodeError:
+            responder.send(400, error_body("body is not valid JSON"))
+            return
+        if not isinstance(body, dict):
+            responder.send(400, error_body("body must be a JSON object"))
+            return
+        rids = list(self._calls) if body.get("abort_all") else [body.get("rid")]
+        for rid in rids:
+            if isinstance(rid, str):
+                self.abort(rid)
+        responder.send(200, b"", TEXT)
+
+    # ------------------------------------------------------------------ generation
+
+    def _generation(
+        self, parse: Callable[[Any], api.ApiRequest]
+    ) -> Callable[[HttpRequest, Responder], None]:
+        def route(request: HttpRequest, responder: Responder) -> None:
+            if self._not_ready(responder):
+                return
+            try:
+                body = orjson.loads(request.body)
+            except orjson.JSONDecodeError:
+                responder.send(400, error_body("body is not valid JSON"))
+                return
+            try:
+                parsed = parse(body)
+                call = self._make_call(parsed, responder)
+            except api.BadRequest as exc:
+                responder.send(400, error_body(str(exc)))
+                return
+            if self._inject_faults(responder):
+                return
+            self._run(call)
+
+        return route
+
+    def _inject_faults(self, responder: Responder) -> bool:
+        c = self.config
+        self._received += 1
+        if c.crash_after is not None and self._received > c.crash_after:
+            log.error("--crash-after %d: exiting", c.crash_after)
+            logging.shutdown()
+            os._exit(3)
+        if c.fail_rate and self._rng.random() < c.fail_rate:
+            responder.send(
+                500, error_body("injected failure (--fail-rate)", "InternalServerError", 500)
+            )
+            return True
+        # a hung request is never answered; the connection keeps the responder alive
+        return bool(c.hang_rate and self._rng.random() < c.hang_rate)
+
+    def _make_call(self, parsed: api.ApiRequest, responder: Responder) -> _Call:
+        call = _Call(parsed, responder, oid=uuid.uuid4().hex, created=int(time.time()))
+        rids: set[str] = set()
+        for gen in parsed.inputs:
+            prompt = (
+                gen.input_ids
+                if gen.input_ids is not None
+                else self.tokenizer.encode(gen.text or "")
+            )
+            max_new = self._check_lengths(len(prompt), gen.max_new_tokens)
+            out = self.outputs.generate(prompt, max_new, gen.stop, gen.stop_token_ids)
+            rid = gen.rid or uuid.uuid4().hex
+            if rid in self._calls or rid in rids:
+                raise api.BadRequest(f"duplicate request id {rid!r}")
+            rids.add(rid)
+            stream_interval = self.config.stream_interval if parsed.stream else 0
+            req = SimRequest(rid, prompt, out.ids, stream_interval=max(0, stream_interval))
+            echo = gen.text or "" if parsed.echo else ""
+            call.items.append(_Item(req, out, echo))
+        call.open = len(call.items)
+        return call
+
+    def _check_lengths(self, prompt_len: int, max_new: int) -> int:
+        context = self.cost.context_length
+        if prompt_len == 0:
+            raise api.BadRequest("the prompt is empty")
+        if prompt_len >= context:
+            raise api.BadRequest(
+                f"The input ({prompt_len} tokens) is longer than the model's "
+                f"context length ({context} tokens)."
+            )
+        max_new = min(max_new, context - prompt_len)
+        if not self.scheduler.fits(prompt_len, max_new):
+            raise api.BadRequest(
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new}) exceeds "
+                f"the KV cache ({self.scheduler.capacity} tokens)"
+            )
+        return max_new
+
+    def _submit_internal(self, text: str, max_new: int, on_done: Callable[[], None] | None) -> str:
+        prompt = self.tokenizer.encode(text)
+        out = self.outputs.generate(prompt, max_new, [], [])
+        req = SimRequest("internal-" + uuid.uuid4().hex, prompt, out.ids)
+        call = _Call(None, None, [_Item(req, out)], 1, on_done=on_done)
+        self._run(call)
+        return req.rid
+
+    def _run(self, call: _Call) -> None:
+        if call.responder is not None:
+            call.responder.on_disconnect = lambda: self._client_gone(call)
+        now = self.now()
+        if self.config.instant:
+            for item in call.items:
+                self.scheduler.run_instant(item.req, now)
+                self._calls[item.req.rid] = call
+                if call.api is not None and call.api.stream:
+                    self._stream_instant(call, item)
+                else:
+                    self._finished(item.req)
+            return
+        events = Events()
+        for item in call.items:
+            self._calls[item.req.rid] = call
+            more = self.scheduler.submit(item.req, now)
+            events.first_token += more.first_token
+            events.finished += more.finished
+        self._dispatch(events)
+
+    def abort(self, rid: str) -> None:
+        """Abort one request (by /abort_request, a disconnect or a timeout)."""
+        call = self._calls.get(rid)
+        req = self.scheduler.abort(rid, self.now())
+        if req is not None and call is not None:
+            self._finished(req)
+        self._schedule_wake()
+
+    def _client_gone(self, call: _Call) -> None:
+        call.responder = None
+        for item in call.items:
+            if item.req.rid in self._calls:
+                self.abort(item.req.rid)
+
+    # ------------------------------------------------------------------ scheduler events
+
+    def _dispatch(self, events: Events) -> None:
+        for req in events.first_token:
+            call = self._calls.get(req.rid)
+            if call is not None and req.stream_interval:
+                self._streams[req.rid] = call
+                self._progress(call, req, 1)
+        for req in events.finished:
+            self._finished(req)
+        if self._streams:
+            now = self.now()
+            for rid, call in list(self._streams.items()):
+                req = next(i.req for i in call.items if i.req.rid == rid)
+                tokens = self.scheduler.generated(req, now)
+                if tokens - req.emitted >= req.stream_interval:
+                    self._progress(call, req, tokens)
+        self._schedule_wake()
+
+    def _result(self, item: _Item, tokens: int | None = None) -> api.Result:
+        req, out = item.req, item.out
+        if tokens is None:  # finished
+            done = req.aborted is False
+            text = out.text if done else self.outputs.text(out.start, req.generated)
+            reason: dict[str, Any] | None = (
+                out.finish_reason if done else {"type": "abort", "message": "request aborted"}
+            )
+            tokens = req.generated
+            latency = (req.finish_time or req.arrival) - req.arrival
+        else:
+            text, reason, latency = self.outputs.text(out.start, tokens), None, 0.0
+        return api.Result(
+            req.rid, text, len(req.prompt), tokens, req.cached_tokens, reason, latency
+        )
+
+    def _progress(self, call: _Call, req: SimRequest, tokens: int) -> None:
+        """Stream the text generated so far."""
+        req.emitted = tokens
+        responder, parsed = call.responder, call.api
+        if responder is None or parsed is None or responder.closed:
+            return
+        item = call.items[0]
+        r = self._result(item, tokens)
+        if not responder.streaming:
+            responder.start_stream()
+        responder.write(self._event(call, item, r, first=tokens == 1 and item.sent_chars == 0))
+
+    def _event(self, call: _Call, item: _Item, r: api.Result, first: bool = False) -> bytes:
+        parsed = call.api
+        assert parsed is not None
+        if parsed.kind == "generate":
+            return sse(api.generate_body(r))
+        delta = r.text[item.sent_chars :]
+        item.sent_chars = len(r.text)
+        chunk = api.openai_chunk(
+            parsed.kind, call.oid, call.created, self._model(parsed), delta, r.finish_reason, first
+        )
+        return sse(chunk)
+
+    def _model(self, parsed: api.ApiRequest) -> str:
+        return parsed.model or self.config.model_name
+
+    def _stream_instant(self, call: _Call, item: _Item) -> None:
+        """--instant streaming: every event at once, in one write."""
+        n, step = item.req.generated, max(1, self.config.stream_interval)
+        responder = call.responder
+        if responder is None:
+            return
+        responder.start_stream()
+        events = [
+            self._event(call, item, self._result(item, k), first=k == 1) for k in range(1, n, step)
+        ]
+        del self._calls[item.req.rid]
+        responder.end(b"".join(events) + self._final_events(call, item))
+
+    def _final_events(self, call: _Call, item: _Item) -> bytes:
+        parsed = call.api
+        assert parsed is not None
+        r = self._result(item)
+        if parsed.kind == "generate":
+            return sse(api.generate_body(r)) + DONE
+        out = self._event(call, item, r)
+        if parsed.include_usage:
+            out += sse(
+                api.usage_chunk(
+                    parsed.kind,
+                    call.oid,
+                    call.created,
+                    self._model(parsed),
+                    r,
+                    self.config.enable_cache_report,
+                )
+            )
+        return out + DONE
+
+    def _finished(self, req: SimRequest) -> None:
+        call = self._calls.pop(req.rid, None)
+        self._streams.pop(req.rid, None)
+        if call is None:
+            return
+        if self.metrics is not None and not req.aborted:
+            self.metrics.observe(req)
+        call.open -= 1
+        responder, parsed = call.responder, call.api
+        if parsed is None:  # internal request
+            if call.on_done is not None:
+                call.on_done()
+            return
+        if responder is None or responder.done:
+            return
+        if parsed.stream:
+            item = call.items[0]
+            if not responder.streaming:
+                responder.start_stream()
+            responder.end(self._final_events(call, item))
+            return
+        if call.open == 0:
+            responder.send(200, self._final_body(call, parsed))
+
+    def _final_body(self, call: _Call, parsed: api.ApiRequest) -> bytes:
+        results = [self._result(item) for item in call.items]
+        if parsed.kind == "generate":
+            bodies = [api.generate_body(r) for r in results]
+            return orjson.dumps(bodies if parsed.batched else bodies[0])
+        texts = [item.echo + r.text for item, r in zip(call.items, results, strict=True)]
+        return orjson.dumps(
+            api.openai_body(
+                parsed.kind,
+                call.oid,
+                call.created,
+                self._model(parsed),
+                results,
+                texts,
+                self.config.enable_cache_report,
+            )
+        )
+
+
+# ---------------------------------------------------------------------- process entry
+
+
+def check_config(config: SimConfig) -> str | None:
+    """A message if the options cannot work together, else None."""
+    if config.time_scale <= 0:
+        return "--time-scale must be positive"
+    for name in ("fail_rate", "hang_rate"):
+        if not 0 <= getattr(config, name) <= 1:
+            return f"--{name.replace('_', '-')} must be between 0 and 1"
+    if config.stream_interval < 1:
+        return "--stream-interval must be at least 1"
+    if config.tokenizer_path and not Path(config.tokenizer_path).is_dir():
+        return f"--tokenizer-path {config.tokenizer_path}: not a local folder"
+    try:
+        resolve(config)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+async def _serve(config: SimConfig) -> None:
+    loop = asyncio.get_running_loop()
+    worker = SimWorker(config, loop)
+    server = await serve(worker.handle, config.host, config.port)
+    log.info(
+        "simulated SGLang worker on http://%s:%d (%s, KV %d tokens, time scale %g%s)",
+        config.host,
+        config.port,
+        config.profile,
+        worker.cost.max_total_tokens,
+        config.time_scale,
+        ", instant" if config.instant else "",
+    )
+    worker.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    server.close()
+
+
+def run_worker(config: SimConfig, extra_args: list[str]) -> None:
+    """Run one simulated worker until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=config.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
+    if extra_args:
+        log.warning(
+            "ignoring options the simulated worker does not model: %s", " ".join(extra_args)
+        )
+    problem = check_config(config)
+    if problem:
+        log.error("%s", problem)
+        sys.exit(2)
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        runner = asyncio.run
+    try:
+        runner(_serve(config))
+    except OSError as exc:
+        log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
+        sys.exit(1)

@@ -1,0 +1,251 @@
+"""Tokenizers of the simulated worker, and the deterministic output they "generate".
+
+Two tokenizers with one interface (`Tokenizer`):
+
+- `WordTokenizer` (default): one token per word or punctuation mark (regex `\\w+|[^\\w\\s]`); a
+  word's id is a stable CRC-32 of the word, memoised in a dict, so encoding is one regex scan
+  plus one C-level `map` over a dict — cheap enough for 2,000-token prompts at router load.
+- `HFTokenizer`: `transformers.AutoTokenizer` loaded from a local folder (`--tokenizer-path`).
+  transformers is imported only here, only then.
+
+`OutputText` builds what a request generates: a fixed cycle of words, entered at an offset that
+is a hash of the prompt's tail, so outputs are deterministic per prompt and seed. The cycle is
+materialised once as one long string with a prefix sum of character offsets: the cumulative
+text after k tokens is then a single string slice, whatever k is (streaming costs O(1) Python
+work per event). Each output word is one token that re-encodes to the same id, so a client that
+sends the answer back in the next turn gets a prefix-cache hit on it.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any, Protocol
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+_MAX_MEMO = 1 << 20  # words remembered by the word tokenizer (bounded memory on random text)
+
+# Output vocabulary: common English words, each one token in word-level and BPE vocabularies.
+OUTPUT_WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "one",
+    "all",
+    "we",
+    "their",
+    "been",
+    "has",
+    "would",
+    "when",
+    "who",
+    "will",
+    "more",
+    "no",
+    "if",
+    "out",
+    "so",
+    "said",
+    "what",
+    "up",
+    "its",
+    "about",
+    "into",
+    "than",
+    "them",
+    "can",
+    "only",
+    "other",
+    "new",
+    "some",
+    "could",
+    "time",
+    "these",
+    "two",
+    "may",
+    "then",
+    "do",
+    "first",
+]
+
+
+class Tokenizer(Protocol):
+    """What the simulator needs from a tokenizer."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt."""
+        ...
+
+    def output_vocab(self) -> tuple[list[int], list[str]]:
+        """Ids and text pieces of the output word cycle (`OUTPUT_WORDS`)."""
+        ...
+
+
+class _Memo(dict[str, int]):
+    """word -> id, computing a missing id from a CRC-32 of the word."""
+
+    def __missing__(self, word: str) -> int:
+        token = zlib.crc32(word.encode()) & 0x7FFFFFFF
+        if len(self) < _MAX_MEMO:
+            self[word] = token
+        return token
+
+
+class WordTokenizer:
+    """Built-in deterministic tokenizer: about one token per word or punctuation mark."""
+
+    def __init__(self) -> None:
+        self._memo = _Memo()
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the words and punctuation marks of `text`, in order."""
+        return list(map(self._memo.__getitem__, _WORD.findall(text)))
+
+    def output_vocab(self) -> tuple[list[int], list[str]]:
+        """Ids and text pieces of the output words (each piece is a space and the word)."""
+        return [self._memo[w] for w in OUTPUT_WORDS], [" " + w for w in OUTPUT_WORDS]
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder (never downloads)."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids as SGLang computes them (special tokens such as BOS included)."""
+        ids: list[int] = self._tok.encode(text)
+        return ids
+
+    def output_vocab(self) -> tuple[list[int], list[str]]:
+        """Output words that are one token with a leading space in this vocabulary."""
+        ids: list[int] = []
+        pieces: list[str] = []
+        for word in OUTPUT_WORDS:
+            encoded = self._tok.encode(" " + word, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.append(encoded[0])
+                pieces.append(" " + word)
+        if not ids:  # an unusual vocabulary: fall back to its first non-special tokens
+            special = set(self._tok.all_special_ids)
+            for token in range(self._tok.vocab_size):
+                if token not in special:
+                    ids.append(token)
+                    pieces.append(self._tok.decode([token]))
+                if len(ids) == len(OUTPUT_WORDS):
+                    break
+        return ids, pieces
+
+
+def load_tokenizer(path: str | None) -> Tokenizer:
+    """The HF tokenizer at a local `path`, or the built-in word tokenizer."""
+    return HFTokenizer(path) if path else WordTokenizer()
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one request generates: token ids and how its text is cut from `OutputText`."""
+
+    ids: list[int]
+    start: int  # index into the output cycle
+    text: str  # final text (stop string removed)
+    finish_reason: dict[str, Any]
+
+
+class OutputText:
+    """Deterministic generated text with O(1) cumulative-text slices (see module docstring)."""
+
+    def __init__(self, tokenizer: Tokenizer, seed: int = 0) -> None:
+        self._cycle_ids, self._cycle_pieces = tokenizer.output_vocab()
+        self._seed = seed
+        self._ids: list[int] = []
+        self._text = ""
+        self._char_at: list[int] = [0]
+        self._grow(4096)
+
+    def _grow(self, tokens: int) -> None:
+        """Materialise at least one full cycle plus `tokens` tokens."""
+        n = len(self._cycle_ids)
+        want = tokens + n
+        if len(self._ids) >= want:
+            return
+        reps = -(-want // n)
+        pieces = self._cycle_pieces * reps
+        self._ids = self._cycle_ids * reps
+        self._text = "".join(pieces)
+        self._char_at = [0, *accumulate(map(len, pieces))]
+
+    def generate(
+        self, prompt: list[int], max_new_tokens: int, stop: list[str], stop_token_ids: list[int]
+    ) -> Output:
+        """The output of a request: `max_new_tokens` tokens, or fewer up to a stop."""
+        self._grow(max_new_tokens)
+        start = hash((self._seed, len(prompt), *prompt[-16:])) % len(self._cycle_ids)
+        count = max_new_tokens
+        finish: dict[str, Any] = {"type": "length", "length": max_new_tokens}
+        end_char: int | None = None
+        if stop_token_ids:
+            window = self._ids[start : start + count]
+            hits = [window.index(t) for t in set(stop_token_ids) if t in window]
+            if hits:
+                count = min(hits) + 1
+                finish = {"type": "stop", "matched": window[count - 1]}
+        if stop:
+            text = self.text(start, count)
+            found = [(text.find(s), s) for s in stop if s and s in text]
+            if found:
+                pos, matched = min(found)
+                base = self._char_at[start]
+                # the stop string ends inside this token: generation stopped there
+                count = next(
+                    k
+                    for k in range(1, count + 1)
+                    if self._char_at[start + k] - base >= pos + len(matched)
+                )
+                finish = {"type": "stop", "matched": matched}
+                end_char = pos
+        full = self.text(start, count)
+        return Output(
+            self._ids[start : start + count],
+            start,
+            full if end_char is None else full[:end_char],
+            finish,
+        )
+
+    def text(self, start: int, tokens: int) -> str:
+        """Cumulative text of the first `tokens` output tokens from cycle index `start`."""
+        return self._text[self._char_at[start] : self._char_at[start + tokens]]
