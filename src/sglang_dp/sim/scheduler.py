@@ -169,10 +169,15 @@ class Scheduler:
 
     def submit(self, req: SimRequest, now: float) -> Events:
         """A request arrives at `now`."""
+        return self.submit_all([req], now)
+
+    def submit_all(self, reqs: Iterable[SimRequest], now: float) -> Events:
+        """Requests that arrive together at `now` (one HTTP call): they can share a batch."""
         events = self.advance(now)
-        req.arrival = now
-        req.state = WAITING
-        self.waiting.append(req)
+        for req in reqs:
+            req.arrival = now
+            req.state = WAITING
+            self.waiting.append(req)
         self._cut_decode_run(now)
         if self.batch is None:
             self.batch = self._next_batch(now)
@@ -357,7 +362,9 @@ class Scheduler:
     def _drop_aborted(self, t: float) -> None:
         for req in [r for r in self.running.values() if r.aborted]:
             del self.running[req.rid]
-            self._finish(req, t, self.generated(req, t), aborted=True)
+            # at a batch boundary: every completed step counted in decode_steps
+            generated = min(1 + self.decode_steps - req.join_step, req.max_new_tokens)
+            self._finish(req, t, generated, aborted=True)
 
     def _cut_decode_run(self, now: float) -> None:
         """End the current decode run after the step in progress (something changed)."""

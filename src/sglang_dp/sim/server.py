@@ -447,12 +447,9 @@ class SimWorker:
                 else:
                     self._finished(item.req)
             return
-        events = Events()
         for item in call.items:
             self._calls[item.req.rid] = call
-            more = self.scheduler.submit(item.req, now)
-            events.first_token += more.first_token
-            events.finished += more.finished
+        events = self.scheduler.submit_all([item.req for item in call.items], now)
         self._dispatch(events)
 
     def abort(self, rid: str) -> None:
