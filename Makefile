@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# mypyc compiles these at install time (setup.py): a change to them needs a reinstall.
+COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py
 
 .PHONY: install test lint typecheck pytest bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
@@ -34,3 +36,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
+	find src -name '*.so' -delete

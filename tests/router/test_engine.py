@@ -80,9 +80,10 @@ def test_decide_is_a_dry_run() -> None:
     engine = engine_with(2)
     engine.route(SYSTEM + "a", now=1)
     before = (engine.tree.total_size, loads(engine))
-    decision = engine.decide(SYSTEM + "b")
+    decision, matches, dry_loads = engine.explain(SYSTEM + "b")
     assert decision.reason == "cache_hit"
-    assert dict(decision.matches)[decision.worker] == len(SYSTEM)
+    assert matches[decision.worker] == len(SYSTEM)
+    assert dry_loads == {"w0": 0, "w1": 0} | {decision.worker: 1}
     assert (engine.tree.total_size, loads(engine)) == before
 
 
@@ -90,14 +91,14 @@ def test_observe_caches_prompt_and_output_on_the_worker() -> None:
     engine = engine_with(2)
     d = engine.route("user: hi\n", now=1)
     engine.observe(d, Outcome(3, 0, 5, extended_key="user: hi\nassistant: hello\n"), now=2)
-    nxt = engine.decide("user: hi\nassistant: hello\nuser: more\n")
+    nxt = engine.explain("user: hi\nassistant: hello\nuser: more\n").decision
     assert nxt.worker == d.worker and nxt.matched == len("user: hi\nassistant: hello\n")
 
 
 def test_prediction_and_reality_are_both_counted() -> None:
     engine = engine_with(1, token_keys=True)
     engine.observe(engine.route(list(range(100)), now=1), Outcome(100, 0), now=2)
-    d = engine.route(list(range(100)) + [7, 8], now=3)
+    d = engine.route([*range(100), 7, 8], now=3)
     engine.observe(d, Outcome(prompt_tokens=102, cached_tokens=100), now=4)
     stats = engine.snapshot(5).workers[0]
     assert stats.prompt_tokens == 202

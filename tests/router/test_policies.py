@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import NamedTuple
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sglang_dp.router.policies import POLICY_NAMES, Candidates, PolicyConfig, make_policy
+from sglang_dp.router.policies import POLICY_NAMES, PolicyConfig, make_policy
+
+
+class Candidates(NamedTuple):
+    loads: dict[str, int]
+    matched: dict[str, int]
+    key_length: int
+
+
+class Picked(NamedTuple):
+    worker: str
+    reason: str
+
+
+def pick(policy: str, c: Candidates, **kw: object) -> Picked:
+    return Picked(*make_policy(PolicyConfig(policy=policy, **kw)).choose(*c))
+
 
 W = ["w0", "w1", "w2", "w3"]
 
 
 def choose(policy: str, loads: list[int], matched: dict[str, int], key_length: int = 100, **kw):
-    config = PolicyConfig(policy=policy, seed=7, **kw)
-    return make_policy(config).choose(Candidates(W, loads, matched, key_length))
+    return pick(policy, Candidates(dict(zip(W, loads)), matched, key_length), seed=7, **kw)
 
 
 def test_cache_aware_takes_best_match_above_threshold() -> None:
@@ -70,26 +86,26 @@ def test_best_match_ties_go_to_less_loaded() -> None:
 @pytest.mark.parametrize("policy", ["cache_aware", "threshold", "variance", "shortest_queue"])
 def test_ties_are_not_always_broken_towards_the_first_worker(policy: str) -> None:
     chooser = make_policy(PolicyConfig(policy=policy, seed=1))
-    picks = Counter(chooser.choose(Candidates(W, [0, 0, 0, 0], {}, 10)).worker for _ in range(200))
+    picks = Counter(chooser.choose(dict.fromkeys(W, 0), {}, 10)[0] for _ in range(200))
     assert set(picks) == set(W)
 
 
 def test_round_robin_cycles() -> None:
     chooser = make_policy(PolicyConfig(policy="round_robin"))
-    picks = [chooser.choose(Candidates(W, [9, 0, 0, 0], {}, 1)).worker for _ in range(8)]
+    picks = [chooser.choose({"w0": 9, "w1": 0, "w2": 0, "w3": 0}, {}, 1)[0] for _ in range(8)]
     assert picks == W + W
 
 
 def test_power_of_two_takes_the_less_loaded_of_two() -> None:
     chooser = make_policy(PolicyConfig(policy="power_of_two", seed=3))
-    picks = {chooser.choose(Candidates(["a", "b"], [7, 1], {}, 1)).worker for _ in range(50)}
+    picks = {chooser.choose({"a": 7, "b": 1}, {}, 1)[0] for _ in range(50)}
     assert picks == {"b"}
 
 
 def test_random_is_reproducible_for_a_seed() -> None:
     def run() -> list[str]:
         chooser = make_policy(PolicyConfig(policy="random", seed=11))
-        return [chooser.choose(Candidates(W, [0] * 4, {}, 1)).worker for _ in range(20)]
+        return [chooser.choose(dict.fromkeys(W, 0), {}, 1)[0] for _ in range(20)]
 
     assert run() == run()
     assert len(set(run())) > 1
@@ -106,25 +122,25 @@ candidates = st.integers(1, 6).flatmap(
     lambda n: st.tuples(
         st.lists(st.integers(0, 200), min_size=n, max_size=n),
         st.dictionaries(st.sampled_from([f"w{i}" for i in range(n)]), st.integers(1, 100)),
-    ).map(lambda t: Candidates([f"w{i}" for i in range(n)], t[0], t[1], 100))
+    ).map(lambda t: Candidates({f"w{i}": load for i, load in enumerate(t[0])}, t[1], 100))
 )
 
 
 @given(c=candidates, policy=st.sampled_from(POLICY_NAMES))
 def test_every_policy_picks_a_candidate(c: Candidates, policy: str) -> None:
-    assert make_policy(PolicyConfig(policy=policy, seed=0)).choose(c).worker in c.workers
+    assert pick(policy, c, seed=0).worker in c.loads
 
 
 @given(c=candidates)
 def test_shortest_queue_takes_a_minimum(c: Candidates) -> None:
-    choice = make_policy(PolicyConfig(policy="shortest_queue", seed=0)).choose(c)
-    assert c.loads[list(c.workers).index(choice.worker)] == min(c.loads)
+    choice = pick("shortest_queue", c, seed=0)
+    assert c.loads[choice.worker] == min(c.loads.values())
 
 
 @given(c=candidates)
 def test_cache_aware_hit_takes_a_longest_match(c: Candidates) -> None:
-    choice = make_policy(PolicyConfig(seed=0)).choose(c)
+    choice = pick("cache_aware", c, seed=0)
     if choice.reason == "cache_hit":
         assert c.matched[choice.worker] == max(c.matched.values())
     else:
-        assert c.loads[list(c.workers).index(choice.worker)] == min(c.loads)
+        assert c.loads[choice.worker] == min(c.loads.values())

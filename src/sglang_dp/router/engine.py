@@ -37,9 +37,10 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from sglang_dp.router.policies import Candidates, PolicyConfig, make_policy
-from sglang_dp.router.tree import Key, KeyLike, RadixTree, normalize_key
+from sglang_dp.router.policies import PolicyConfig, make_policy
+from sglang_dp.router.tree import Key, KeyLike, Path, RadixTree
 
 TOLERANCE_TOKENS = 8  # below this a misprediction is noise (token boundaries, templates)
 TOLERANCE_RATE = 0.1  # ... or below this share of the prediction
@@ -71,8 +72,7 @@ class EngineConfig:
             raise ValueError("max_tree_size must be positive")
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Where a request goes and why (also what `/debug/route` shows, without side effects)."""
 
     worker: str
@@ -80,12 +80,19 @@ class Decision:
     policy: str
     matched: int  # key elements the chosen worker probably holds
     key_length: int
-    matches: tuple[tuple[str, int], ...]  # every routable worker's match, in worker order
-    loads: tuple[tuple[str, int], ...]  # every routable worker's load when deciding
+    load: int  # the chosen worker's requests in flight when deciding
 
     @property
     def match_rate(self) -> float:
         return self.matched / self.key_length if self.key_length else 0.0
+
+
+class Explanation(NamedTuple):
+    """A dry-run decision with everything that mattered: every routable worker's match and load."""
+
+    decision: Decision
+    matches: dict[str, int]  # routable workers only, in worker order
+    loads: dict[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +214,7 @@ class RoutingEngine:
         self._tree = RadixTree()
         self._workers: dict[str, _WorkerState] = {}
         self._routable: tuple[_WorkerState, ...] = ()
+        self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
         self._ids = itertools.count(1)
         self._reasons: Counter[str] = Counter()
         self._per_token = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
@@ -261,25 +269,28 @@ class RoutingEngine:
 
     # -- routing ---------------------------------------------------------------------------
 
-    def decide(self, key: KeyLike, exclude: Iterable[str] = ()) -> Decision:
-        """The decision the policy would take now, with no side effect at all (a dry run).
+    def explain(self, key: KeyLike, exclude: Iterable[str] = ()) -> Explanation:
+        """The decision the policy would take now, with no side effect on tree or loads.
 
         Random and round-robin policies advance their generator, so two dry runs may differ.
         """
-        return self._decide(normalize_key(key), self._candidates(exclude))
+        loads = self._candidates(exclude).copy()
+        path = self._tree.walk(key)
+        decision = self._decide(path, loads)
+        return Explanation(decision, {w: path.matched.get(w, 0) for w in loads}, loads)
 
     def route(self, key: KeyLike, now: float, exclude: Iterable[str] = ()) -> Dispatch:
         """Choose a worker, count the request in flight there and speculate: insert the key."""
-        key = normalize_key(key)
-        states = self._candidates(exclude)
-        decision = self._decide(key, states)
+        path = self._tree.walk(key)
+        decision = self._decide(path, self._candidates(exclude))
         state = self._workers[decision.worker]
-        prior = self._tree.insert(key, state.url, now)
+        prior = self._tree.insert_at(path, state.url, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
         dispatch = Dispatch(
-            next(self._ids), decision, key, now, prior, oldest, state, state.generation
+            next(self._ids), decision, path.key, now, prior, oldest, state, state.generation
         )
         state.in_flight[dispatch.id] = now
+        self._sync_load(state)
         state.routed += 1
         self._reasons[decision.reason] += 1
         self._enforce_budgets(state)
@@ -322,6 +333,7 @@ class RoutingEngine:
         if not dispatch.released:
             dispatch.released = True
             dispatch._state.in_flight.pop(dispatch.id, None)
+            self._sync_load(dispatch._state)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -341,15 +353,21 @@ class RoutingEngine:
 
     def _refresh_routable(self) -> None:
         self._routable = tuple(s for s in self._workers.values() if s.healthy)
+        self._loads = {s.url: len(s.in_flight) for s in self._routable}
 
-    def _candidates(self, exclude: Iterable[str]) -> tuple[_WorkerState, ...]:
+    def _sync_load(self, state: _WorkerState) -> None:
+        if state.url in self._loads and self._workers.get(state.url) is state:
+            self._loads[state.url] = len(state.in_flight)
+
+    def _candidates(self, exclude: Iterable[str]) -> dict[str, int]:
+        """The routable workers' loads (the engine's own dict when nothing is excluded)."""
         excluded = set(exclude)
-        states = self._routable
+        loads = self._loads
         if excluded:
-            states = tuple(s for s in states if s.url not in excluded)
-        if not states:
+            loads = {w: n for w, n in loads.items() if w not in excluded}
+        if not loads:
             raise NoWorkerAvailable(self._why_none(excluded))
-        return states
+        return loads
 
     def _why_none(self, excluded: set[str]) -> str:
         if not self._workers:
@@ -358,19 +376,16 @@ class RoutingEngine:
             return f"none of the {len(self._workers)} workers is healthy"
         return f"all {len(excluded)} healthy workers were tried and failed"
 
-    def _decide(self, key: Key, states: tuple[_WorkerState, ...]) -> Decision:
-        workers = [s.url for s in states]
-        loads = [len(s.in_flight) for s in states]
-        matched = self._tree.match(key)
-        choice = self._policy.choose(Candidates(workers, loads, matched, len(key)))
+    def _decide(self, path: Path, loads: dict[str, int]) -> Decision:
+        matched = path.matched
+        worker, reason = self._policy.choose(loads, matched, len(path.key))
         return Decision(
-            worker=choice.worker,
-            reason=choice.reason,
-            policy=self._policy.name,
-            matched=matched.get(choice.worker, 0),
-            key_length=len(key),
-            matches=tuple((w, matched.get(w, 0)) for w in workers),
-            loads=tuple(zip(workers, loads)),
+            worker,
+            reason,
+            self._policy.name,
+            matched.get(worker, 0),
+            len(path.key),
+            loads[worker],
         )
 
     def _learn_elements_per_token(self, dispatch: Dispatch, outcome: Outcome) -> None:

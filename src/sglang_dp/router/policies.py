@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,26 +41,19 @@ POLICY_NAMES = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Candidates:
-    """What a policy decides on. `workers` and `loads` are parallel; `matched` may omit zeros."""
-
-    workers: Sequence[str]
-    loads: Sequence[int]
-    matched: Mapping[str, int]
-    key_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    worker: str
-    reason: str
+Choice = tuple[str, str]  # (worker, reason); a plain tuple: this is the hot path
 
 
 class Policy(Protocol):
+    """`loads`: the routable workers' requests in flight, in a stable worker order (never empty).
+    `matched`: how long a prefix of the key each worker probably holds (zeros and unroutable
+    workers may be missing or present). `key_length`: the key's length."""
+
     name: str
 
-    def choose(self, candidates: Candidates) -> Choice: ...
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice: ...
 
 
 @dataclass(frozen=True)
@@ -108,38 +101,33 @@ class PolicyConfig:
 # -- shared pieces ----------------------------------------------------------------------------
 
 
-def least_loaded(candidates: Candidates, rng: random.Random) -> str:
+def least_loaded(loads: Mapping[str, int], rng: random.Random) -> str:
     """The worker with the fewest requests in flight; ties at random."""
-    loads = candidates.loads
-    lowest = min(loads)
-    tied = [w for w, load in zip(candidates.workers, loads) if load == lowest]
+    lowest = min(loads.values())
+    tied = [w for w, load in loads.items() if load == lowest]
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
-def best_match(candidates: Candidates, rng: random.Random, allowed: set[str] | None = None) -> str:
-    """The worker holding the longest prefix (ties: less loaded, then at random); '' if none."""
-    load_of = dict(zip(candidates.workers, candidates.loads))
+def best_match(loads: Mapping[str, int], matched: Mapping[str, int], rng: random.Random) -> str:
+    """The worker in `loads` holding the longest prefix (ties: less loaded, then at random).
+
+    Returns '' when none of them holds any of the key.
+    """
     best: list[str] = []
-    best_rank = (0, 0)
-    for worker, length in candidates.matched.items():
-        if worker not in load_of or (allowed is not None and worker not in allowed):
+    best_length, best_load = 0, 0
+    for worker, length in matched.items():
+        if length < best_length:
             continue
-        rank = (length, -load_of[worker])
-        if rank > best_rank:
-            best, best_rank = [worker], rank
-        elif rank == best_rank:
+        load = loads.get(worker)
+        if load is None:
+            continue
+        if length > best_length or load < best_load:
+            best, best_length, best_load = [worker], length, load
+        elif load == best_load:
             best.append(worker)
     if not best:
         return ""
     return best[0] if len(best) == 1 else rng.choice(best)
-
-
-def best_rate(candidates: Candidates) -> float:
-    if candidates.key_length == 0:
-        return 0.0
-    routable = set(candidates.workers)
-    best = max((n for w, n in candidates.matched.items() if w in routable), default=0)
-    return best / candidates.key_length
 
 
 # -- the policies -----------------------------------------------------------------------------
@@ -152,14 +140,17 @@ class CacheAware:
         self._config = config
         self._rng = rng
 
-    def choose(self, candidates: Candidates) -> Choice:
-        high, low = max(candidates.loads), min(candidates.loads)
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        high, low = max(loads.values()), min(loads.values())
         cfg = self._config
         if high - low > cfg.balance_abs_threshold and high > low * cfg.balance_rel_threshold:
-            return Choice(least_loaded(candidates, self._rng), "imbalanced")
-        if best_rate(candidates) > cfg.cache_threshold:
-            return Choice(best_match(candidates, self._rng), "cache_hit")
-        return Choice(least_loaded(candidates, self._rng), "below_threshold")
+            return least_loaded(loads, self._rng), "imbalanced"
+        worker = best_match(loads, matched, self._rng)
+        if worker and matched[worker] > cfg.cache_threshold * key_length:
+            return worker, "cache_hit"
+        return least_loaded(loads, self._rng), "below_threshold"
 
 
 class Threshold:
@@ -169,10 +160,13 @@ class Threshold:
         self._threshold = config.cache_threshold
         self._rng = rng
 
-    def choose(self, candidates: Candidates) -> Choice:
-        if best_rate(candidates) > self._threshold:
-            return Choice(best_match(candidates, self._rng), "cache_hit")
-        return Choice(least_loaded(candidates, self._rng), "below_threshold")
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        worker = best_match(loads, matched, self._rng)
+        if worker and matched[worker] > self._threshold * key_length:
+            return worker, "cache_hit"
+        return least_loaded(loads, self._rng), "below_threshold"
 
 
 class Variance:
@@ -182,16 +176,16 @@ class Variance:
         self._k = config.variance_k
         self._rng = rng
 
-    def choose(self, candidates: Candidates) -> Choice:
-        loads = candidates.loads
-        limit = statistics.fmean(loads) + self._k * statistics.pstdev(loads)
-        band = {w for w, load in zip(candidates.workers, loads) if load <= limit}
-        worker = best_match(candidates, self._rng, allowed=band)
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        values = list(loads.values())
+        limit = statistics.fmean(values) + self._k * statistics.pstdev(values)
+        band = {w: load for w, load in loads.items() if load <= limit}
+        worker = best_match(band, matched, self._rng)
         if worker:
-            return Choice(worker, "cache_hit")
-        in_band = [(w, n) for w, n in zip(candidates.workers, loads) if w in band]
-        narrowed = Candidates([w for w, _ in in_band], [n for _, n in in_band], {}, 0)
-        return Choice(least_loaded(narrowed, self._rng), "no_match")
+            return worker, "cache_hit"
+        return least_loaded(band, self._rng), "no_match"
 
 
 class RoundRobin:
@@ -200,10 +194,13 @@ class RoundRobin:
     def __init__(self, config: PolicyConfig, rng: random.Random) -> None:
         self._next = 0
 
-    def choose(self, candidates: Candidates) -> Choice:
-        worker = candidates.workers[self._next % len(candidates.workers)]
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        workers = list(loads)
+        worker = workers[self._next % len(workers)]
         self._next += 1
-        return Choice(worker, "round_robin")
+        return worker, "round_robin"
 
 
 class Random:
@@ -212,8 +209,10 @@ class Random:
     def __init__(self, config: PolicyConfig, rng: random.Random) -> None:
         self._rng = rng
 
-    def choose(self, candidates: Candidates) -> Choice:
-        return Choice(self._rng.choice(candidates.workers), "random")
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        return self._rng.choice(list(loads)), "random"
 
 
 class PowerOfTwo:
@@ -222,17 +221,14 @@ class PowerOfTwo:
     def __init__(self, config: PolicyConfig, rng: random.Random) -> None:
         self._rng = rng
 
-    def choose(self, candidates: Candidates) -> Choice:
-        if len(candidates.workers) == 1:
-            return Choice(candidates.workers[0], "power_of_two")
-        i, j = self._rng.sample(range(len(candidates.workers)), 2)
-        pair = Candidates(
-            [candidates.workers[i], candidates.workers[j]],
-            [candidates.loads[i], candidates.loads[j]],
-            {},
-            0,
-        )
-        return Choice(least_loaded(pair, self._rng), "power_of_two")
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        workers = list(loads)
+        if len(workers) == 1:
+            return workers[0], "power_of_two"
+        pair = {w: loads[w] for w in self._rng.sample(workers, 2)}
+        return least_loaded(pair, self._rng), "power_of_two"
 
 
 class ShortestQueue:
@@ -241,8 +237,10 @@ class ShortestQueue:
     def __init__(self, config: PolicyConfig, rng: random.Random) -> None:
         self._rng = rng
 
-    def choose(self, candidates: Candidates) -> Choice:
-        return Choice(least_loaded(candidates, self._rng), "shortest_queue")
+    def choose(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+    ) -> Choice:
+        return least_loaded(loads, self._rng), "shortest_queue"
 
 
 _POLICIES: dict[str, Callable[[PolicyConfig, random.Random], Policy]] = {

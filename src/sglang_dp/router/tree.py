@@ -81,6 +81,32 @@ def common_length(key: Key, pos: int, label: Key) -> int:
     return known
 
 
+def _common_at(key: Key, pos: int, label: Key) -> int:
+    """`common_length` with the whole-label match answered without copying (the hot path)."""
+    if isinstance(key, str):
+        if key.startswith(label, pos):  # type: ignore[arg-type]
+            return len(label)
+    elif key[pos : pos + len(label)] == label:
+        return len(label)
+    return common_length(key, pos, label)
+
+
+class Path:
+    """One walk of a key: the nodes it entered, the key position reached in each, and per
+    tenant the longest prefix of the key it holds (its deepest node on the path)."""
+
+    __slots__ = ("ends", "key", "matched", "nodes", "version")
+
+    def __init__(
+        self, key: Key, nodes: list[_Node], ends: list[int], matched: dict[str, int], version: int
+    ) -> None:
+        self.key = key
+        self.nodes = nodes
+        self.ends = ends
+        self.matched = matched
+        self.version = version
+
+
 @dataclass(frozen=True, slots=True)
 class Branch:
     """A read-only view of one node for inspection: what it holds and who holds it."""
@@ -102,26 +128,35 @@ class RadixTree:
         self._total = 0
         self._nodes = 0
         self._seq = itertools.count()  # heap tie-breaker: nodes are not comparable
+        self._version = 0  # changes whenever nodes are created or freed (invalidates paths)
 
     # -- reading ---------------------------------------------------------------------------
 
-    def match(self, key: KeyLike) -> dict[str, int]:
-        """For every tenant holding a prefix of `key`, the length of its longest one."""
+    def walk(self, key: KeyLike) -> Path:
+        """Follow `key` down the tree once; the path answers `matches()` and feeds `insert_at`."""
         key = normalize_key(key)
-        result: dict[str, int] = {}
+        nodes: list[_Node] = []
+        ends: list[int] = []
+        matched: dict[str, int] = {}
         node, pos, end = self._root, 0, len(key)
         while pos < end:
             child = node.children.get(key[pos])
             if child is None:
                 break
-            common = common_length(key, pos, child.label)
+            common = _common_at(key, pos, child.label)
             pos += common
+            nodes.append(child)
+            ends.append(pos)
             # Deeper nodes overwrite: a tenant's deepest held node on the path is its match.
-            result.update(dict.fromkeys(child.tenants, pos))
+            matched.update(dict.fromkeys(child.tenants, pos))
             if common < len(child.label):
                 break
             node = child
-        return result
+        return Path(key, nodes, ends, matched, self._version)
+
+    def match(self, key: KeyLike) -> dict[str, int]:
+        """For every tenant holding a prefix of `key`, the length of its longest one."""
+        return self.walk(key).matched
 
     def size(self, tenant: str) -> int:
         """Key elements held by `tenant` (sum of the label lengths of its nodes)."""
@@ -161,17 +196,16 @@ class RadixTree:
         Returns when `tenant` last touched the deepest part of `key` it already held (None if it
         held none of it): the engine uses it to tell confirmed predictions from speculative ones.
         """
-        key = normalize_key(key)
-        node, pos, end = self._root, 0, len(key)
+        return self.insert_at(self.walk(key), tenant, now)
+
+    def insert_at(self, path: Path, tenant: str, now: float) -> float | None:
+        """`insert` along a path walked before, without walking again if the tree is unchanged."""
+        if path.version != self._version:
+            path = self.walk(path.key)
         prior: float | None = None
-        while pos < end:
-            child = node.children.get(key[pos])
-            if child is None:
-                self._attach(node, key[pos:], tenant, now)
-                return prior
-            common = common_length(key, pos, child.label)
-            if common < len(child.label):
-                child = self._split(child, common)
+        node, pos = self._root, 0
+        for entered, end in zip(path.nodes, path.ends):
+            child = entered if end - pos == len(entered.label) else self._split(entered, end - pos)
             touched = child.tenants.get(tenant)
             if touched is None:
                 self._sizes[tenant] = self._sizes.get(tenant, 0) + len(child.label)
@@ -180,8 +214,9 @@ class RadixTree:
                 prior = touched
                 if now > touched:  # keeps ancestors no older than descendants
                     child.tenants[tenant] = now
-            pos += len(child.label)
-            node = child
+            node, pos = child, end
+        if pos < len(path.key):
+            self._attach(node, path.key[pos:], tenant, now)
         return prior
 
     def remove_tenant(self, tenant: str) -> int:
@@ -246,6 +281,7 @@ class RadixTree:
 
     def _attach(self, parent: _Node, label: Key, tenant: str, now: float) -> None:
         parent.children[label[0]] = _Node(label, parent, {tenant: now})
+        self._version += 1
         self._sizes[tenant] = self._sizes.get(tenant, 0) + len(label)
         self._total += len(label)
         self._nodes += 1
@@ -260,6 +296,7 @@ class RadixTree:
         upper.children[node.label[0]] = node
         parent.children[upper.label[0]] = upper
         self._nodes += 1
+        self._version += 1
         return upper
 
     def _drop(self, node: _Node, tenant: str) -> None:
@@ -271,6 +308,7 @@ class RadixTree:
             del node.parent.children[node.label[0]]
             self._total -= len(node.label)
             self._nodes -= 1
+            self._version += 1
 
     @staticmethod
     def _holds_a_child(node: _Node, tenant: str) -> bool:
