@@ -218,10 +218,14 @@ def parse_completion(body: Any) -> ApiRequest:
     return req
 
 
-def _content(message: Any) -> str:
+def _message(message: Any) -> str:
+    """One message through the template."""
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise BadRequest("each message must be an object with a string role")
-    content = message.get("content")
+    return f"<|{message['role']}|>\n{_content(message.get('content'))}\n"
+
+
+def _content(content: Any) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -241,7 +245,7 @@ def _content(message: Any) -> str:
 
 def render_chat(messages: list[dict[str, Any]]) -> str:
     """The built-in chat template (see module docstring)."""
-    return "".join(f"<|{m['role']}|>\n{_content(m)}\n" for m in messages) + "<|assistant|>\n"
+    return "".join(map(_message, messages)) + "<|assistant|>\n"
 
 
 def parse_chat(body: Any) -> ApiRequest:

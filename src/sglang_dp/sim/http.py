@@ -55,13 +55,14 @@ def _status_line(code: int) -> bytes:
 class Responder:
     """Writes one response on its connection (once), plain or streamed."""
 
-    __slots__ = ("_conn", "_keep_alive", "done", "on_disconnect", "streaming")
+    __slots__ = ("_conn", "_head_pending", "_keep_alive", "done", "on_disconnect", "streaming")
 
     def __init__(self, conn: _Connection, keep_alive: bool) -> None:
         self._conn = conn
         self._keep_alive = keep_alive
         self.done = False
         self.streaming = False
+        self._head_pending = b""  # a stream's head goes out with its first chunk (one write)
         self.on_disconnect: Callable[[], None] | None = None
 
     @property
@@ -88,12 +89,13 @@ class Responder:
         """Send the head of a chunked response; then `write` chunks and `end`."""
         self.streaming = True
         extra = b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
-        self._conn.write(self._head(code, content_type, extra))
+        self._head_pending = self._head(code, content_type, extra)
 
     def write(self, data: bytes) -> None:
         """One chunk of a streamed response."""
         if data and not self.done:
-            self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self._conn.write(self._head_pending + b"%x\r\n%b\r\n" % (len(data), data))
+            self._head_pending = b""
 
     def end(self, data: bytes = b"") -> None:
         """Last chunk (optional) and the end of a streamed response."""
@@ -101,7 +103,7 @@ class Responder:
             return
         self.done = True
         chunk = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
-        self._conn.write(chunk + b"0\r\n\r\n")
+        self._conn.write(self._head_pending + chunk + b"0\r\n\r\n")
         self._conn.response_done(self._keep_alive)
 
 

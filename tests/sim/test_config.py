@@ -1,0 +1,52 @@
+"""The command line: options generated from SimConfig, unknown SGLang flags tolerated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from click.testing import CliRunner
+
+from sglang_dp.sim.config import SimConfig, build_command
+from sglang_dp.sim.cost_model import PROFILES, resolve
+
+
+def parse(*argv: str) -> tuple[SimConfig, list[str]]:
+    got: list[tuple[SimConfig, list[str]]] = []
+    command = build_command("t", lambda config, extra: got.append((config, extra)))
+    result = CliRunner().invoke(command, list(argv), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return got[0]
+
+
+def test_defaults_match_sglang() -> None:
+    config, extra = parse()
+    assert (config.host, config.port, config.schedule_policy) == ("127.0.0.1", 30000, "fcfs")
+    assert extra == []
+
+
+def test_sglang_flags_and_unknown_ones() -> None:
+    config, extra = parse(
+        "--model-path", "m", "--tp", "2", "--max-total-tokens", "5000",
+        "--disable-radix-cache", "--trust-remote-code", "--watchdog-timeout", "300",
+        "--schedule-policy", "lpm", "--api-key", "k",
+    )  # fmt: skip
+    assert config.model_path == "m" and config.tp_size == 2 and config.max_total_tokens == 5000
+    assert config.disable_radix_cache and config.schedule_policy == "lpm"
+    assert extra == ["--trust-remote-code", "--watchdog-timeout", "300"]
+
+
+def test_every_field_has_an_option() -> None:
+    command = build_command("t", lambda config, extra: None)
+    names = {p.name for p in command.params}
+    assert {f.name for f in dataclasses.fields(SimConfig)} <= names
+    help_text = CliRunner().invoke(command, ["--help"]).output
+    assert "--time-scale" in help_text and "--crash-after" in help_text
+
+
+def test_profile_sizes() -> None:
+    cost = resolve(SimConfig())
+    assert 400_000 < cost.max_total_tokens < 500_000  # ≈ 450k tokens of KV on an H100
+    assert cost.prefill_tokens_per_s == PROFILES["h100-llama3-8b"].prefill_tokens_per_s
+    assert resolve(SimConfig(tp_size=2)).max_total_tokens > 2 * cost.max_total_tokens
+    assert resolve(SimConfig(max_total_tokens=1234)).max_total_tokens == 1234
+    assert resolve(SimConfig(decode_step_ms=2.0)).decode_step_s == 0.002
