@@ -36,9 +36,10 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
+from sglang_dp.options import nested, option
 from sglang_dp.router.policies import PolicyConfig, make_policy
 from sglang_dp.router.tree import Key, KeyLike, Path, RadixTree
 
@@ -58,14 +59,11 @@ class NoWorkerAvailable(Exception):
 class EngineConfig:
     """Settings of the routing engine (policy settings included)."""
 
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    max_tree_size: int = field(
-        default=2**26,
-        metadata={"help": "Key elements the whole tree may hold (all workers together)."},
+    policy: PolicyConfig = nested(PolicyConfig)
+    max_tree_size: int = option(
+        2**26, "Key elements (characters or tokens) the whole tree may hold, all workers together."
     )
-    token_keys: bool = field(
-        default=False, metadata={"help": "Keys are token ids (else characters)."}
-    )
+    token_keys: bool = option(False, "Keys are token ids (else characters).", cli=False)
 
     def __post_init__(self) -> None:
         if self.max_tree_size <= 0:
@@ -226,10 +224,14 @@ class RoutingEngine:
 
     # -- workers ---------------------------------------------------------------------------
 
-    def add_worker(self, url: str, capacity_tokens: int | None = None) -> None:
-        """Register a worker (healthy, empty share); re-adding an existing one is a no-op."""
+    def add_worker(
+        self, url: str, capacity_tokens: int | None = None, healthy: bool = True
+    ) -> None:
+        """Register a worker with an empty share; re-adding an existing one is a no-op."""
         if url not in self._workers:
-            self._workers[url] = _WorkerState(url, capacity_tokens)
+            state = _WorkerState(url, capacity_tokens)
+            state.healthy = healthy
+            self._workers[url] = state
             self._refresh_routable()
 
     def remove_worker(self, url: str) -> None:

@@ -27,8 +27,10 @@ from __future__ import annotations
 import random
 import statistics
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+from sglang_dp.options import option
 
 POLICY_NAMES = (
     "cache_aware",
@@ -60,29 +62,21 @@ class Policy(Protocol):
 class PolicyConfig:
     """The routing policy and its settings; flag names shared with sgl-router mean the same."""
 
-    policy: str = field(
-        default="cache_aware", metadata={"help": "Routing policy.", "choices": POLICY_NAMES}
+    policy: str = option("cache_aware", "Routing policy.", choices=POLICY_NAMES)
+    cache_threshold: float = option(
+        0.3, "Match rate above which the best-matching worker is taken."
     )
-    cache_threshold: float = field(
-        default=0.3,
-        metadata={"help": "Match rate above which the best-matching worker is taken."},
+    balance_abs_threshold: int = option(
+        64, "cache_aware: load gap (requests) beyond which load balancing wins."
     )
-    balance_abs_threshold: int = field(
-        default=64,
-        metadata={"help": "cache_aware: load gap (requests) beyond which load balancing wins."},
+    balance_rel_threshold: float = option(
+        1.5, "cache_aware: ... and the max load must exceed the min load times this."
     )
-    balance_rel_threshold: float = field(
-        default=1.5,
-        metadata={"help": "cache_aware: and max load must exceed min load times this."},
+    variance_k: float = option(
+        1.0, "variance: drop workers whose load exceeds mean + K standard deviations."
     )
-    variance_k: float = field(
-        default=1.0,
-        metadata={
-            "help": "variance: drop workers whose load exceeds mean + K standard deviations."
-        },
-    )
-    seed: int | None = field(
-        default=None, metadata={"help": "Seed for random tie-breaking and random policies."}
+    seed: int | None = option(
+        None, "Seed for random tie-breaking and the random policies.", type=int
     )
 
     def __post_init__(self) -> None:
