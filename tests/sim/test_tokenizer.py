@@ -92,3 +92,12 @@ def test_hf_tokenizer_from_local_folder(hf_folder: Path) -> None:
     assert ids and ids == [tok.encode(p)[-1] for p in pieces]
     out = OutputText(tok).generate(tok.encode("hello"), 5, [], [])
     assert len(out.ids) == 5 and set(out.ids) <= set(ids)
+
+
+def test_long_texts_tokenize_the_same_through_the_piece_memo() -> None:
+    tok = WordTokenizer()
+    text = " ".join(f"word{i}, and; more!" for i in range(800))
+    expected = list(map(tok._memo.__getitem__, __import__("re").findall(r"\w+|[^\w\s]", text)))
+    assert tok.encode(text) == expected
+    assert tok.encode(text) == expected  # from the memo
+    assert tok.encode(text + " tail") == [*expected, tok.encode("tail")[0]]

@@ -63,7 +63,7 @@ class Responder:
         self.done = False
         self.streaming = False
         self._head_pending = b""  # a stream's head goes out with its first chunk (one write)
-        self.on_disconnect: Callable[[], None] | None = None
+        self.on_disconnect: Callable[[], object] | None = None
 
     @property
     def closed(self) -> bool:
@@ -85,10 +85,15 @@ class Responder:
         self._conn.write(self._head(code, content_type, headers + length) + body)
         self._conn.response_done(self._keep_alive)
 
-    def start_stream(self, code: int = 200, content_type: bytes = SSE) -> None:
-        """Send the head of a chunked response; then `write` chunks and `end`."""
+    def start_stream(
+        self, code: int = 200, content_type: bytes = SSE, headers: bytes = b""
+    ) -> None:
+        """Start a chunked response (its head leaves with the first chunk); `write`, then `end`.
+
+        `headers`: extra header lines, each ending with CRLF.
+        """
         self.streaming = True
-        extra = b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+        extra = headers + b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
         self._head_pending = self._head(code, content_type, extra)
 
     def write(self, data: bytes) -> None:
@@ -110,8 +115,10 @@ class Responder:
 class _Connection(asyncio.Protocol):
     """One client connection: parse, dispatch in order, track the open response."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, max_body: int | None = None) -> None:
         self._handler = handler
+        self._max_body = max_body
+        self._body_size = 0
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
@@ -146,6 +153,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers = {}
         self._body = []
+        self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -158,9 +166,15 @@ class _Connection(asyncio.Protocol):
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._max_body is not None and self._body_size > self._max_body:
+            self._fail(413, b"request body larger than %d bytes" % self._max_body)
+            return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.closed:
+            return
         path, _, query = self._url.decode("latin-1").partition("?")
         method = self._parser.get_method().decode()
         request = HttpRequest(method, path, query, self._headers, b"".join(self._body))
@@ -188,9 +202,9 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, code: int, message: bytes) -> None:
         if self._transport is not None and not self.closed:
-            body = b'{"error":{"message":"%b","type":"BadRequestError"}}' % message.replace(
-                b'"', b"'"
-            )
+            kind = b"BadRequestError" if code == 400 else b"PayloadTooLargeError"
+            body = b'{"error":{"message":"%b","type":"%b"}}' % (message.replace(b'"', b"'"), kind)
+            self.closed = True  # nothing more is parsed or dispatched on this connection
             self._transport.write(
                 _status_line(code) + b"content-type: application/json\r\n"
                 b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body
@@ -213,9 +227,14 @@ class _Connection(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._dispatch_next)
 
 
-async def serve(handler: Handler, host: str, port: int) -> asyncio.Server:
-    """Listen on host:port; every connection's requests go to `handler`."""
+async def serve(
+    handler: Handler, host: str, port: int, max_body: int | None = None
+) -> asyncio.Server:
+    """Listen on host:port; every connection's requests go to `handler`.
+
+    Bodies over `max_body` bytes get a 413 and the connection is closed.
+    """
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: _Connection(handler), host, port, reuse_address=True, backlog=4096
+        lambda: _Connection(handler, max_body), host, port, reuse_address=True, backlog=4096
     )

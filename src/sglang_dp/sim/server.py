@@ -66,6 +66,19 @@ def sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+class IdMaker:
+    """Request ids: a random per-process prefix and a counter (uuid4 per request costs more)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._count = 0
+
+    def next(self) -> str:
+        """A fresh id, 32 hex digits like SGLang's."""
+        self._count += 1
+        return f"{self._prefix}{self._count:016x}"
+
+
 @dataclass(eq=False)
 class _Item:
     """One prompt of a call and its request in the scheduler."""
@@ -111,7 +124,8 @@ class SimWorker:
         self._last_now = 0.0
         self._rng = random.Random(config.random_seed)
         self._calls: dict[str, _Call] = {}  # rid -> call
-        self._streams: dict[str, _Call] = {}  # rid -> streaming call (first token sent)
+        self._streams: dict[str, tuple[_Call, _Item]] = {}  # rid -> stream past its first token
+        self._ids = IdMaker()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = 0.0
         self._received = 0
@@ -388,7 +402,7 @@ class SimWorker:
         return bool(c.hang_rate and self._rng.random() < c.hang_rate)
 
     def _make_call(self, parsed: api.ApiRequest, responder: Responder) -> _Call:
-        call = _Call(parsed, responder, oid=uuid.uuid4().hex, created=int(time.time()))
+        call = _Call(parsed, responder, oid=self._ids.next(), created=int(time.time()))
         rids: set[str] = set()
         for gen in parsed.inputs:
             prompt = (
@@ -398,7 +412,7 @@ class SimWorker:
             )
             max_new = self._check_lengths(len(prompt), gen.max_new_tokens)
             out = self.outputs.generate(prompt, max_new, gen.stop, gen.stop_token_ids)
-            rid = gen.rid or uuid.uuid4().hex
+            rid = gen.rid or self._ids.next()
             if rid in self._calls or rid in rids:
                 raise api.BadRequest(f"duplicate request id {rid!r}")
             rids.add(rid)
@@ -429,7 +443,7 @@ class SimWorker:
     def _submit_internal(self, text: str, max_new: int, on_done: Callable[[], None] | None) -> str:
         prompt = self.tokenizer.encode(text)
         out = self.outputs.generate(prompt, max_new, [], [])
-        req = SimRequest("internal-" + uuid.uuid4().hex, prompt, out.ids)
+        req = SimRequest("internal-" + self._ids.next(), prompt, out.ids)
         call = _Call(None, None, [_Item(req, out)], 1, on_done=on_done)
         self._run(call)
         return req.rid
@@ -472,17 +486,20 @@ class SimWorker:
         for req in events.first_token:
             call = self._calls.get(req.rid)
             if call is not None and req.stream_interval:
-                self._streams[req.rid] = call
-                self._progress(call, req, 1)
+                item = next(i for i in call.items if i.req is req)
+                self._streams[req.rid] = (call, item)
+                self._progress(call, item, 1)
         for req in events.finished:
             self._finished(req)
         if self._streams:
             now = self.now()
-            for rid, call in list(self._streams.items()):
-                req = next(i.req for i in call.items if i.req.rid == rid)
-                tokens = self.scheduler.generated(req, now)
+            steps = self.scheduler.decode_steps_done(now)
+            generated = self.scheduler.generated
+            for call, item in list(self._streams.values()):
+                req = item.req
+                tokens = generated(req, now, steps)
                 if tokens - req.emitted >= req.stream_interval:
-                    self._progress(call, req, tokens)
+                    self._progress(call, item, tokens)
         self._schedule_wake()
 
     def _result(self, item: _Item, tokens: int | None = None) -> api.Result:
@@ -501,13 +518,12 @@ class SimWorker:
             req.rid, text, len(req.prompt), tokens, req.cached_tokens, reason, latency
         )
 
-    def _progress(self, call: _Call, req: SimRequest, tokens: int) -> None:
+    def _progress(self, call: _Call, item: _Item, tokens: int) -> None:
         """Stream the text generated so far."""
-        req.emitted = tokens
+        item.req.emitted = tokens
         responder, parsed = call.responder, call.api
         if responder is None or parsed is None or responder.closed:
             return
-        item = call.items[0]
         r = self._result(item, tokens)
         if not responder.streaming:
             responder.start_stream()

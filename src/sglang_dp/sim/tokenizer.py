@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 _MAX_MEMO = 1 << 20  # words remembered by the word tokenizer (bounded memory on random text)
+_PIECE = 256  # characters per memoised piece of a prompt
+_MAX_PIECES = 1 << 14  # memoised pieces (≈ 16 MiB of prompt text)
 
 # Output vocabulary: common English words, each one token in word-level and BPE vocabularies.
 OUTPUT_WORDS = [
@@ -124,14 +126,41 @@ class _Memo(dict[str, int]):
 
 
 class WordTokenizer:
-    """Built-in deterministic tokenizer: about one token per word or punctuation mark."""
+    """Built-in deterministic tokenizer: about one token per word or punctuation mark.
+
+    Prompts at router load share long prefixes (system prompts, conversation history), so the
+    text is cut into ~256-character pieces at spaces at fixed offsets, and each piece's ids are
+    memoised: a shared prefix yields identical pieces, and only the new tail is scanned. Tokens
+    never contain a space, so cutting there changes nothing.
+    """
 
     def __init__(self) -> None:
         self._memo = _Memo()
+        self._pieces: dict[str, list[int]] = {}
+
+    def _scan(self, text: str) -> list[int]:
+        return list(map(self._memo.__getitem__, _WORD.findall(text)))
 
     def encode(self, text: str) -> list[int]:
         """Ids of the words and punctuation marks of `text`, in order."""
-        return list(map(self._memo.__getitem__, _WORD.findall(text)))
+        if len(text) <= _PIECE:
+            return self._scan(text)
+        ids: list[int] = []
+        pieces = self._pieces
+        start = 0
+        while start < len(text):
+            cut = text.find(" ", start + _PIECE)
+            end = len(text) if cut < 0 else cut + 1
+            piece = text[start:end]
+            found = pieces.get(piece)
+            if found is None:
+                found = self._scan(piece)
+                if len(pieces) >= _MAX_PIECES:
+                    del pieces[next(iter(pieces))]  # oldest first
+                pieces[piece] = found
+            ids += found
+            start = end
+        return ids
 
     def output_vocab(self) -> tuple[list[int], list[str]]:
         """Ids and text pieces of the output words (each piece is a space and the word)."""

@@ -1,0 +1,230 @@
+"""Benchmark of the simulated worker: its CPU cost per request, and the fidelity of its clock.
+
+    python benchmarks/bench_sim.py [--json] [--requests N] [--concurrency C]
+
+Figures (one worker process, a closed-loop client on raw keep-alive HTTP/1.1 connections):
+- `instant_cpu_us_per_req`: CPU time (user + system) of the worker process per request in
+  `--instant` mode, shared-prefix prompts of ~256 words, 32 output tokens. Target <= 300 us, so
+  eight workers + a router + a client fit on a 2-core machine.
+- `instant_cpu_us_per_req_2k_prompt`: the same with 2,048-word shared prefixes (SGLang's
+  generated-shared-prefix benchmark shape); tokenizing the prompt dominates.
+- `instant_stream_cpu_us_per_req`: streamed `/generate`, 32 tokens at `--stream-interval 4`.
+- `timed_cpu_us_per_req`: the cost model on (`--time-scale 10`), 2,048-word shared prefixes,
+  128 output tokens, streamed at `--stream-interval 8`, 32 requests in flight.
+- `prefill_tokens_per_s_measured` vs `_configured`: one call of 24 distinct 4,096-token prompts
+  (input_ids, max_new_tokens 1) at `--time-scale 10`; measured = tokens / (wall time × 10), the
+  wall time of a 1-token call subtracted. Must agree within 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psutil
+
+PREFILL_RATE = 30000.0  # the h100-llama3-8b profile
+TIME_SCALE = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def worker(*args: str) -> Iterator[tuple[int, psutil.Process]]:
+    """A simulated worker process on a free port: (port, process)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sglang_dp.sim",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--skip-server-warmup",
+            *args,
+        ],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                    if s.recv(100).startswith(b"HTTP/1.1 200"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("worker did not start")
+            time.sleep(0.05)
+        yield port, psutil.Process(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def request_bytes(path: str, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        b"POST %b HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%b" % (path.encode(), len(data), data)
+    )
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """One HTTP/1.1 response's body (content-length or chunked)."""
+    head = (await reader.readuntil(b"\r\n\r\n")).lower()
+    if not head.startswith(b"http/1.1 200"):
+        raise RuntimeError(head.decode())
+    if b"transfer-encoding: chunked" in head:
+        parts = []
+        while True:
+            size = int(await reader.readuntil(b"\r\n"), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                return b"".join(parts)
+            parts.append(chunk[:-2])
+    length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+    return await reader.readexactly(length)
+
+
+async def closed_loop(port: int, payloads: list[bytes], concurrency: int) -> float:
+    """Send every payload, `concurrency` connections each waiting for its answer; wall seconds."""
+    queue = iter(payloads)
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for payload in queue:
+            writer.write(payload)
+            await read_response(reader)
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+def shared_prefix(
+    n: int, groups: int, prefix_words: int, question_words: int, max_new: int, stream: bool = False
+) -> list[bytes]:
+    """`n` /generate requests in `groups` groups sharing a prefix (SGLang's benchmark shape)."""
+    prefixes = [" ".join(f"g{g}w{i}" for i in range(prefix_words)) for g in range(groups)]
+    out = []
+    for r in range(n):
+        question = " ".join(f"q{r}w{j}" for j in range(question_words))
+        body = {
+            "text": prefixes[r % groups] + " " + question,
+            "stream": stream,
+            "sampling_params": {"max_new_tokens": max_new},
+        }
+        out.append(request_bytes("/generate", body))
+    return out
+
+
+def cpu_us_per_request(
+    proc: psutil.Process, port: int, payloads: list[bytes], concurrency: int
+) -> tuple[float, float]:
+    """(worker CPU µs per request, requests per second), after a warm-up of a tenth."""
+    warm = payloads[: len(payloads) // 10]
+    asyncio.run(closed_loop(port, warm, concurrency))
+    before = proc.cpu_times()
+    wall = asyncio.run(closed_loop(port, payloads, concurrency))
+    after = proc.cpu_times()
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return cpu / len(payloads) * 1e6, len(payloads) / wall
+
+
+def prefill_rate(port: int) -> float:
+    """Measured prefill tokens/s at TIME_SCALE (see module docstring)."""
+    prompts, length = 24, 4096
+    big = request_bytes(
+        "/generate",
+        {
+            "input_ids": [[p * 100_000 + i for i in range(length)] for p in range(prompts)],
+            "sampling_params": {"max_new_tokens": 1},
+        },
+    )
+    small = request_bytes("/generate", {"input_ids": [7], "sampling_params": {"max_new_tokens": 1}})
+
+    async def timed(payload: bytes) -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        start = time.perf_counter()
+        writer.write(payload)
+        await read_response(reader)
+        elapsed = time.perf_counter() - start
+        writer.close()
+        return elapsed
+
+    baseline = min(asyncio.run(timed(small)) for _ in range(5))
+    wall = asyncio.run(timed(big)) - baseline
+    return prompts * length / (wall * TIME_SCALE)
+
+
+def run(requests: int, concurrency: int) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "requests": requests,
+        "concurrency": concurrency,
+        "cpus": os.cpu_count(),
+    }
+    with worker("--instant") as (port, proc):
+        cpu, rps = cpu_us_per_request(
+            proc, port, shared_prefix(requests, 16, 256, 16, 32), concurrency
+        )
+        results["instant_cpu_us_per_req"] = round(cpu, 1)
+        results["instant_req_per_s"] = round(rps)
+        cpu, _ = cpu_us_per_request(
+            proc, port, shared_prefix(requests // 4, 16, 2048, 32, 32), concurrency
+        )
+        results["instant_cpu_us_per_req_2k_prompt"] = round(cpu, 1)
+    with worker("--instant", "--stream-interval", "4") as (port, proc):
+        cpu, _ = cpu_us_per_request(
+            proc, port, shared_prefix(requests, 16, 256, 16, 32, stream=True), concurrency
+        )
+        results["instant_stream_cpu_us_per_req"] = round(cpu, 1)
+    with worker("--time-scale", str(TIME_SCALE), "--stream-interval", "8") as (port, proc):
+        payloads = shared_prefix(max(64, requests // 20), 8, 2048, 32, 128, stream=True)
+        cpu, _ = cpu_us_per_request(proc, port, payloads, 32)
+        results["timed_cpu_us_per_req"] = round(cpu, 1)
+        measured = prefill_rate(port)
+    results["prefill_tokens_per_s_configured"] = PREFILL_RATE
+    results["prefill_tokens_per_s_measured"] = round(measured)
+    results["prefill_rate_error_pct"] = round(abs(measured / PREFILL_RATE - 1) * 100, 2)
+    results["instant_target_met"] = results["instant_cpu_us_per_req"] <= 300
+    results["prefill_within_5pct"] = results["prefill_rate_error_pct"] <= 5
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    results = run(args.requests, args.concurrency)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for key, value in results.items():
+        print(f"{key:36} {value}")
+
+
+if __name__ == "__main__":
+    main()
