@@ -365,6 +365,8 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
         "--trust-remote-code",
         "--watchdog-timeout",
         "300",
+        "--schedule-policy",
+        "dfs-weight",
     )
     with sim_worker(*args, module=True, ready=False, stderr_file=log) as w:
 
@@ -383,3 +385,4 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
         assert out["meta_info"]["prompt_tokens"] == 4  # 4 words of the tiny vocabulary, no BOS
     warnings = [line for line in log.read_text().splitlines() if "ignoring options" in line]
     assert len(warnings) == 1 and "--watchdog-timeout 300" in warnings[0]
+    assert "dfs-weight is not modelled" in log.read_text()

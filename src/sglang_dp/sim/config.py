@@ -31,7 +31,6 @@ def _opt(
     type: Any = None,
     choices: Sequence[str] = (),
     aliases: Sequence[str] = (),
-    group: str = "sglang",
 ) -> Any:
     """A dataclass field that also describes its command-line option."""
     meta = {
@@ -39,7 +38,6 @@ def _opt(
         "type": type,
         "choices": tuple(choices),
         "aliases": tuple(aliases),
-        "group": group,
     }
     return field(default=default, metadata=meta)
 
@@ -73,7 +71,9 @@ class SimConfig:
         type=int,
     )
     context_length: int | None = _opt(None, "Model context length. [profile]", type=int)
-    schedule_policy: str = _opt("fcfs", "Waiting-queue order.", choices=SCHEDULE_POLICIES)
+    schedule_policy: str = _opt(
+        "fcfs", "Waiting-queue order: fcfs or lpm (SGLang's other policies run as fcfs)."
+    )
     disable_radix_cache: bool = _opt(False, "No prefix caching (every prompt is computed).")
     enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
     enable_cache_report: bool = _opt(
@@ -96,50 +96,36 @@ class SimConfig:
     random_seed: int = _opt(0, "Seed of the deterministic outputs and fault injection.")
     skip_server_warmup: bool = _opt(False, "Skip the warm-up request after start-up.")
     # --- cost model
-    profile: str = _opt(
-        "h100-llama3-8b", "Hardware/model profile of the cost model.", group="cost model"
-    )
+    profile: str = _opt("h100-llama3-8b", "Cost-model profile: h100-llama3-8b or a100-llama3-8b.")
     prefill_tokens_per_s: float | None = _opt(
-        None, "Prefill throughput in tokens/s. [profile]", type=float, group="cost model"
+        None, "Prefill throughput in tokens/s. [profile]", type=float
     )
     decode_step_ms: float | None = _opt(
-        None, "Fixed time of one decode step in ms. [profile]", type=float, group="cost model"
+        None, "Fixed time of one decode step in ms. [profile]", type=float
     )
     decode_per_seq_ms: float | None = _opt(
         None,
         "Extra decode-step time per running request in ms. [profile]",
         type=float,
-        group="cost model",
     )
     decode_per_kv_token_ns: float | None = _opt(
         None,
         "Extra decode-step time per cached context token in ns (KV reads). [profile]",
         type=float,
-        group="cost model",
     )
-    time_scale: float = _opt(
-        1.0, "Run K times faster than the modelled hardware.", group="cost model"
-    )
-    startup_seconds: float = _opt(
-        0.0, "Simulated model-loading time (modelled seconds).", group="cost model"
-    )
+    time_scale: float = _opt(1.0, "Run K times faster than the modelled hardware.")
+    startup_seconds: float = _opt(0.0, "Simulated model-loading time (modelled seconds).")
     # --- fault injection
-    fail_rate: float = _opt(
-        0.0, "Fraction of generation requests answered with HTTP 500.", group="fault injection"
-    )
+    fail_rate: float = _opt(0.0, "Fraction of generation requests answered with HTTP 500.")
     crash_after: int | None = _opt(
         None,
         "Exit the process when generation request N+1 arrives.",
         type=int,
-        group="fault injection",
     )
-    hang_rate: float = _opt(
-        0.0, "Fraction of generation requests never answered.", group="fault injection"
-    )
+    hang_rate: float = _opt(0.0, "Fraction of generation requests never answered.")
     instant: bool = _opt(
         False,
         "Answer at once, no cost model (router-overhead benchmarks).",
-        group="fault injection",
     )
 
     @property

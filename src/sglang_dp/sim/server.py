@@ -34,7 +34,7 @@ import orjson
 
 from sglang_dp import __version__
 from sglang_dp.sim import api
-from sglang_dp.sim.config import SimConfig
+from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
 from sglang_dp.sim.http import TEXT, HttpRequest, Responder, serve
 from sglang_dp.sim.metrics import SimMetrics
@@ -232,10 +232,10 @@ class SimWorker:
 
         def timeout() -> None:
             if not responder.done:
-                self.abort(rid)
                 responder.send(
                     503, error_body("health generation timed out", "ServiceUnavailable", 503)
                 )
+                self.abort(rid)  # after answering: the abort also calls done(), now a no-op
 
         handle = self._loop.call_later(HEALTH_TIMEOUT_S, timeout)
 
@@ -676,6 +676,9 @@ def run_worker(config: SimConfig, extra_args: list[str]) -> None:
     if problem:
         log.error("%s", problem)
         sys.exit(2)
+    if config.schedule_policy not in SCHEDULE_POLICIES:
+        log.warning("--schedule-policy %s is not modelled: using fcfs", config.schedule_policy)
+        config = config.replace(schedule_policy="fcfs")
     try:
         import uvloop
 
