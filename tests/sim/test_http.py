@@ -378,6 +378,7 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
 
         assert wait_for(status, what="listening") == 503  # loading the model
         assert w.post("/generate", {"text": "hello"}).status == 503
+        assert w.get("/ready").status == 503
         wait_for(lambda: status() == 200, what="ready")
         info = w.get("/get_model_info").json()
         assert info["model_path"] == str(folder) and info["tokenizer_path"] == str(folder)

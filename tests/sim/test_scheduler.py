@@ -299,3 +299,13 @@ def test_kv_accounting_never_leaks(
     assert all(r.state == FINISHED for r in submitted)
     assert s.held == 0 and s.reserved == 0 and s.context == 0
     assert s.cache.protected_size == 0
+
+
+@pytest.mark.parametrize("new", [0, 1])
+def test_tiny_outputs_finish_with_the_prefill(new: int) -> None:
+    s = Scheduler(model())
+    r = req("a", prompt(100), new=new)
+    run_alone(s, r, 0.0)
+    assert r.finish_time == r.first_token_time == pytest.approx(100 / 10000)
+    assert r.generated == new
+    assert s.held == 0 and s.reserved == 0 and s.cache.protected_size == 0

@@ -46,7 +46,7 @@ log = logging.getLogger("sglang_dp.sim")
 WARMUP_PROMPT = "The capital city of France is"  # what SGLang's warm-up request sends
 HEALTH_TIMEOUT_S = 20.0
 DONE = b"data: [DONE]\n\n"
-UNAUTHENTICATED = ("/health", "/health_generate", "/metrics")
+UNAUTHENTICATED = ("/health", "/health_generate", "/ready", "/metrics")
 
 
 def error_body(message: str, kind: str = "BadRequestError", code: int = 400) -> bytes:
@@ -133,6 +133,7 @@ class SimWorker:
         get, post = "GET", "POST"
         self._routes: dict[str, dict[str, Callable[[HttpRequest, Responder], None]]] = {
             "/health": {get: self._health, post: self._health},
+            "/ready": {get: self._health},  # SGLang 0.5
             "/health_generate": {get: self._health_generate, post: self._health_generate},
             "/get_model_info": {get: self._model_info},
             "/model_info": {get: self._model_info},
