@@ -15,6 +15,10 @@ Figures (one worker process, a closed-loop client on raw keep-alive HTTP/1.1 con
 - `prefill_tokens_per_s_measured` vs `_configured`: one call of 24 distinct 4,096-token prompts
   (input_ids, max_new_tokens 1) at `--time-scale 10`; measured = tokens / (wall time × 10), the
   wall time of a 1-token call subtracted. Must agree within 5 %.
+- `decode_step_ms_measured` vs `_configured`: the wall-time slope between a 1-token and a
+  401-token generation of one request at `--time-scale 10`, in modelled ms per step.
+- `timed_cpu_pct_of_core`: how much of one core a worker uses while serving the timed workload
+  at `timed_req_per_s` (32 in flight, 10× real time): scale it to your load and time scale.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from typing import Any
 import psutil
 
 PREFILL_RATE = 30000.0  # the h100-llama3-8b profile
+# one running request with ~200 tokens of context: 6 ms + 0.02 ms + 200 × 52 ns
+DECODE_STEP_MS = 6.0 + 0.02 + 200 * 131072 / 2.5e12 * 1e3
 TIME_SCALE = 10.0
 
 
@@ -142,15 +148,18 @@ def shared_prefix(
 
 def cpu_us_per_request(
     proc: psutil.Process, port: int, payloads: list[bytes], concurrency: int
-) -> tuple[float, float]:
-    """(worker CPU µs per request, requests per second), after a warm-up of a tenth."""
+) -> tuple[float, float, float]:
+    """(worker CPU µs per request, requests per second, worker CPU % of one core).
+
+    A tenth of the payloads runs first as a warm-up.
+    """
     warm = payloads[: len(payloads) // 10]
     asyncio.run(closed_loop(port, warm, concurrency))
     before = proc.cpu_times()
     wall = asyncio.run(closed_loop(port, payloads, concurrency))
     after = proc.cpu_times()
     cpu = (after.user - before.user) + (after.system - before.system)
-    return cpu / len(payloads) * 1e6, len(payloads) / wall
+    return cpu / len(payloads) * 1e6, len(payloads) / wall, cpu / wall * 100
 
 
 def prefill_rate(port: int) -> float:
@@ -179,6 +188,27 @@ def prefill_rate(port: int) -> float:
     return prompts * length / (wall * TIME_SCALE)
 
 
+def decode_step_ms(port: int) -> float:
+    """Measured decode step (batch of one, 1-token prompt) at TIME_SCALE, in modelled ms."""
+    steps = 400
+
+    async def timed(max_new: int) -> float:
+        payload = request_bytes(
+            "/generate", {"input_ids": [max_new], "sampling_params": {"max_new_tokens": max_new}}
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        start = time.perf_counter()
+        writer.write(payload)
+        await read_response(reader)
+        elapsed = time.perf_counter() - start
+        writer.close()
+        return elapsed
+
+    # the slope between 1 and 1 + steps tokens: HTTP and prefill cancel out
+    base = min(asyncio.run(timed(1)) for _ in range(3))
+    return (asyncio.run(timed(1 + steps)) - base) * TIME_SCALE / steps * 1e3
+
+
 def run(requests: int, concurrency: int) -> dict[str, Any]:
     results: dict[str, Any] = {
         "requests": requests,
@@ -186,31 +216,36 @@ def run(requests: int, concurrency: int) -> dict[str, Any]:
         "cpus": os.cpu_count(),
     }
     with worker("--instant") as (port, proc):
-        cpu, rps = cpu_us_per_request(
+        cpu, rps, _ = cpu_us_per_request(
             proc, port, shared_prefix(requests, 16, 256, 16, 32), concurrency
         )
         results["instant_cpu_us_per_req"] = round(cpu, 1)
         results["instant_req_per_s"] = round(rps)
-        cpu, _ = cpu_us_per_request(
+        cpu, _, _ = cpu_us_per_request(
             proc, port, shared_prefix(requests // 4, 16, 2048, 32, 32), concurrency
         )
         results["instant_cpu_us_per_req_2k_prompt"] = round(cpu, 1)
     with worker("--instant", "--stream-interval", "4") as (port, proc):
-        cpu, _ = cpu_us_per_request(
+        cpu, _, _ = cpu_us_per_request(
             proc, port, shared_prefix(requests, 16, 256, 16, 32, stream=True), concurrency
         )
         results["instant_stream_cpu_us_per_req"] = round(cpu, 1)
     with worker("--time-scale", str(TIME_SCALE), "--stream-interval", "8") as (port, proc):
         n = max(64, requests // 10)
-        cpu, _ = cpu_us_per_request(proc, port, shared_prefix(n, 8, 2048, 32, 128), 32)
+        cpu, rps, pct = cpu_us_per_request(proc, port, shared_prefix(n, 8, 2048, 32, 128), 32)
         results["timed_cpu_us_per_req"] = round(cpu, 1)
+        results["timed_req_per_s"] = round(rps)
+        results["timed_cpu_pct_of_core"] = round(pct, 1)
         payloads = shared_prefix(n, 8, 2048, 32, 128, stream=True)
-        cpu, _ = cpu_us_per_request(proc, port, payloads, 32)
+        cpu, _, _ = cpu_us_per_request(proc, port, payloads, 32)
         results["timed_stream_cpu_us_per_req"] = round(cpu, 1)
         measured = prefill_rate(port)
+        step_ms = decode_step_ms(port)
     results["prefill_tokens_per_s_configured"] = PREFILL_RATE
     results["prefill_tokens_per_s_measured"] = round(measured)
     results["prefill_rate_error_pct"] = round(abs(measured / PREFILL_RATE - 1) * 100, 2)
+    results["decode_step_ms_configured"] = round(DECODE_STEP_MS, 3)
+    results["decode_step_ms_measured"] = round(step_ms, 3)
     results["instant_target_met"] = results["instant_cpu_us_per_req"] <= 300
     results["prefill_within_5pct"] = results["prefill_rate_error_pct"] <= 5
     return results

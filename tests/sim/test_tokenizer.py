@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sglang_dp.sim.tokenizer import HFTokenizer, OutputText, WordTokenizer
+from tests.sim.workers import make_hf_tokenizer
 
 
 def test_word_tokenizer_is_deterministic_and_word_level() -> None:
@@ -64,20 +65,6 @@ def test_stop_token_id() -> None:
     full = out.generate([1], 30, [], [])
     cut = out.generate([1], 30, [], [full.ids[3]])
     assert len(cut.ids) == 4 and cut.finish_reason["type"] == "stop"
-
-
-def make_hf_tokenizer(folder: Path) -> Path:
-    """A tiny word-level Hugging Face tokenizer saved to `folder` (nothing is downloaded)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[UNK]", "<s>", "hello", "world", "the", "of", "and", "to", "capital", "is"]
-    model = models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
-    tok = Tokenizer(model)
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
-    fast.save_pretrained(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="module")

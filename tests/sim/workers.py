@@ -23,6 +23,20 @@ from typing import Any
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 
 
+def make_hf_tokenizer(folder: Path) -> Path:
+    """A tiny word-level Hugging Face tokenizer saved to `folder` (nothing is downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "hello", "world", "the", "of", "and", "to", "capital", "is"]
+    model = models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>")
+    fast.save_pretrained(str(folder))
+    return folder
+
+
 def free_port() -> int:
     """A port nobody listens on right now."""
     with socket.socket() as s:
