@@ -356,7 +356,7 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
         "--startup-seconds",
         "2",
         "--tokenizer-path",
-        str(folder),
+        "org/hub-name",  # not local: ignored, the model folder's tokenizer is used
         "--model-path",
         str(folder),
         "--log-level",
@@ -386,3 +386,4 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
     warnings = [line for line in log.read_text().splitlines() if "ignoring options" in line]
     assert len(warnings) == 1 and "--watchdog-timeout 300" in warnings[0]
     assert "dfs-weight is not modelled" in log.read_text()
+    assert "org/hub-name is not a local folder" in log.read_text()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sglang_dp.sim.tokenizer import HFTokenizer, OutputText, WordTokenizer
+from sglang_dp.sim.tokenizer import HFTokenizer, OutputText, WordTokenizer, tokenizer_folder
 from tests.sim.workers import make_hf_tokenizer
 
 
@@ -88,3 +88,10 @@ def test_long_texts_tokenize_the_same_through_the_piece_memo() -> None:
     assert tok.encode(text) == expected
     assert tok.encode(text) == expected  # from the memo
     assert tok.encode(text + " tail") == [*expected, tok.encode("tail")[0]]
+
+
+def test_tokenizer_folder_prefers_local_folders(hf_folder: Path, tmp_path: Path) -> None:
+    assert tokenizer_folder(str(hf_folder), "org/model") == str(hf_folder)
+    assert tokenizer_folder(None, str(hf_folder)) == str(hf_folder)  # SGLang: the model's own
+    assert tokenizer_folder("org/tok", str(tmp_path)) is None  # empty folder, hub name
+    assert tokenizer_folder(None, None) is None

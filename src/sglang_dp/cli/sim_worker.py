@@ -6,7 +6,7 @@ from sglang_dp.sim.config import SimConfig, build_command
 
 
 def _run(config: SimConfig, extra_args: list[str]) -> None:
-    from sglang_dp.sim.server import run_worker
+    from sglang_dp.sim.run import run_worker
 
     run_worker(config, extra_args)
 

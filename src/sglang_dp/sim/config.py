@@ -87,7 +87,8 @@ class SimConfig:
     )
     tokenizer_path: str | None = _opt(
         None,
-        "Local Hugging Face tokenizer folder; default: built-in word-level tokenizer.",
+        "Local Hugging Face tokenizer folder (else the model path's, if a local folder; "
+        "else a built-in word-level tokenizer).",
         type=str,
     )
     nccl_port: int | None = _opt(None, "Accepted for compatibility (nothing is bound).", type=int)

@@ -21,8 +21,6 @@ import dataclasses
 import logging
 import os
 import random
-import signal
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -34,12 +32,18 @@ import orjson
 
 from sglang_dp import __version__
 from sglang_dp.sim import api
-from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
+from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
-from sglang_dp.sim.http import TEXT, HttpRequest, Responder, serve
+from sglang_dp.sim.http import TEXT, HttpRequest, Responder
 from sglang_dp.sim.metrics import SimMetrics
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
-from sglang_dp.sim.tokenizer import Output, OutputText, Tokenizer, load_tokenizer
+from sglang_dp.sim.tokenizer import (
+    Output,
+    OutputText,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_folder,
+)
 
 log = logging.getLogger("sglang_dp.sim")
 
@@ -110,7 +114,9 @@ class SimWorker:
     ) -> None:
         self.config = config
         self.cost: CostModel = resolve(config)
-        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_path)
+        self.tokenizer = tokenizer or load_tokenizer(
+            tokenizer_folder(config.tokenizer_path, config.model_path)
+        )
         self.outputs = OutputText(self.tokenizer, config.random_seed)
         self.scheduler = Scheduler(
             self.cost, config.schedule_policy, not config.disable_radix_cache
@@ -457,10 +463,7 @@ class SimWorker:
             for item in call.items:
                 self.scheduler.run_instant(item.req, now)
                 self._calls[item.req.rid] = call
-                if call.api is not None and call.api.stream:
-                    self._stream_instant(call, item)
-                else:
-                    self._finished(item.req)
+                self._finished(item.req)
             return
         for item in call.items:
             self._calls[item.req.rid] = call
@@ -545,18 +548,13 @@ class SimWorker:
     def _model(self, parsed: api.ApiRequest) -> str:
         return parsed.model or self.config.model_name
 
-    def _stream_instant(self, call: _Call, item: _Item) -> None:
-        """--instant streaming: every event at once, in one write."""
-        n, step = item.req.generated, max(1, self.config.stream_interval)
-        responder = call.responder
-        if responder is None:
-            return
-        responder.start_stream()
-        events = [
-            self._event(call, item, self._result(item, k), first=k == 1) for k in range(1, n, step)
-        ]
-        del self._calls[item.req.rid]
-        responder.end(b"".join(events) + self._final_events(call, item))
+    def _instant_events(self, call: _Call, item: _Item) -> bytes:
+        """--instant streaming: the progress events, all at once (written with the last one)."""
+        step = max(1, self.config.stream_interval)
+        return b"".join(
+            self._event(call, item, self._result(item, k), first=k == 1)
+            for k in range(1, item.req.generated, step)
+        )
 
     def _final_events(self, call: _Call, item: _Item) -> bytes:
         parsed = call.api
@@ -597,7 +595,8 @@ class SimWorker:
             item = call.items[0]
             if not responder.streaming:
                 responder.start_stream()
-            responder.end(self._final_events(call, item))
+            progress = self._instant_events(call, item) if self.config.instant else b""
+            responder.end(progress + self._final_events(call, item))
             return
         if call.open == 0:
             responder.send(200, self._final_body(call, parsed))
@@ -619,75 +618,3 @@ class SimWorker:
                 self.config.enable_cache_report,
             )
         )
-
-
-# ---------------------------------------------------------------------- process entry
-
-
-def check_config(config: SimConfig) -> str | None:
-    """A message if the options cannot work together, else None."""
-    if config.time_scale <= 0:
-        return "--time-scale must be positive"
-    for name in ("fail_rate", "hang_rate"):
-        if not 0 <= getattr(config, name) <= 1:
-            return f"--{name.replace('_', '-')} must be between 0 and 1"
-    if config.stream_interval < 1:
-        return "--stream-interval must be at least 1"
-    if config.tokenizer_path and not Path(config.tokenizer_path).is_dir():
-        return f"--tokenizer-path {config.tokenizer_path}: not a local folder"
-    try:
-        resolve(config)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-async def _serve(config: SimConfig) -> None:
-    loop = asyncio.get_running_loop()
-    worker = SimWorker(config, loop)
-    server = await serve(worker.handle, config.host, config.port)
-    log.info(
-        "simulated SGLang worker on http://%s:%d (%s, KV %d tokens, time scale %g%s)",
-        config.host,
-        config.port,
-        config.profile,
-        worker.cost.max_total_tokens,
-        config.time_scale,
-        ", instant" if config.instant else "",
-    )
-    worker.start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    server.close()
-
-
-def run_worker(config: SimConfig, extra_args: list[str]) -> None:
-    """Run one simulated worker until SIGINT/SIGTERM."""
-    logging.basicConfig(
-        level=config.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
-    )
-    if extra_args:
-        log.warning(
-            "ignoring options the simulated worker does not model: %s", " ".join(extra_args)
-        )
-    problem = check_config(config)
-    if problem:
-        log.error("%s", problem)
-        sys.exit(2)
-    if config.schedule_policy not in SCHEDULE_POLICIES:
-        log.warning("--schedule-policy %s is not modelled: using fcfs", config.schedule_policy)
-        config = config.replace(schedule_policy="fcfs")
-    try:
-        import uvloop
-
-        runner: Callable[[Any], Any] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        runner = asyncio.run
-    try:
-        runner(_serve(config))
-    except OSError as exc:
-        log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
-        sys.exit(1)

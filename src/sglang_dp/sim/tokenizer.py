@@ -22,6 +22,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from itertools import accumulate
+from pathlib import Path
 from typing import Any, Protocol
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -200,8 +201,20 @@ class HFTokenizer:
         return ids, pieces
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_folder(tokenizer_path: str | None, model_path: str | None) -> str | None:
+    """Where to load a tokenizer from, as SGLang does (tokenizer path, else model path), but
+    only local folders holding tokenizer files: the simulator never downloads."""
+    for candidate in (tokenizer_path, model_path):
+        if candidate and any((Path(candidate) / f).is_file() for f in TOKENIZER_FILES):
+            return candidate
+    return None
+
+
 def load_tokenizer(path: str | None) -> Tokenizer:
-    """The HF tokenizer at a local `path`, or the built-in word tokenizer."""
+    """The HF tokenizer in a local folder `path`, or the built-in word tokenizer."""
     return HFTokenizer(path) if path else WordTokenizer()
 
 
