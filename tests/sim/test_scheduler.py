@@ -309,3 +309,13 @@ def test_tiny_outputs_finish_with_the_prefill(new: int) -> None:
     assert r.finish_time == r.first_token_time == pytest.approx(100 / 10000)
     assert r.generated == new
     assert s.held == 0 and s.reserved == 0 and s.cache.protected_size == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 512), st.integers(0, 10**6), st.integers(1, 5000), st.floats(0, 1e5))
+def test_decode_steps_within_inverts_run_seconds(
+    batch: int, context: int, steps: int, start: float
+) -> None:
+    cost = model(decode_per_kv_token_s=5e-8)
+    end = start + cost.decode_run_seconds(batch, context, steps)
+    assert cost.decode_steps_within(batch, context, end - start) == steps

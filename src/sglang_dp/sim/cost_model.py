@@ -87,6 +87,8 @@ class CostModel:
         """How many whole decode steps fit in `seconds` (inverse of decode_run_seconds)."""
         if seconds <= 0:
             return 0
+        # a wake-up at start + decode_run_seconds(n) must see n steps despite float rounding
+        seconds += 1e-9
         first = self.decode_first_step(batch, context)
         growth = self.decode_per_kv_token_s * batch
         if growth <= 0:
