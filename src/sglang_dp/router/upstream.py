@@ -1,0 +1,644 @@
+"""The router's lean HTTP/1.1 client to workers: keep-alive pools, bytes relayed as they arrive.
+
+Why not aiohttp (or httpx): measured on this machine, a proxy built on aiohttp's client costs
+about 650 µs of CPU per request, a lean one about 190 µs for the whole router (the client side
+alone: `benchmarks/bench_upstream.py`). On two cores shared with eight workers that decides
+whether the router or the GPUs are the bottleneck. So the data path is one `asyncio.Protocol` per
+connection, httptools' C parser (never a hand parser), no task per request, one future per wait.
+
+    pool = UpstreamPool()
+    resp = await pool.request("http://127.0.0.1:31001", "POST", "/generate",
+                              [(b"content-type", b"application/json")], body, timeout=30.0)
+    resp.status, resp.header(b"content-type")
+    data = await resp.read()                  # whole body, or:
+    async for chunk in resp: ...              # chunks as they arrive (chunked encoding decoded)
+    resp.abort()                              # the client went away: the worker sees a disconnect
+
+Connections: one keep-alive pool per worker (`base_url`, parsed once and cached). `request`
+reuses the most recently returned idle connection (LIFO: the one least likely to have been closed
+by the worker's idle timeout, and the others may expire). A connection goes back to the pool
+only when its response was read to the end, the worker answered HTTP/1.1 and did not say
+`connection: close`; anything else (abort, error, timeout, cancellation, a close-delimited body)
+closes it. At most `max_idle_per_host` idle connections are kept per worker (default 256);
+the number of busy ones is the number of requests in flight. A connection idle for longer than
+`keepalive_expiry` (default 4 s, under uvicorn's 5 s keep-alive timeout, which SGLang serves
+with) is closed instead of reused: the worker is about to close it anyway.
+
+Retries: exactly one case is retried, the keep-alive race: a REUSED connection that the worker
+closed while it sat idle (EOF or reset before any response byte) is replaced by a fresh one and
+the request sent again. A request that failed on a fresh connection is never resent here;
+`ConnectError` means it certainly did not reach the worker, so the caller may route it elsewhere.
+
+Timeouts: `timeout` (per request) bounds connecting plus waiting for the response head; the
+connect alone is also bounded by `connect_timeout` (default 5 s). While reading the body, an idle
+gap longer than the timeout raises `UpstreamTimeout`; a long stream that keeps moving never
+times out. Every timeout, error or cancellation of a waiting call closes the connection.
+
+Flow control: body bytes are buffered per connection up to `HIGH_WATER` (256 KiB); above it the
+socket stops being read (`pause_reading`) until the consumer takes the buffered bytes, so a slow
+consumer slows the worker (TCP backpressure) instead of growing the router's memory. Each read
+or iteration step hands over everything buffered so far, joined into one bytes object.
+
+Framing and headers: the pool writes the request line, `host` and `content-length`; the caller
+passes end-to-end headers (content-type, authorization, x-request-id, ...). Hop-by-hop and
+framing headers from the caller (host, content-length, transfer-encoding, connection, keep-alive,
+te, trailer, upgrade, expect, proxy-connection) are dropped, so they cannot desynchronise the
+stream. Response header names are lower-cased; informational 1xx responses are skipped. HEAD is
+not supported (httptools cannot be told that a response has no body).
+
+Exceptions (all from this module):
+
+    UpstreamError               base class; anything that went wrong talking to a worker
+     ├── ConnectError           no connection (refused, unreachable, pool closed): the request
+     │    │                     certainly did not reach the worker; safe to send elsewhere
+     │    └── ConnectTimeout    connecting took too long (also an UpstreamTimeout)
+     ├── UpstreamTimeout        no response head within the timeout, or a body gap longer than it
+     │    └── ConnectTimeout
+     ├── UpstreamClosed         the worker closed or reset the connection after the request was
+     │                          sent (mid-response included), or the response was aborted
+     └── ProtocolError          the response could not be parsed as HTTP/1.1
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Sequence
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+HIGH_WATER = 256 * 1024
+_SMALL_BODY = 64 * 1024  # below this, head and body go out in one write (one syscall)
+
+# Framing and hop-by-hop headers belong to this connection, not to the caller.
+_DROPPED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+        b"proxy-connection",
+    }
+)
+
+
+class UpstreamError(Exception):
+    """Base class: anything that went wrong talking to a worker."""
+
+
+class ConnectError(UpstreamError):
+    """No connection: the request certainly did not reach the worker (safe to retry elsewhere)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No response head within the timeout, or no body progress for longer than it."""
+
+
+class ConnectTimeout(ConnectError, UpstreamTimeout):
+    """Connecting took too long: both a ConnectError (not sent) and an UpstreamTimeout."""
+
+
+class UpstreamClosed(UpstreamError):
+    """The worker closed or broke the connection after the request was sent."""
+
+
+class ProtocolError(UpstreamError):
+    """The worker's response could not be parsed as HTTP/1.1."""
+
+
+# Connection states. A connection serves one exchange at a time: IDLE (pooled or fresh) →
+# HEAD (request written) → BODY (head parsed) → IDLE again when released, or CLOSED.
+_IDLE, _HEAD, _BODY, _CLOSED = range(4)
+
+
+class _Host:
+    """One worker's address and its idle connections (a LIFO stack)."""
+
+    __slots__ = ("generation", "head_middle", "host", "idle", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        # what follows the path in every request head to this worker, up to the length
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
+        self.head_middle = b" HTTP/1.1\r\nhost: %s:%d\r\ncontent-length: " % (name.encode(), port)
+        self.idle: list[_Connection] = []
+        self.generation = 0  # bumped by drop_host: older connections are never pooled again
+
+
+def _parse_base_url(base_url: str) -> _Host:
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"upstream URL must be http://host:port, got {base_url!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"upstream URL must not have a path or query, got {base_url!r}")
+    return _Host(parts.hostname, parts.port or 80)
+
+
+class _Connection(asyncio.Protocol):
+    """One socket to a worker: writes a request, parses its response, buffers the body."""
+
+    __slots__ = (
+        "_parser",
+        "_paused",
+        "_pool",
+        "_state",
+        "_timer",
+        "_transport",
+        "_waiter",
+        "body_done",
+        "buffered",
+        "chunks",
+        "error",
+        "generation",
+        "headers",
+        "host",
+        "idle_since",
+        "keep_alive",
+        "loop",
+        "pooled",
+        "response_started",
+        "status",
+    )
+
+    def __init__(self, pool: UpstreamPool, host: _Host, loop: asyncio.AbstractEventLoop) -> None:
+        self._pool = pool
+        self.loop = loop
+        self.host = host
+        self.generation = host.generation
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._state = _IDLE
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self.pooled = False  # in its host's idle stack
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.body_done = False
+        self.keep_alive = False
+        self.response_started = False  # any response byte seen: the request reached the worker
+        self.error: UpstreamError | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED or self._transport is None or self._transport.is_closing()
+
+    # --- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self._transport = cast(asyncio.Transport, transport)
+        self._pool._opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state not in (_HEAD, _BODY):
+            self.abort()  # bytes nobody asked for: the stream is out of sync
+            return
+        self.response_started = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolError("the worker switched protocols (upgrade not supported)"))
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"unparseable response from the worker: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state, self._state = self._state, _CLOSED
+        self._pool._lost(self)
+        if state == _HEAD:
+            how = f"reset ({exc})" if exc else "closed"
+            self._set_error(UpstreamClosed(f"the worker {how} the connection before answering"))
+        elif state == _BODY and not self.body_done:
+            if self._close_delimited():
+                self._complete(keep_alive=False)
+            else:
+                how = f"reset ({exc})" if exc else "closed"
+                self._set_error(UpstreamClosed(f"the worker {how} the connection mid-response"))
+
+    # --- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self._state != _HEAD:
+            raise ProtocolError("a response arrived that nobody asked for")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status: int = self._parser.get_status_code()
+        if status < 200:  # 100 Continue, 103 Early Hints: the real head follows
+            self.headers = []
+            return
+        self.status = status
+        self._state = _BODY
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._state == _HEAD:
+            return  # the end of a 1xx response
+        parser = self._parser
+        self._complete(parser.should_keep_alive() and parser.get_http_version() == "1.1")
+
+    # --- used by UpstreamPool and UpstreamResponse
+    def send(self, data: bytes, body: bytes) -> None:
+        """Write one request; the connection must be idle."""
+        if self.closed:
+            raise ConnectError("the connection closed before the request was sent")
+        self._reset()
+        self._state = _HEAD
+        assert self._transport is not None
+        if len(body) <= _SMALL_BODY:
+            self._transport.write(data + body)
+        else:  # a big prompt is not copied; two writes are cheap next to it
+            self._transport.write(data)
+            self._transport.write(body)
+
+    @property
+    def waiting_head(self) -> bool:
+        return self._state == _HEAD
+
+    def next_event(self, timeout: float, what: str) -> asyncio.Future[None]:
+        """A future resolved by the next event (bytes, end, error), failed with UpstreamTimeout
+        after `timeout`. A plain future, not a coroutine: one frame less per wait on the hot
+        path. Whoever awaits it must `abort()` on failure (the exchange cannot be resumed)."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiter = waiter
+        self._timer = self.loop.call_later(max(timeout, 0.0), self._on_timeout, what, timeout)
+        return waiter
+
+    def take(self) -> bytes | None:
+        """All buffered body bytes (joined if several chunks wait), or None if there are none."""
+        chunks = self.chunks
+        if not chunks:
+            return None
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self._paused and self._transport is not None and self._state != _CLOSED:
+            self._paused = False
+            self._transport.resume_reading()
+        return chunk
+
+    def release(self) -> None:
+        """The response was read to its end: ready for the next request on this socket."""
+        self._state = _IDLE
+        self.idle_since = self.loop.time()
+        self.headers = []
+        self.chunks = deque()
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def abort(self) -> None:
+        """Close now (RST-like, no flush): the worker sees a disconnect at once."""
+        if self._state != _CLOSED:
+            if not self.body_done:
+                self._set_error(UpstreamClosed("the response was aborted"))
+            self._state = _CLOSED
+            if self._transport is not None:
+                self._transport.abort()
+
+    # --- internals
+    def _close_delimited(self) -> bool:
+        """A body without content-length or chunked encoding ends when the worker closes."""
+        if self.status in (204, 304):
+            return False
+        return not any(
+            name in (b"content-length", b"transfer-encoding") for name, _ in self.headers
+        )
+
+    def _complete(self, keep_alive: bool) -> None:
+        self.body_done = True
+        self.keep_alive = keep_alive
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        self.keep_alive = False
+        if not self.body_done:
+            self._set_error(error)
+        self.abort()
+
+    def _set_error(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _on_timeout(self, what: str, timeout: float) -> None:
+        self._timer = None
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamTimeout(f"{what} from the worker within {timeout:.3g} s"))
+
+
+class UpstreamResponse:
+    """A worker's response: status and headers at once, the body read or iterated after.
+
+    Must be read to its end or aborted; that is what returns (or closes) its connection.
+    Ending happens exactly once: a finished response never touches its (maybe reused) connection.
+    """
+
+    __slots__ = ("_conn", "_done", "_end_error", "_pool", "_timeout", "headers", "status")
+
+    def __init__(self, pool: UpstreamPool, conn: _Connection, timeout: float) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._timeout = timeout
+        self._done = False
+        self._end_error: UpstreamError | None = None
+        self.status = conn.status
+        self.headers = conn.headers
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name matched case-insensitively), or None."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        """The whole body (chunked encoding decoded). `timeout` bounds each idle gap."""
+        gap = self._timeout if timeout is None else timeout
+        parts: list[bytes] = []
+        while (chunk := await self._next(gap)) is not None:
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def __aiter__(self) -> UpstreamResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        """The body bytes that arrived since the last call (at least one byte), as they come."""
+        chunk = await self._next(self._timeout)
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    def abort(self) -> None:
+        """Close the connection now (the client went away); idempotent, never pools it."""
+        if not self._done:
+            self._done = True
+            self._end_error = UpstreamClosed("the response was aborted")
+            self._conn.abort()
+
+    def __del__(self) -> None:
+        # A safety net, not the protocol: a response dropped unread must not hold its socket
+        # (nor its worker's KV) until the pool closes.
+        if not self._done:
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._conn.abort()
+
+    # --- internals
+    async def _next(self, timeout: float) -> bytes | None:
+        while True:
+            if self._done:
+                if self._end_error is not None:
+                    raise self._end_error
+                return None
+            conn = self._conn
+            chunk = conn.take()
+            if chunk is not None:
+                return chunk
+            if conn.body_done:
+                self._finish(None)
+            elif conn.error is not None:
+                self._finish(conn.error)
+            else:
+                try:
+                    await conn.next_event(timeout, "no body bytes")
+                except UpstreamTimeout as exc:
+                    self._finish(exc)
+                except BaseException:
+                    self._finish(UpstreamClosed("reading the response was cancelled"))
+                    raise
+
+    def _finish(self, error: UpstreamError | None) -> None:
+        """The end of the body (or of trying): pool the connection or close it, once."""
+        if self._done:
+            return
+        self._done = True
+        self._end_error = error
+        conn = self._conn
+        if error is None and conn.keep_alive:
+            self._pool._release(conn)
+        else:
+            conn.abort()
+
+
+class UpstreamPool:
+    """Keep-alive HTTP/1.1 connections to workers, one idle stack per worker.
+
+    Lives on one event loop (the router's). See the module docstring for reuse, retry,
+    timeout and flow-control rules.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        max_idle_per_host: int = 256,
+        keepalive_expiry: float = 4.0,
+    ) -> None:
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle_per_host
+        self._keepalive_expiry = keepalive_expiry
+        self._hosts: dict[str, _Host] = {}
+        self._open: set[_Connection] = set()
+        self._closed = False
+        self._all_lost: asyncio.Future[None] | None = None
+
+    async def request(
+        self,
+        base_url: str,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request; return once the status line and headers are parsed.
+
+        `timeout` bounds connect + head, then each idle gap of the body. Raises ConnectError
+        (not sent), UpstreamTimeout, UpstreamClosed or ProtocolError.
+        """
+        host = self._hosts.get(base_url) or self._add_host(base_url)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + timeout
+        head = _encode_head(host, method, path, headers, len(body))
+        conn = self._pop_idle(host, now)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, body, deadline, timeout)
+            except UpstreamClosed:
+                if conn.response_started:
+                    raise
+                # The keep-alive race: the worker closed this socket while it sat idle and
+                # never saw the request. Retried once, on a fresh connection only.
+        conn = await self._connect(host, loop, deadline)
+        return await self._exchange(conn, head, body, deadline, timeout)
+
+    async def close(self) -> None:
+        """Close every connection, idle or busy (busy responses raise UpstreamClosed)."""
+        self._closed = True
+        for host in self._hosts.values():
+            host.idle.clear()
+        for conn in list(self._open):
+            conn.abort()
+        if self._open:  # wait for connection_lost: the sockets are closed when this returns
+            self._all_lost = asyncio.get_running_loop().create_future()
+            await self._all_lost
+
+    def idle_connections(self, base_url: str) -> int:
+        """Idle keep-alive connections to one worker (tests, metrics)."""
+        host = self._hosts.get(base_url)
+        return len(host.idle) if host is not None else 0
+
+    def open_connections(self) -> int:
+        """Open sockets of this pool, idle and busy (tests, metrics, leak checks)."""
+        return len(self._open)
+
+    def drop_host(self, base_url: str) -> None:
+        """Forget a worker that was removed or restarted: close its idle connections now, and
+        close its busy ones when their responses end instead of pooling them."""
+        host = self._hosts.pop(base_url, None)
+        if host is None:
+            return
+        host.generation += 1
+        idle, host.idle = host.idle, []
+        for conn in idle:
+            conn.abort()
+
+    # --- internals
+    def _add_host(self, base_url: str) -> _Host:
+        host = self._hosts[base_url] = _parse_base_url(base_url)
+        return host
+
+    def _pop_idle(self, host: _Host, now: float) -> _Connection | None:
+        idle = host.idle
+        while idle:
+            conn = idle.pop()
+            conn.pooled = False
+            if now - conn.idle_since > self._keepalive_expiry:
+                conn.abort()  # the worker's own idle timeout is about to close it
+            elif not conn.closed:
+                return conn
+        return None
+
+    async def _connect(
+        self, host: _Host, loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> _Connection:
+        if self._closed:
+            raise ConnectError("the upstream pool is closed")
+        budget = min(self._connect_timeout, deadline - loop.time())
+        where = f"{host.host}:{host.port}"
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self, host, loop), host.host, host.port),
+                budget,
+            )
+        except asyncio.TimeoutError as exc:  # before OSError: on 3.11+ it is one
+            raise ConnectTimeout(f"could not connect to {where} within {budget:.3g} s") from exc
+        except OSError as exc:
+            raise ConnectError(f"could not connect to {where}: {exc}") from exc
+        return conn
+
+    async def _exchange(
+        self, conn: _Connection, head: bytes, body: bytes, deadline: float, timeout: float
+    ) -> UpstreamResponse:
+        conn.send(head, body)
+        while conn.waiting_head:
+            try:
+                await conn.next_event(deadline - conn.loop.time(), "no response head")
+            except BaseException:  # timeout or cancellation: the request is half done
+                conn.abort()
+                raise
+        if conn.error is not None:
+            raise conn.error
+        return UpstreamResponse(self, conn, timeout)
+
+    def _release(self, conn: _Connection) -> None:
+        """A response ended cleanly: keep its connection for the next request, if allowed."""
+        host = conn.host
+        if (
+            self._closed
+            or conn.closed
+            or conn.generation != host.generation
+            or len(host.idle) >= self._max_idle
+        ):
+            conn.abort()
+            return
+        conn.release()
+        conn.pooled = True
+        host.idle.append(conn)
+
+    def _opened(self, conn: _Connection) -> None:
+        self._open.add(conn)
+        if self._closed:
+            conn.abort()
+
+    def _lost(self, conn: _Connection) -> None:
+        self._open.discard(conn)
+        if conn.pooled:  # closed by the worker while idle
+            conn.pooled = False
+            # not found: a fresh connection, or one drop_host already let go of
+            with contextlib.suppress(ValueError):
+                conn.host.idle.remove(conn)
+        if not self._open and self._all_lost is not None and not self._all_lost.done():
+            self._all_lost.set_result(None)
+
+
+def _encode_head(
+    host: _Host, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], length: int
+) -> bytes:
+    """Request line, host, content-length and the caller's end-to-end headers."""
+    if path[:1] != "/" or " " in path:
+        raise ValueError(f"bad request path {path!r}")
+    if method == "HEAD":
+        raise ValueError("HEAD is not supported (the parser cannot expect an empty body)")
+    parts = [method.encode("ascii"), b" ", path.encode("latin-1"), host.head_middle]
+    parts.append(b"%d\r\n" % length)
+    lines = 3  # request line, host, content-length
+    for name, value in headers:
+        if name.lower() not in _DROPPED:
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # One scan instead of a check per header: a CR or LF inside a name, value or the path
+    # would smuggle a header (or a request) past the worker.
+    if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1:
+        raise ValueError("line break in the request path or a request header")
+    return head
