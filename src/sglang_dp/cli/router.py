@@ -1,0 +1,31 @@
+"""`sglang-dp router`: the cache-aware router in front of running workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sglang_dp.options import build, click_options
+from sglang_dp.router.config import RouterConfig
+
+
+@click.command(
+    "router",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click_options(RouterConfig)
+@click.argument("more_urls", nargs=-1, metavar="[URL]...")
+def command(more_urls: tuple[str, ...], **values: Any) -> None:
+    """Route requests to running SGLang workers by what they probably have cached.
+
+    Workers are given with --worker-urls (several after one flag, as sgl-router takes them).
+    """
+    values["worker_urls"] = tuple(values.get("worker_urls", ())) + more_urls
+    try:
+        config = build(RouterConfig, values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    from sglang_dp.router.server import run_router
+
+    run_router(config)

@@ -1,0 +1,385 @@
+"""The router's Starlette application: everything but the inference data path.
+
+Routes (admin ones need `--admin-api-key`, default `--api-key`, when one is set):
+  GET  /health                 the router is alive
+  GET  /readiness              {"healthy_workers": N}; 503 when N == 0
+  GET  /v1/models, /get_model_info, /get_server_info (and /model_info, /server_info)
+                               asked of a healthy worker (inference key)
+  GET  /metrics                Prometheus
+  POST /flush_cache (GET too)  fan out to every worker; those that accept lose their tree share
+  GET  /workers                workers with health and statistics       [admin]
+  POST /workers {"url"}        add a worker (it takes requests once healthy)   [admin]
+  DELETE /workers?url=U        remove a worker                          [admin]
+  POST /add_worker?url=U, POST /remove_worker?url=U, GET /list_workers  sgl-router's names [admin]
+  GET  /debug/tree?depth&top&worker  the tree, largest branches first     [admin]
+  POST /debug/route            the decision for a request body, with no side effects [admin]
+  GET  /debug/stats            the engine snapshot                      [admin]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hmac
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sglang_dp.router.config import RouterConfig, check_worker_url
+from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine
+from sglang_dp.router.health import WorkerMonitor
+from sglang_dp.router.keys import Encoder, InvalidRequest, route_request
+from sglang_dp.router.metrics import RouterMetrics
+from sglang_dp.router.tree import Branch, preview
+
+if TYPE_CHECKING:
+    import aiohttp
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+INFO_PATHS = ("/v1/models", "/get_model_info", "/model_info", "/get_server_info", "/server_info")
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(
+        orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS), status, media_type="application/json"
+    )
+
+
+def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
+    return json_response({"error": {"message": message, "type": kind, "code": status}}, status)
+
+
+@dataclasses.dataclass
+class RouterState:
+    """What the routes work with (no globals: one per router)."""
+
+    config: RouterConfig
+    engine: RoutingEngine
+    monitor: WorkerMonitor
+    metrics: RouterMetrics
+    clock: Callable[[], float]
+    session: Callable[[], aiohttp.ClientSession]
+    encode: Encoder | None = None
+    events: collections.deque[str] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=200)
+    )
+
+
+def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
+    if key is None:
+        return endpoint
+    expected = key.encode()
+
+    async def guarded(request: Request) -> Response:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode("latin-1", "replace"), expected):
+            return error("missing or wrong API key", 401, "Unauthorized")
+        return await endpoint(request)
+
+    return guarded
+
+
+def create_app(state: RouterState) -> Starlette:
+    admin, inference = state.config.admin_key, state.config.api_key
+    routes = [
+        Route("/health", _health(state)),
+        Route("/readiness", _readiness(state)),
+        Route("/metrics", _metrics(state)),
+        *(Route(path, _guard(inference, _info(state, path))) for path in INFO_PATHS),
+        Route("/flush_cache", _guard(admin, _flush(state)), methods=["GET", "POST"]),
+        Route("/workers", _guard(admin, _workers(state)), methods=["GET", "POST", "DELETE"]),
+        Route("/add_worker", _guard(admin, _legacy_add(state)), methods=["POST"]),
+        Route("/remove_worker", _guard(admin, _legacy_remove(state)), methods=["POST"]),
+        Route("/list_workers", _guard(admin, _list_workers(state))),
+        Route("/debug/tree", _guard(admin, _debug_tree(state))),
+        Route("/debug/route", _guard(admin, _debug_route(state)), methods=["POST"]),
+        Route("/debug/stats", _guard(admin, _debug_stats(state))),
+    ]
+    return Starlette(routes=routes)
+
+
+def _health(state: RouterState) -> Endpoint:
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    return health
+
+
+def _readiness(state: RouterState) -> Endpoint:
+    async def readiness(request: Request) -> Response:
+        healthy = len(state.engine.healthy_workers())
+        return json_response({"healthy_workers": healthy}, 200 if healthy else 503)
+
+    return readiness
+
+
+def _metrics(state: RouterState) -> Endpoint:
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return metrics
+
+
+def _auth_headers(state: RouterState) -> dict[str, str]:
+    key = state.config.api_key
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+def _info(state: RouterState, path: str) -> Endpoint:
+    async def info(request: Request) -> Response:
+        import aiohttp
+
+        for url in state.engine.healthy_workers():
+            try:
+                async with state.session().get(url + path, headers=_auth_headers(state)) as reply:
+                    body = await reply.read()
+                    return Response(body, reply.status, media_type="application/json")
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                continue
+        return error("no healthy worker to ask", 503, "NoWorker")
+
+    return info
+
+
+def _flush(state: RouterState) -> Endpoint:
+    async def flush(request: Request) -> Response:
+        urls = state.engine.workers
+        results = await asyncio.gather(*(_flush_one(state, url) for url in urls))
+        report = dict(zip(urls, results))
+        failed = {url: r for url, r in report.items() if r != "flushed"}
+        return json_response({"workers": report}, 200 if not failed else 502)
+
+    return flush
+
+
+async def _flush_one(state: RouterState, url: str) -> str:
+    import aiohttp
+
+    try:
+        async with state.session().post(url + "/flush_cache", headers=_auth_headers(state)) as r:
+            text = (await r.text()).strip()
+            if r.status == 200:
+                state.engine.reset_worker(url)
+                return "flushed"
+            return f"refused ({r.status}): {text[:200]}"
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return f"unreachable: {type(exc).__name__}"
+
+
+def _worker_record(state: RouterState, url: str) -> dict[str, Any]:
+    snap = {w.url: w for w in state.engine.snapshot(state.clock()).workers}
+    health = state.monitor.workers.get(url)
+    stats = snap.get(url)
+    record: dict[str, Any] = {"url": url, "state": health.state if health else "unknown"}
+    if health is not None and health.last_error:
+        record["last_error"] = health.last_error
+    if stats is not None:
+        record.update(_stats_dict(stats))
+    return record
+
+
+def _stats_dict(stats: Any) -> dict[str, Any]:
+    record = dataclasses.asdict(stats)
+    record["budget"] = None if math.isinf(stats.budget) else int(stats.budget)
+    record["hit_rate"] = round(stats.hit_rate, 4)
+    record["predicted_rate"] = round(stats.predicted_rate, 4)
+    return record
+
+
+def add_worker(state: RouterState, url: str) -> str:
+    normal = check_worker_url(url)
+    state.monitor.add(normal)
+    state.events.append(f"{normal} added")
+    return normal
+
+
+async def _url_from(request: Request) -> str:
+    url = request.query_params.get("url")
+    if url is None and request.method == "POST":
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            raise ValueError("the request body is not valid JSON") from None
+        url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ValueError("a worker 'url' is required (query ?url= or JSON {\"url\": ...})")
+    return url
+
+
+def _workers(state: RouterState) -> Endpoint:
+    async def workers(request: Request) -> Response:
+        if request.method == "GET":
+            return json_response(
+                {"workers": [_worker_record(state, u) for u in state.engine.workers]}
+            )
+        try:
+            url = check_worker_url(await _url_from(request))
+        except ValueError as exc:
+            return error(str(exc), 400)
+        if request.method == "POST":
+            add_worker(state, url)
+            return json_response(_worker_record(state, url), 201)
+        if url not in state.monitor.workers:
+            return error(f"{url} is not a worker of this router", 404, "NotFound")
+        state.monitor.remove(url)
+        state.events.append(f"{url} removed")
+        return json_response({"removed": url})
+
+    return workers
+
+
+def _legacy_add(state: RouterState) -> Endpoint:
+    async def legacy_add(request: Request) -> Response:
+        try:
+            url = add_worker(state, await _url_from(request))
+        except ValueError as exc:
+            return error(str(exc), 400)
+        return json_response({"added": url})
+
+    return legacy_add
+
+
+def _legacy_remove(state: RouterState) -> Endpoint:
+    async def legacy_remove(request: Request) -> Response:
+        try:
+            url = check_worker_url(await _url_from(request))
+        except ValueError as exc:
+            return error(str(exc), 400)
+        if url not in state.monitor.workers:
+            return error(f"{url} is not a worker of this router", 404, "NotFound")
+        state.monitor.remove(url)
+        return json_response({"removed": url})
+
+    return legacy_remove
+
+
+def _list_workers(state: RouterState) -> Endpoint:
+    async def list_workers(request: Request) -> Response:
+        return json_response({"urls": state.engine.workers})
+
+    return list_workers
+
+
+def branch_dict(branch: Branch, now: float) -> dict[str, Any]:
+    return {
+        "text": preview(branch.label, 80),
+        "length": len(branch.label),
+        "prefix_length": branch.prefix_length,
+        "subtree_size": branch.subtree_size,
+        "workers": [{"url": t, "idle_s": round(max(now - at, 0.0), 3)} for t, at in branch.tenants],
+        "hidden_children": branch.hidden_children,
+        "children": [branch_dict(child, now) for child in branch.children],
+    }
+
+
+def _int_param(request: Request, name: str, default: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) <= high:
+        raise ValueError(f"'{name}' must be a whole number from 1 to {high}")
+    return int(raw)
+
+
+def _debug_tree(state: RouterState) -> Endpoint:
+    async def debug_tree(request: Request) -> Response:
+        try:
+            depth = _int_param(request, "depth", 4, 64)
+            top = _int_param(request, "top", 8, 1000)
+        except ValueError as exc:
+            return error(str(exc), 400)
+        worker = request.query_params.get("worker")
+        now = state.clock()
+        branches = state.engine.tree.branches(depth, top, worker)
+        return json_response(
+            {
+                "now": now,
+                "total_size": state.engine.tree.total_size,
+                "nodes": state.engine.tree.node_count,
+                "sizes": {url: state.engine.tree.size(url) for url in state.engine.workers},
+                "branches": [branch_dict(b, now) for b in branches],
+            }
+        )
+
+    return debug_tree
+
+
+def _debug_route(state: RouterState) -> Endpoint:
+    async def debug_route(request: Request) -> Response:
+        path = request.query_params.get("path", "")
+        raw = await request.body()
+        if not path:
+            path = _guess_path(raw)
+        try:
+            routed = route_request(path, raw, state.encode)
+            explanation = state.engine.explain(routed.key)
+        except InvalidRequest as exc:
+            return error(str(exc), 400)
+        except NoWorkerAvailable as exc:
+            return error(f"no worker available: {exc}", 503, "NoWorker")
+        decision = explanation.decision
+        return json_response(
+            {
+                "path": path,
+                "key_length": decision.key_length,
+                "decision": {
+                    "worker": decision.worker,
+                    "reason": decision.reason,
+                    "policy": decision.policy,
+                    "matched": decision.matched,
+                    "match_rate": round(decision.match_rate, 4),
+                },
+                "workers": [
+                    {"url": url, "matched": explanation.matches[url], "load": load}
+                    for url, load in explanation.loads.items()
+                ],
+                "settings": dataclasses.asdict(state.config.engine.policy),
+            }
+        )
+
+    return debug_route
+
+
+def _guess_path(raw: bytes) -> str:
+    """A body with messages is chat; with a prompt, completions; else /generate."""
+    if b'"messages"' in raw:
+        return "/v1/chat/completions"
+    if b'"prompt"' in raw:
+        return "/v1/completions"
+    return "/generate"
+
+
+def _debug_stats(state: RouterState) -> Endpoint:
+    async def debug_stats(request: Request) -> Response:
+        snap = state.engine.snapshot(state.clock())
+        return json_response(
+            {
+                "policy": snap.policy,
+                "now": snap.now,
+                "routed": snap.routed,
+                "hit_rate": round(snap.hit_rate, 4),
+                "tree_size": snap.tree_size,
+                "tree_nodes": snap.tree_nodes,
+                "max_tree_size": snap.max_tree_size,
+                "elements_per_token": round(snap.elements_per_token, 4),
+                "reasons": dict(snap.reasons),
+                "workers": [
+                    _stats_dict(w) | {"state": _state_of(state, w.url)} for w in snap.workers
+                ],
+                "events": list(state.events)[-50:],
+            }
+        )
+
+    return debug_stats
+
+
+def _state_of(state: RouterState, url: str) -> str:
+    health = state.monitor.workers.get(url)
+    return health.state if health else "unknown"

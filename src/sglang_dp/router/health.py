@@ -1,0 +1,177 @@
+"""Background health checks: workers join routing when healthy and leave it when they are not.
+
+Every `health_check_interval_secs` each registered worker gets `GET /health` (timeout
+`health_check_timeout_secs`). States:
+
+    starting ──ok──▶ healthy ──fail×2 / refused──▶ unhealthy ──ok──▶ healthy
+                                                     (was refused: restarted → empty tree share)
+
+- One failed check is tolerated (a busy worker can be slow); a refused connection is not: the
+  process is gone. The proxy reports connect errors at once (`report_failure`), so a dead worker
+  leaves routing before the next round.
+- A worker that comes back after refusing connections has restarted: its cache is empty, so its
+  share of the tree is dropped (`engine.reset_worker`).
+- On becoming healthy the worker's KV capacity is read from `/get_server_info`
+  (`max_total_num_tokens`) and bounds its share of the tree.
+Load counters are never touched by health checks (sgl-router reset them there, and leaked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sglang_dp.router.engine import RoutingEngine
+
+if TYPE_CHECKING:
+    import aiohttp
+
+log = logging.getLogger("sglang_dp.router")
+
+FAILURES_BEFORE_DOWN = 2
+
+
+@dataclass
+class WorkerHealth:
+    url: str
+    state: str = "starting"  # starting | healthy | unhealthy
+    failures: int = 0
+    refused: bool = False  # the last failure was a refused connection: the process is gone
+    last_error: str = ""
+    capacity_known: bool = False
+
+
+class WorkerMonitor:
+    """Checks workers' health and tells the engine who may take requests."""
+
+    def __init__(
+        self,
+        engine: RoutingEngine,
+        *,
+        interval: float,
+        timeout: float,
+        api_key: str | None = None,
+        on_event: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self._engine = engine
+        self._interval = interval
+        self._timeout = timeout
+        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._on_event = on_event
+        self.workers: dict[str, WorkerHealth] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def add(self, url: str) -> None:
+        """Register a worker; it takes requests once a health check passes."""
+        if url not in self.workers:
+            self.workers[url] = WorkerHealth(url)
+            self._engine.add_worker(url, healthy=False)
+            self._wake.set()
+
+    def remove(self, url: str) -> None:
+        if self.workers.pop(url, None) is not None:
+            self._engine.remove_worker(url)
+
+    def report_failure(self, url: str, error: str, refused: bool) -> None:
+        """The proxy could not reach a worker: take it out of routing now."""
+        health = self.workers.get(url)
+        if health is not None:
+            self._fail(health, error, refused, immediately=True)
+            self._wake.set()
+
+    def healthy_urls(self) -> list[str]:
+        return [h.url for h in self.workers.values() if h.state == "healthy"]
+
+    async def check_now(self) -> None:
+        """One round of checks (also what the background task runs every interval)."""
+        await asyncio.gather(*(self._check(h) for h in list(self.workers.values())))
+
+    async def _run(self) -> None:
+        while True:
+            await self.check_now()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _check(self, health: WorkerHealth) -> None:
+        import aiohttp
+
+        assert self._session is not None
+        try:
+            async with self._session.get(health.url + "/health", headers=self._headers) as reply:
+                await reply.read()
+                ok, error = reply.status == 200, f"/health answered {reply.status}"
+        except aiohttp.ClientConnectorError as exc:
+            self._fail(health, f"connection refused ({exc.os_error})", refused=True)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            ok, error = False, f"/health failed: {type(exc).__name__} {exc}".strip()
+        if health.url not in self.workers:
+            return  # removed while checking
+        if ok:
+            await self._succeed(health)
+        else:
+            self._fail(health, error, refused=False)
+
+    async def _succeed(self, health: WorkerHealth) -> None:
+        if health.state != "healthy":
+            if health.refused and health.state == "unhealthy":
+                self._engine.reset_worker(health.url)
+                self._on_event(f"{health.url} is back after a restart: its cache is empty")
+            else:
+                self._on_event(f"{health.url} is healthy")
+            health.state, health.failures, health.refused = "healthy", 0, False
+            self._engine.set_healthy(health.url, True)
+        health.failures = 0
+        if not health.capacity_known:
+            await self._read_capacity(health)
+
+    def _fail(
+        self, health: WorkerHealth, error: str, refused: bool, immediately: bool = False
+    ) -> None:
+        health.failures += 1
+        health.last_error = error
+        health.refused = health.refused or refused
+        down = refused or immediately or health.failures >= FAILURES_BEFORE_DOWN
+        if down and health.state == "healthy":
+            self._on_event(f"{health.url} left routing: {error}")
+        if down and health.state != "unhealthy":
+            health.state = "unhealthy"
+            health.capacity_known = False
+            self._engine.set_healthy(health.url, False)
+
+    async def _read_capacity(self, health: WorkerHealth) -> None:
+        import aiohttp
+
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                health.url + "/get_server_info", headers=self._headers
+            ) as reply:
+                info = await reply.json(content_type=None) if reply.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+            return
+        tokens = info.get("max_total_num_tokens") if isinstance(info, dict) else None
+        if isinstance(tokens, int) and tokens > 0:
+            self._engine.set_capacity(health.url, tokens)
+        health.capacity_known = True
