@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from tests.sim.workers import SGLANG_DP, Worker, free_port, sim_worker, stop, wait_for
+from tests.processes import SGLANG_DP, Worker, free_port, sim_worker, stop, wait_for
 
 
 @dataclass

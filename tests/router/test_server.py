@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
+from tests.processes import Reply, free_port, sim_worker, wait_for
 from tests.router.cluster import Cluster, cluster, router_process
-from tests.sim.workers import Reply, free_port, sim_worker, wait_for
 
 SYSTEM = " ".join(f"rule{i}" for i in range(300))  # a long shared system prompt
 

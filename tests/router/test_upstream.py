@@ -31,7 +31,7 @@ from sglang_dp.router.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from tests.sim.workers import Worker, free_port, sim_worker
+from tests.processes import Worker, free_port, sim_worker
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.sim.workers import Worker, make_hf_tokenizer, sim_worker, wait_for
+from tests.processes import Worker, make_hf_tokenizer, sim_worker, wait_for
 
 WORDS = " ".join(f"w{i}" for i in range(300))
 

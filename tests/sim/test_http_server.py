@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from sglang_dp.sim.http import HttpRequest, Responder, serve
+from sglang_dp.httpserver import HttpRequest, Responder, serve
 
 
 def run_with_server(

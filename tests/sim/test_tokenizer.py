@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sglang_dp.sim.tokenizer import HFTokenizer, OutputText, WordTokenizer, tokenizer_folder
-from tests.sim.workers import make_hf_tokenizer
+from tests.processes import make_hf_tokenizer
 
 
 def test_word_tokenizer_is_deterministic_and_word_level() -> None:

@@ -19,6 +19,7 @@ Load counters are never touched by health checks (sgl-router reset them there, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,10 +109,8 @@ class WorkerMonitor:
         while True:
             await self.check_now()
             self._wake.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            except asyncio.TimeoutError:
-                pass
 
     async def _check(self, health: WorkerHealth) -> None:
         import aiohttp

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from sglang_dp.httpserver import HttpRequest, Responder
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, Outcome, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
@@ -52,7 +53,6 @@ from sglang_dp.router.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
-from sglang_dp.sim.http import HttpRequest, Responder
 
 log = logging.getLogger("sglang_dp.router")
 

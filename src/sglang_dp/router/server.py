@@ -1,7 +1,7 @@
 """The router server: the lean HTTP front, the data path, the Starlette app, health checks.
 
-    client ──▶ lean HTTP/1.1 server (httptools) ──POST inference──▶ Proxy ──▶ UpstreamPool ──▶ worker
-                                                 └─anything else──▶ Starlette app (ASGI bridge)
+    client ─▶ lean HTTP/1.1 server ─POST inference─▶ Proxy ─▶ UpstreamPool ─▶ worker
+              (httptools)          └─anything else─▶ Starlette app (ASGI bridge)
 
 Inference requests skip the general-purpose request machinery (measured: 3–4× the CPU of the
 lean path); everything else goes to the Starlette application. `RouterServer` runs in any
@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sglang_dp.httpserver import HttpRequest, Responder, serve
 from sglang_dp.router.app import RouterState, add_worker, create_app
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import EngineConfig, RoutingEngine
@@ -28,7 +29,6 @@ from sglang_dp.router.keys import INFERENCE_PATHS, Encoder
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.proxy import Proxy, error_json
 from sglang_dp.router.upstream import UpstreamPool
-from sglang_dp.sim.http import HttpRequest, Responder, serve
 
 if TYPE_CHECKING:
     import aiohttp

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sglang_dp.httpserver import serve
 from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
 from sglang_dp.sim.cost_model import resolve
-from sglang_dp.sim.http import serve
 from sglang_dp.sim.server import SimWorker
 
 log = logging.getLogger("sglang_dp.sim")

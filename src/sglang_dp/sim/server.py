@@ -31,10 +31,10 @@ from typing import Any
 import orjson
 
 from sglang_dp import __version__
+from sglang_dp.httpserver import TEXT, HttpRequest, Responder
 from sglang_dp.sim import api
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
-from sglang_dp.sim.http import TEXT, HttpRequest, Responder
 from sglang_dp.sim.metrics import SimMetrics
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
 from sglang_dp.sim.tokenizer import (

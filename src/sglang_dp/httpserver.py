@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 server on asyncio protocols and httptools (the simulator's only I/O).
+"""A lean HTTP/1.1 server on asyncio protocols and httptools (router front and simulator).
 
 Why not Starlette: eight simulated workers, a router and a load generator share two cores, and a
 general-purpose ASGI stack costs several times the CPU per request. Here a request is parsed by

@@ -1,4 +1,4 @@
-"""Start real simulated workers on free loopback ports and talk to them (test helpers).
+"""Start real processes (simulated workers) on free loopback ports and talk to them (test helpers).
 
 Each worker runs in its own session (process group) and is stopped by its pid's group, never by
 name. Readiness and every other condition are polled with a deadline, never slept on.
