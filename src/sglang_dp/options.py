@@ -76,7 +76,7 @@ def _click_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, help=help_text)
     kind: Any
     if meta.get("choices"):
-        kind = click.Choice(meta["choices"])
+        kind = click.Choice(meta["choices"], case_sensitive=False)
     else:
         kind = meta.get("type") or type(f.default)
     if isinstance(f.default, tuple):

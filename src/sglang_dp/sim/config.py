@@ -14,32 +14,16 @@ profile (`cost_model.PROFILES`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
+from sglang_dp.options import build, click_options, option
+
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-def _opt(
-    default: Any,
-    help: str,
-    *,
-    type: Any = None,
-    choices: Sequence[str] = (),
-    aliases: Sequence[str] = (),
-) -> Any:
-    """A dataclass field that also describes its command-line option."""
-    meta = {
-        "help": help,
-        "type": type,
-        "choices": tuple(choices),
-        "aliases": tuple(aliases),
-    }
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -47,84 +31,84 @@ class SimConfig:
     """Options of one simulated worker (see the module docstring)."""
 
     # --- SGLang server flags that matter to the simulator
-    model_path: str = _opt(
+    model_path: str = option(
         "sglang-dp/sim-llama3-8b", "Model name or local folder (reported, not loaded)."
     )
-    host: str = _opt("127.0.0.1", "Address to bind.")
-    port: int = _opt(30000, "HTTP port.")
-    tp_size: int = _opt(
+    host: str = option("127.0.0.1", "Address to bind.")
+    port: int = option(30000, "HTTP port.")
+    tp_size: int = option(
         1, "Tensor-parallel size: scales KV memory and prefill rate.", aliases=["--tp"]
     )
-    base_gpu_id: int = _opt(0, "First GPU id (reported only).")
-    mem_fraction_static: float | None = _opt(
+    base_gpu_id: int = option(0, "First GPU id (reported only).")
+    mem_fraction_static: float | None = option(
         None, "GPU memory fraction for weights + KV; sizes the KV cache. [profile]", type=float
     )
-    max_running_requests: int | None = _opt(
+    max_running_requests: int | None = option(
         None, "Most requests decoding at once. [profile]", type=int
     )
-    max_total_tokens: int | None = _opt(
+    max_total_tokens: int | None = option(
         None, "KV cache capacity in tokens. [from profile and --mem-fraction-static]", type=int
     )
-    chunked_prefill_size: int | None = _opt(
+    chunked_prefill_size: int | None = option(
         None,
         "Most prompt tokens in one prefill batch; longer prompts are chunked. [profile]",
         type=int,
     )
-    context_length: int | None = _opt(None, "Model context length. [profile]", type=int)
-    schedule_policy: str = _opt(
+    context_length: int | None = option(None, "Model context length. [profile]", type=int)
+    schedule_policy: str = option(
         "fcfs", "Waiting-queue order: fcfs or lpm (SGLang's other policies run as fcfs)."
     )
-    disable_radix_cache: bool = _opt(False, "No prefix caching (every prompt is computed).")
-    enable_metrics: bool = _opt(False, "Serve Prometheus metrics at /metrics.")
-    enable_cache_report: bool = _opt(
+    disable_radix_cache: bool = option(False, "No prefix caching (every prompt is computed).")
+    enable_metrics: bool = option(False, "Serve Prometheus metrics at /metrics.")
+    enable_cache_report: bool = option(
         False, "Report usage.prompt_tokens_details.cached_tokens on OpenAI routes."
     )
-    api_key: str | None = _opt(
+    api_key: str | None = option(
         None, "Require `Authorization: Bearer KEY` (not on /health*, /metrics).", type=str
     )
-    served_model_name: str | None = _opt(
+    served_model_name: str | None = option(
         None, "Model name in OpenAI responses. [model-path]", type=str
     )
-    tokenizer_path: str | None = _opt(
+    tokenizer_path: str | None = option(
         None,
         "Local Hugging Face tokenizer folder (else the model path's, if a local folder; "
         "else a built-in word-level tokenizer).",
         type=str,
     )
-    nccl_port: int | None = _opt(None, "Accepted for compatibility (nothing is bound).", type=int)
-    log_level: str = _opt("info", "Logging level.", choices=LOG_LEVELS)
-    stream_interval: int = _opt(1, "Streaming: one event every N generated tokens.")
-    random_seed: int = _opt(0, "Seed of the deterministic outputs and fault injection.")
-    skip_server_warmup: bool = _opt(False, "Skip the warm-up request after start-up.")
+    nccl_port: int | None = option(None, "Accepted for compatibility (nothing is bound).", type=int)
+    log_level: str = option("info", "Logging level.", choices=LOG_LEVELS)
+    stream_interval: int = option(1, "Streaming: one event every N generated tokens.")
+    random_seed: int = option(0, "Seed of the deterministic outputs and fault injection.")
+    skip_server_warmup: bool = option(False, "Skip the warm-up request after start-up.")
     # --- cost model
-    profile: str = _opt("h100-llama3-8b", "Cost-model profile: h100-llama3-8b or a100-llama3-8b.")
-    prefill_tokens_per_s: float | None = _opt(
+    profile: str = option("h100-llama3-8b", "Cost-model profile: h100-llama3-8b or a100-llama3-8b.")
+    prefill_tokens_per_s: float | None = option(
         None, "Prefill throughput in tokens/s. [profile]", type=float
     )
-    decode_step_ms: float | None = _opt(
+    decode_step_ms: float | None = option(
         None, "Fixed time of one decode step in ms. [profile]", type=float
     )
-    decode_per_seq_ms: float | None = _opt(
+    decode_per_seq_ms: float | None = option(
         None,
         "Extra decode-step time per running request in ms. [profile]",
         type=float,
     )
-    decode_per_kv_token_ns: float | None = _opt(
+    decode_per_kv_token_ns: float | None = option(
         None,
         "Extra decode-step time per cached context token in ns (KV reads). [profile]",
         type=float,
     )
-    time_scale: float = _opt(1.0, "Run K times faster than the modelled hardware.")
-    startup_seconds: float = _opt(0.0, "Simulated model-loading time (modelled seconds).")
+    time_scale: float = option(1.0, "Run K times faster than the modelled hardware.")
+    startup_seconds: float = option(0.0, "Simulated model-loading time (modelled seconds).")
     # --- fault injection
-    fail_rate: float = _opt(0.0, "Fraction of generation requests answered with HTTP 500.")
-    crash_after: int | None = _opt(
+    fail_rate: float = option(0.0, "Fraction of generation requests answered with HTTP 500.")
+    crash_after: int | None = option(
         None,
         "Exit the process when generation request N+1 arrives.",
         type=int,
     )
-    hang_rate: float = _opt(0.0, "Fraction of generation requests never answered.")
-    instant: bool = _opt(
+    hang_rate: float = option(0.0, "Fraction of generation requests never answered.")
+    instant: bool = option(
         False,
         "Answer at once, no cost model (router-overhead benchmarks).",
     )
@@ -139,26 +123,9 @@ class SimConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _click_option(f: dataclasses.Field[Any]) -> Callable[[Any], Any]:
-    meta = f.metadata
-    flag = "--" + f.name.replace("_", "-")
-    decls = [flag, *meta["aliases"], f.name]
-    help_text = meta["help"]
-    if isinstance(f.default, bool):
-        return click.option(*decls, is_flag=True, default=f.default, help=help_text)
-    if meta["choices"]:
-        kind: Any = click.Choice(meta["choices"], case_sensitive=False)
-    else:
-        kind = meta["type"] or type(f.default)
-    return click.option(
-        *decls, type=kind, default=f.default, show_default=f.default is not None, help=help_text
-    )
-
-
 def config_from_options(values: dict[str, Any]) -> SimConfig:
     """Build a SimConfig from click's keyword arguments (unknown keys are ignored)."""
-    names = {f.name for f in dataclasses.fields(SimConfig)}
-    return SimConfig(**{k: v for k, v in values.items() if k in names})
+    return build(SimConfig, values)
 
 
 def build_command(name: str, run: Callable[[SimConfig, list[str]], None]) -> click.Command:
@@ -172,9 +139,7 @@ def build_command(name: str, run: Callable[[SimConfig, list[str]], None]) -> cli
         ctx = click.get_current_context()
         run(config_from_options(values), list(ctx.args))
 
-    decorated: Any = callback
-    for f in reversed(dataclasses.fields(SimConfig)):
-        decorated = _click_option(f)(decorated)
+    decorated: Any = click_options(SimConfig)(callback)
     command: click.Command = click.command(
         name,
         help="A CPU-only SGLang worker: SGLang's HTTP API, a RadixAttention-like cache and "
