@@ -16,6 +16,7 @@ from sglang_dp import __version__
 COMMANDS: dict[str, str] = {
     "router": "router",
     "sim-worker": "sim_worker",
+    "top": "top",
 }
 
 

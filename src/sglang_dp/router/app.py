@@ -67,6 +67,7 @@ class RouterState:
     clock: Callable[[], float]
     session: Callable[[], aiohttp.ClientSession]
     encode: Encoder | None = None
+    started_at: float = 0.0
     events: collections.deque[str] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=200)
     )
@@ -356,26 +357,28 @@ def _guess_path(raw: bytes) -> str:
     return "/generate"
 
 
+def stats_payload(state: RouterState) -> dict[str, Any]:
+    """The engine snapshot with worker health: `/debug/stats`, and what dashboards draw."""
+    snap = state.engine.snapshot(state.clock())
+    return {
+        "policy": snap.policy,
+        "now": snap.now,
+        "uptime_s": round(snap.now - state.started_at, 3),
+        "routed": snap.routed,
+        "hit_rate": round(snap.hit_rate, 4),
+        "tree_size": snap.tree_size,
+        "tree_nodes": snap.tree_nodes,
+        "max_tree_size": snap.max_tree_size,
+        "elements_per_token": round(snap.elements_per_token, 4),
+        "reasons": dict(snap.reasons),
+        "workers": [_stats_dict(w) | {"state": _state_of(state, w.url)} for w in snap.workers],
+        "events": list(state.events)[-50:],
+    }
+
+
 def _debug_stats(state: RouterState) -> Endpoint:
     async def debug_stats(request: Request) -> Response:
-        snap = state.engine.snapshot(state.clock())
-        return json_response(
-            {
-                "policy": snap.policy,
-                "now": snap.now,
-                "routed": snap.routed,
-                "hit_rate": round(snap.hit_rate, 4),
-                "tree_size": snap.tree_size,
-                "tree_nodes": snap.tree_nodes,
-                "max_tree_size": snap.max_tree_size,
-                "elements_per_token": round(snap.elements_per_token, 4),
-                "reasons": dict(snap.reasons),
-                "workers": [
-                    _stats_dict(w) | {"state": _state_of(state, w.url)} for w in snap.workers
-                ],
-                "events": list(state.events)[-50:],
-            }
-        )
+        return json_response(stats_payload(state))
 
     return debug_stats
 

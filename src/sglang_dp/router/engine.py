@@ -109,6 +109,7 @@ class _WorkerState:
         "cached_tokens",
         "capacity_tokens",
         "completed",
+        "completion_tokens",
         "corrections",
         "errors",
         "evicted",
@@ -132,6 +133,7 @@ class _WorkerState:
         self.generation = 0
         self.routed = self.completed = self.errors = self.resets = 0
         self.predicted_tokens = self.cached_tokens = self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.mispredicted = self.corrections = self.evicted = 0
 
 
@@ -165,6 +167,7 @@ class WorkerStats:
     resets: int
     prompt_tokens: int
     cached_tokens: int  # what the worker reported
+    completion_tokens: int
     predicted_tokens: int  # what the tree predicted for the same requests
     mispredicted: int  # requests whose prediction was off by more than the tolerance
     corrections: int  # evictions detected and applied to the tree
@@ -309,6 +312,7 @@ class RoutingEngine:
         predicted = self._predicted_tokens(dispatch, outcome)
         state.prompt_tokens += outcome.prompt_tokens
         state.cached_tokens += outcome.cached_tokens
+        state.completion_tokens += outcome.completion_tokens
         state.predicted_tokens += predicted
         if state is not self._workers.get(state.url) or dispatch._generation != state.generation:
             return  # removed or restarted since: what it cached then is gone
@@ -433,6 +437,7 @@ class RoutingEngine:
             resets=state.resets,
             prompt_tokens=state.prompt_tokens,
             cached_tokens=state.cached_tokens,
+            completion_tokens=state.completion_tokens,
             predicted_tokens=state.predicted_tokens,
             mispredicted=state.mispredicted,
             corrections=state.corrections,

@@ -80,6 +80,7 @@ class RouterServer:
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
         )
         self.state.events = self.events
+        self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
         self.proxy = Proxy(
             config, self.engine, self.pool, self.monitor, self.metrics, clock, encode

@@ -1,0 +1,1 @@
+"""The live terminal dashboard: pure rendering (`render`) and the refresh loop (`live`)."""

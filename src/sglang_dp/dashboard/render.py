@@ -1,0 +1,236 @@
+"""Dashboard rendering (pure): records in, a rich renderable out, rebuilt every frame.
+
+The data is the router's stats payload (`/debug/stats`, the same dict in process or over HTTP)
+plus, inside `launch`, the supervisor's per-worker process facts. `frame()` turns two successive
+payloads into rates and builds plain records; `render()` draws them:
+
+    ┌ sglang-dp · Llama-3.1-8B · cache_aware · http://127.0.0.1:30000 · up 0:12:04 ┐
+    │ 41.2 req/s · 9,870 tok/s · cache hit 74.1 % (predicted 75.0 %) · tree 1.2 M   │
+    └──────────────────────────────────────────────────────────────────────────────┘
+     #  GPU  port   state    queue          routed  match  hit   tree   restarts CPU  mem
+     0  0    31000  healthy  12 ██████▌     1,204   81 %   79 %  210 k  0        12 % 1.1 G
+    events: 22:41:03 worker 3 restarted · ...
+
+Rows come from plain records and a fresh table is built each frame (no widget state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLES = {
+    "healthy": "green",
+    "starting": "yellow",
+    "loading": "yellow",
+    "restarting": "yellow",
+    "unhealthy": "red",
+    "failed": "bold red",
+    "stopped": "dim",
+}
+BAR_WIDTH = 10
+BLOCKS = " ▏▎▍▌▋▊▉█"
+
+
+@dataclass(frozen=True)
+class ProcessFacts:
+    """What the launcher knows about one worker process (absent for a remote router)."""
+
+    index: int
+    url: str
+    gpus: str
+    state: str
+    restarts: int
+    cpu_percent: float
+    rss_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    index: int
+    url: str
+    gpus: str
+    state: str
+    in_flight: int
+    routed: int
+    predicted_rate: float
+    hit_rate: float
+    tree_size: int
+    restarts: int
+    cpu_percent: float | None
+    rss_bytes: int | None
+
+
+@dataclass(frozen=True)
+class Frame:
+    title: str
+    policy: str
+    url: str
+    uptime_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    hit_rate: float
+    predicted_rate: float
+    tree_size: int
+    workers: tuple[WorkerRow, ...]
+    events: tuple[str, ...]
+
+
+def _totals(stats: Mapping[str, Any]) -> tuple[int, int]:
+    workers = stats.get("workers", [])
+    routed = sum(w.get("completed", 0) for w in workers)
+    tokens = sum(w.get("completion_tokens", 0) for w in workers)
+    return routed, tokens
+
+
+def frame(
+    stats: Mapping[str, Any],
+    previous: Mapping[str, Any] | None,
+    *,
+    title: str,
+    url: str,
+    processes: Sequence[ProcessFacts] = (),
+) -> Frame:
+    """Plain records for one frame; rates come from the change since `previous`."""
+    rps = tps = 0.0
+    if previous is not None:
+        elapsed = float(stats.get("now", 0)) - float(previous.get("now", 0))
+        if elapsed > 0:
+            (done, tokens), (done0, tokens0) = _totals(stats), _totals(previous)
+            rps, tps = (done - done0) / elapsed, (tokens - tokens0) / elapsed
+    by_url = {p.url: p for p in processes}
+    rows = [_row(i, w, by_url.get(w["url"])) for i, w in enumerate(stats.get("workers", []))]
+    known = {row.url for row in rows}
+    rows += [_process_only_row(p) for p in processes if p.url not in known]
+    rows.sort(key=lambda row: row.index)
+    workers = stats.get("workers", [])
+    prompt = sum(w.get("prompt_tokens", 0) for w in workers)
+    predicted = sum(w.get("predicted_tokens", 0) for w in workers)
+    return Frame(
+        title=title,
+        policy=str(stats.get("policy", "?")),
+        url=url,
+        uptime_s=float(stats.get("uptime_s", 0.0)),
+        requests_per_s=rps,
+        tokens_per_s=tps,
+        hit_rate=float(stats.get("hit_rate", 0.0)),
+        predicted_rate=predicted / prompt if prompt else 0.0,
+        tree_size=int(stats.get("tree_size", 0)),
+        workers=tuple(rows),
+        events=tuple(stats.get("events", [])[-6:]),
+    )
+
+
+def _row(index: int, worker: Mapping[str, Any], facts: ProcessFacts | None) -> WorkerRow:
+    return WorkerRow(
+        index=facts.index if facts else index,
+        url=worker["url"],
+        gpus=facts.gpus if facts else "-",
+        state=facts.state if facts and facts.state != "healthy" else worker.get("state", "?"),
+        in_flight=int(worker.get("in_flight", 0)),
+        routed=int(worker.get("routed", 0)),
+        predicted_rate=float(worker.get("predicted_rate", 0.0)),
+        hit_rate=float(worker.get("hit_rate", 0.0)),
+        tree_size=int(worker.get("tree_size", 0)),
+        restarts=facts.restarts if facts else int(worker.get("resets", 0)),
+        cpu_percent=facts.cpu_percent if facts else None,
+        rss_bytes=facts.rss_bytes if facts else None,
+    )
+
+
+def _process_only_row(facts: ProcessFacts) -> WorkerRow:
+    """A worker the router does not know (yet): starting, or restarting on a new port."""
+    return WorkerRow(
+        facts.index, facts.url, facts.gpus, facts.state, 0, 0, 0.0, 0.0, 0,
+        facts.restarts, facts.cpu_percent, facts.rss_bytes,
+    )  # fmt: skip
+
+
+def human(n: float) -> str:
+    """1234 → '1.2 k', 5_600_000 → '5.6 M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f}"
+
+
+def duration(seconds: float) -> str:
+    whole = int(max(seconds, 0))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def bar(value: int, scale: int, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of `value` out of `scale`, in eighths of a character."""
+    eighths = round(min(value / scale, 1.0) * width * 8) if scale > 0 else 0
+    full, part = divmod(eighths, 8)
+    return ("█" * full + (BLOCKS[part] if part else "")).ljust(width)
+
+
+def percent(rate: float) -> str:
+    return f"{rate * 100:.0f} %"
+
+
+def header(f: Frame) -> Panel:
+    top = Text.assemble(
+        ("sglang-dp", "bold cyan"), " · ", (f.title, "bold"), " · ", f.policy, " · ",
+        (f.url, "underline"), " · up ", duration(f.uptime_s),
+    )  # fmt: skip
+    figures = Text.assemble(
+        (f"{f.requests_per_s:.1f}", "bold"), " req/s · ",
+        (human(f.tokens_per_s), "bold"), " tok/s · cache hit ",
+        (f"{f.hit_rate * 100:.1f} %", "bold green"),
+        f" (predicted {f.predicted_rate * 100:.1f} %) · tree {human(f.tree_size)}",
+    )  # fmt: skip
+    return Panel(Group(top, figures), padding=(0, 1))
+
+
+def worker_table(f: Frame) -> Table:
+    table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
+    for name, justify in (
+        ("#", "right"), ("GPU", "left"), ("port", "right"), ("state", "left"),
+        ("queue", "left"), ("routed", "right"), ("match", "right"), ("hit", "right"),
+        ("tree", "right"), ("restarts", "right"), ("CPU", "right"), ("mem", "right"),
+    ):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    scale = max([8, *(w.in_flight for w in f.workers)])
+    for w in f.workers:
+        table.add_row(
+            str(w.index),
+            w.gpus,
+            w.url.rsplit(":", 1)[-1],
+            Text(w.state, style=STATE_STYLES.get(w.state, "")),
+            Text(f"{w.in_flight:>4} ") + Text(bar(w.in_flight, scale), style="cyan"),
+            f"{w.routed:,}",
+            percent(w.predicted_rate),
+            percent(w.hit_rate),
+            human(w.tree_size),
+            str(w.restarts),
+            "-" if w.cpu_percent is None else f"{w.cpu_percent:.0f} %",
+            "-" if w.rss_bytes is None else human(w.rss_bytes) + "B",
+        )
+    return table
+
+
+def render(f: Frame) -> RenderableType:
+    """The whole dashboard for one frame."""
+    events = Text("events: ", style="bold")
+    events.append(" · ".join(f.events) if f.events else "none yet", style="dim")
+    return Group(header(f), worker_table(f), events)
+
+
+def status_line(f: Frame, now: float | None = None) -> str:
+    """One plain line for logs and non-terminal output."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(now))
+    healthy = sum(1 for w in f.workers if w.state == "healthy")
+    queue = sum(w.in_flight for w in f.workers)
+    return (
+        f"{stamp} {healthy}/{len(f.workers)} workers healthy · {f.requests_per_s:.1f} req/s · "
+        f"{human(f.tokens_per_s)} tok/s · in flight {queue} · cache hit {f.hit_rate * 100:.1f} %"
+    )
