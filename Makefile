@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # mypyc compiles these at install time (setup.py): a change to them needs a reinstall.
 COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py
 
-.PHONY: install test lint typecheck pytest bench clean
+.PHONY: install test lint typecheck pytest bench demo clean
 
 install: $(STAMP)
 
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml setup.py $(COMPILED)
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: install
 	$(BIN)/mypy
@@ -33,6 +33,12 @@ bench: install
 		echo "== $$script"; \
 		$(BIN)/python $$script || exit 1; \
 	done
+
+# A simulated 4-worker cluster with a live dashboard and a steady shared-prefix load; Ctrl-C stops all.
+demo: install
+	@$(BIN)/python examples/steady_load.py --url http://127.0.0.1:30000 & LOAD=$$!; \
+	$(BIN)/sglang-dp launch --simulate --dp 4 --port 30000 -- --time-scale 5; \
+	kill $$LOAD 2>/dev/null; wait $$LOAD 2>/dev/null; true
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
