@@ -56,8 +56,7 @@ def router_process(
             "warning",
             "--health-check-interval-secs",
             "0.2",
-            "--worker-urls",
-            *urls,
+            *(["--worker-urls", *urls] if urls else []),
             *args,
         ],
         stdout=subprocess.DEVNULL,
@@ -77,6 +76,8 @@ def router_process(
 
 
 def _listening(router: Worker) -> bool:
+    if not router.alive():
+        raise AssertionError(f"router exited with {router.proc.returncode}")
     try:
         return router.get("/health", timeout=1).status == 200
     except OSError:
