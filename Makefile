@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # mypyc compiles these at install time (setup.py): a change to them needs a reinstall.
 COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py
 
-.PHONY: install test lint typecheck pytest bench demo clean
+.PHONY: install test lint typecheck pytest bench demo dist clean
 
 install: $(STAMP)
 
@@ -39,6 +39,16 @@ demo: install
 	@$(BIN)/python examples/steady_load.py --url http://127.0.0.1:30000 & LOAD=$$!; \
 	$(BIN)/sglang-dp launch --simulate --dp 4 --port 30000 -- --time-scale 5; \
 	kill $$LOAD 2>/dev/null; wait $$LOAD 2>/dev/null; true
+
+# A wheel (routing core compiled with mypyc) and an sdist in dist/, then a smoke test of the wheel
+# in a fresh virtual environment.
+dist: install
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist
+	rm -rf build/dist-check && $(PYTHON) -m venv build/dist-check
+	build/dist-check/bin/pip install --quiet dist/*.whl
+	build/dist-check/bin/sglang-dp --version
+	build/dist-check/bin/sglang-dp --help
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .pytest_cache .ruff_cache
