@@ -98,12 +98,13 @@ def _click_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
     )
 
 
-def click_options(cls: type[Any]) -> Callable[[F], F]:
+def click_options(cls: type[Any], exclude: Sequence[str] = ()) -> Callable[[F], F]:
     """A decorator adding one click option per field of `cls` (nested ones included)."""
 
     def decorate(function: F) -> F:
         for f in reversed(_fields(cls)):
-            function = _click_option(f)(function)
+            if f.name not in exclude:
+                function = _click_option(f)(function)
         return function
 
     return decorate

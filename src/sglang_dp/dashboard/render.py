@@ -234,3 +234,35 @@ def status_line(f: Frame, now: float | None = None) -> str:
         f"{stamp} {healthy}/{len(f.workers)} workers healthy · {f.requests_per_s:.1f} req/s · "
         f"{human(f.tokens_per_s)} tok/s · in flight {queue} · cache hit {f.hit_rate * 100:.1f} %"
     )
+
+
+@dataclass(frozen=True)
+class StartupRow:
+    index: int
+    gpus: str
+    port: int
+    state: str
+    elapsed_s: float
+    last_error: str = ""
+
+
+def startup_table(rows: Sequence[StartupRow], model: str) -> RenderableType:
+    """Per-worker progress while the workers start (starting → loading → healthy)."""
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for name in ("#", "GPU", "port", "state", "elapsed", ""):
+        table.add_column(name)
+    for row in rows:
+        table.add_row(
+            str(row.index),
+            row.gpus,
+            str(row.port),
+            Text(row.state, style=STATE_STYLES.get(row.state, "")),
+            duration(row.elapsed_s),
+            Text(row.last_error[:60], style="dim"),
+        )
+    ready = sum(1 for row in rows if row.state == "healthy")
+    title = Text.assemble(
+        ("sglang-dp", "bold cyan"), f" · starting {len(rows)} workers of {model} · ",
+        (f"{ready}/{len(rows)} healthy", "bold"),
+    )  # fmt: skip
+    return Group(title, table)

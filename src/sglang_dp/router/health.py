@@ -68,6 +68,7 @@ class WorkerMonitor:
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
+        """Start checking in the background (the first round: `check_now`, or within a tick)."""
         import aiohttp
 
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
@@ -106,11 +107,12 @@ class WorkerMonitor:
         await asyncio.gather(*(self._check(h) for h in list(self.workers.values())))
 
     async def _run(self) -> None:
+        """A round every interval, or at once when a worker is added or reported down."""
         while True:
-            await self.check_now()
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            await self.check_now()
 
     async def _check(self, health: WorkerHealth) -> None:
         import aiohttp

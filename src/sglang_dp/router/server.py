@@ -106,16 +106,28 @@ class RouterServer:
         return self._session
 
     async def start(self) -> None:
+        """Check the workers once (so routing starts with the healthy ones), then listen."""
         for url in self.config.worker_urls:
             add_worker(self.state, url)
+        await self.monitor.start()
+        await self.monitor.check_now()
         self._server = await serve(
             self._handle, self.config.host, self.config.port, self.config.max_payload_size
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        await self.monitor.start()
 
     def add_worker(self, url: str) -> str:
+        """Register a worker; it takes requests once a health check passes."""
         return add_worker(self.state, url)
+
+    def worker_down(self, url: str, reason: str) -> None:
+        """The launcher saw the worker's process die: out of routing, its cache is gone."""
+        self.monitor.report_failure(url, reason, refused=True)
+        self.engine.reset_worker(url)
+
+    def remove_worker(self, url: str) -> None:
+        self.monitor.remove(url)
+        self._event(f"{url} removed")
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; wait up to `grace` s for requests in flight; close everything."""
