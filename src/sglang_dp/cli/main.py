@@ -14,6 +14,7 @@ from sglang_dp import __version__
 
 # command name -> module under sglang_dp.cli that defines `command`
 COMMANDS: dict[str, str] = {
+    "bench": "bench",
     "router": "router",
     "sim-worker": "sim_worker",
     "top": "top",
