@@ -1,0 +1,543 @@
+"""Start the workers, wait until they serve, keep them running, stop them (shell, asyncio).
+
+One task per worker runs its life cycle; the caller sees states, events and two callbacks:
+
+    spawn ─▶ starting ─(HTTP answers)─▶ loading ─(/health 200 and /get_model_info 200)─▶ healthy
+                │                          │                                on_up(url)  │  ▲
+                └──── exits / startup_timeout ─────┐             /health fails twice ▼  │ ok
+                                                   │                               unhealthy
+                          exits ◀──────────────────┼─────────────────────────────────┘
+                            │  on_down(url, restarted) if it had been up
+                            ▼
+         restarting: sleep backoff_base × 2^n (cap backoff_cap), n = restarts in a row
+                            │ n < max_restarts                   n = max_restarts ─▶ failed
+                            └─▶ spawn again (on the next free port band when its log says
+                                "address already in use": its url changes)
+
+- Readiness: GET /health == 200 and GET /get_model_info == 200, polled every
+  `startup_poll_interval` (0.1 s: readiness is seen at once), with the worker's `--api-key` if
+  its argv has one. A worker not ready `startup_timeout` s after its spawn is terminated
+  (`kill_grace`, 5 s) and counts as exited. Every probe (timeout `probe_timeout`, 5 s) is
+  abandoned the moment the process exits, so an exit is seen at once.
+- While healthy: GET /health every `health_interval` (0.5 s); two failures in a row mark it
+  unhealthy (it stays in routing: the router's own health checks decide that; the supervisor acts
+  on process exits only), one success marks it healthy again.
+- on_up(url) / on_down(url, restarted) come in pairs: on_down only follows an on_up. `restarted`
+  is True when the same url will come back (with an empty cache), False when this url is gone
+  (failed for good, moved to another port, or stop()). on_up may come before wait_ready returns.
+- Backoff: `backoff_base` (0.5 s) × 2^n, capped at `backoff_cap` (30 s), n = restarts in a row.
+  A worker that had been healthy for `stable_after` s (60) when it exited starts a new row: its
+  budget of `max_restarts` and its backoff come back. `restarts` in the status counts them all.
+- First start: start() spawns every worker; a program that cannot be executed at all is a
+  StartupFailed from start() (the others are stopped). Then, without allow_partial, an exit or a
+  timeout before the first readiness is final: wait_ready raises StartupFailed with the worker's
+  last log lines (the caller stops everything); except "address already in use", a race with
+  another program rather than a broken worker: it moves and is restarted. With allow_partial (or
+  supervise() without wait_ready) it is restarted like any crash; wait_ready raises only when
+  every worker has failed for good.
+- `stop(grace)`: on_down for every worker that is up, cancel the life-cycle tasks, then
+  SIGTERM every process group at once, wait up to `grace`, SIGKILL what remains. Idempotent; a
+  second call with a shorter grace escalates sooner.
+- CPU and memory: of each worker's whole process tree (psutil), sampled when `snapshot()` is
+  called, at most once a second; tree membership is re-read every 5 s (it rarely changes).
+  Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
+- Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
+
+Exceptions:
+
+    SupervisorError
+     ├── StartupFailed      a worker could not start: index, reason, log_tail
+     └── AllWorkersFailed   supervise(): every worker has failed for good
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from sglang_dp.launcher.plan import WorkerSpec, api_key_from_args, spare_ports, with_ports
+from sglang_dp.launcher.process import WorkerProcess, busy_ports
+
+if TYPE_CHECKING:
+    import aiohttp
+
+STATES = ("starting", "loading", "healthy", "unhealthy", "restarting", "stopped", "failed")
+FAILURES_BEFORE_UNHEALTHY = 2
+TAIL_LINES = 20
+ADDRESS_IN_USE = ("address already in use", "eaddrinuse", "errno 98")
+SAMPLE_INTERVAL_S = 1.0
+TREE_RESCAN_S = 5.0
+
+# probe results
+DOWN, LOADING, READY = "down", "loading", "ready"
+
+
+class SupervisorError(Exception):
+    """Base of the supervisor's errors (tree in the module docstring)."""
+
+
+class StartupFailed(SupervisorError):
+    """Worker `index` could not start; `log_tail` holds its last log lines."""
+
+    def __init__(self, index: int, reason: str, log_tail: Sequence[str]) -> None:
+        super().__init__(f"worker {index} failed to start: {reason}")
+        self.index = index
+        self.reason = reason
+        self.log_tail = list(log_tail)
+
+
+class AllWorkersFailed(SupervisorError):
+    """Every worker exhausted its restarts."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the dashboard shows it (times are the supervisor's clock)."""
+
+    index: int
+    gpus: tuple[int, ...]
+    port: int
+    url: str
+    state: str  # one of STATES
+    pid: int | None  # None when no process runs
+    restarts: int
+    started_at: float  # spawn of the current (or last) process
+    ready_at: float | None  # when the current process became healthy
+    last_error: str
+    cpu_percent: float  # whole process tree; 100 = one core
+    rss_bytes: int
+    simulated: bool = False
+    log_path: Path | None = None
+
+
+@dataclass
+class _Worker:
+    """The supervisor's mutable record of one worker."""
+
+    spec: WorkerSpec
+    proc: WorkerProcess | None = None
+    exited: asyncio.Future[int] | None = None  # the current process's wait()
+    state: str = "starting"
+    restarts: int = 0
+    streak: int = 0  # restarts since it was last stable
+    started_at: float = 0.0
+    ready_at: float | None = None
+    ever_ready: bool = False
+    up: bool = False  # on_up called, on_down not yet
+    last_error: str = ""
+    cpu_percent: float = 0.0
+    rss_bytes: int = 0
+    tree: dict[int, psutil.Process] = field(default_factory=dict)
+    tree_read_at: float = float("-inf")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        key = api_key_from_args(self.spec.argv)
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How one run of a worker ended (its process is gone)."""
+
+    reason: str
+    log_tail: list[str]
+    port_in_use: bool
+
+
+class Supervisor:
+    """Runs a fixed set of workers (see the module docstring)."""
+
+    def __init__(
+        self,
+        specs: list[WorkerSpec],
+        *,
+        startup_timeout: float,
+        max_restarts: int,
+        on_event: Callable[[str], None],
+        on_up: Callable[[str], None],
+        on_down: Callable[[str, bool], None],
+        clock: Callable[[], float] = time.monotonic,
+        health_interval: float = 0.5,
+        startup_poll_interval: float = 0.1,
+        probe_timeout: float = 5.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        stable_after: float = 60.0,
+        kill_grace: float = 5.0,
+    ) -> None:
+        self._workers = [_Worker(spec) for spec in specs]
+        self._startup_timeout = startup_timeout
+        self._max_restarts = max_restarts
+        self._on_event = on_event
+        self._on_up = on_up
+        self._on_down = on_down
+        self._clock = clock
+        self._health_interval = health_interval
+        self._startup_poll = startup_poll_interval
+        self._probe_timeout = probe_timeout
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._stable_after = stable_after
+        self._kill_grace = kill_grace  # for a worker that timed out at start-up
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()  # any state change: wakes wait_ready and supervise
+        self._policy_known = asyncio.Event()  # wait_ready or supervise said how to treat a
+        self._partial = False  # ... first start that fails: restart it (partial) or give up
+        self._failures: list[StartupFailed] = []
+        self._crash: BaseException | None = None
+        self._stopping = False
+        self._sampled_at = float("-inf")
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def specs(self) -> tuple[WorkerSpec, ...]:
+        """The workers' current specs (a worker moved off a busy port has a new one)."""
+        return tuple(w.spec for w in self._workers)
+
+    async def start(self) -> None:
+        """Spawn every worker at once; StartupFailed (nothing left running) if one cannot be."""
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._probe_timeout)
+        )
+        spawned = await asyncio.gather(
+            *(self._spawn(w) for w in self._workers), return_exceptions=True
+        )
+        for w, outcome in zip(self._workers, spawned):
+            if isinstance(outcome, BaseException):
+                w.last_error = f"cannot start: {outcome}"
+                self._set_state(w, "failed")
+                await self.stop(grace=0)
+                raise StartupFailed(w.spec.index, w.last_error, [])
+        for w in self._workers:
+            task = asyncio.get_running_loop().create_task(self._lifecycle(w))
+            task.add_done_callback(self._task_done)
+            self._tasks.append(task)
+
+    async def wait_ready(self, allow_partial: bool) -> list[str]:
+        """Urls of the workers up: all of them, or (allow_partial) at least one.
+
+        StartupFailed: see the module docstring; index -1 if stop() is called meanwhile.
+        """
+        self._partial = allow_partial
+        self._policy_known.set()
+        while True:
+            self._changed.clear()
+            self._raise_if_crashed()
+            if self._stopping:
+                raise StartupFailed(-1, "stopped before the workers were ready", [])
+            up = [w.spec.url for w in self._workers if w.up]
+            if allow_partial:
+                if up:
+                    return up
+                if self._all_failed():
+                    raise self._failures[-1]
+            else:
+                if self._failures:
+                    raise self._failures[0]
+                if all(w.ever_ready for w in self._workers):
+                    return up
+            await self._changed.wait()
+
+    async def supervise(self) -> None:
+        """Keep the workers running until stop(); AllWorkersFailed if every one fails."""
+        if not self._policy_known.is_set():
+            self._partial = True
+            self._policy_known.set()
+        while True:
+            self._changed.clear()
+            self._raise_if_crashed()
+            if self._stopping:
+                return
+            if self._all_failed():
+                raise AllWorkersFailed(f"all {len(self._workers)} workers have failed")
+            await self._changed.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop every worker: TERM the groups, wait up to `grace` s, KILL what remains."""
+        self._stopping = True
+        self._policy_known.set()
+        self._notify()
+        for w in self._workers:
+            self._down(w, restarted=False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self._stop_worker(w, grace) for w in self._workers))
+        if self._session is not None:
+            await self._session.close()
+
+    def snapshot(self) -> tuple[WorkerStatus, ...]:
+        """Every worker's status (CPU and memory refreshed at most once a second)."""
+        now = self._clock()
+        if now - self._sampled_at >= SAMPLE_INTERVAL_S:
+            self._sampled_at = now
+            for w in self._workers:
+                _sample_usage(w, now)
+        return tuple(_status(w) for w in self._workers)
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def _lifecycle(self, w: _Worker) -> None:
+        while True:
+            ended = await self._run(w)
+            if not await self._restart_decided(w, ended):
+                return
+            await self._backoff(w, ended)
+            if ended.port_in_use:
+                self._move(w)
+            w.restarts += 1
+            w.streak += 1
+            w.proc, w.ready_at = None, None  # a spawn that fails must not look like a stable run
+
+    async def _run(self, w: _Worker) -> _Ended:
+        """One run: spawn (unless start() did), wait until ready, watch until it exits."""
+        if w.proc is None:
+            try:
+                await self._spawn(w)
+            except OSError as exc:
+                return _Ended(f"cannot start: {exc}", [], port_in_use=False)
+        reason = await self._until_ready(w)
+        served = reason is None
+        if reason is None:
+            self._became_ready(w)
+            reason = await self._watch(w)
+        assert w.proc is not None
+        tail = w.proc.log_tail(TAIL_LINES)
+        w.last_error = reason
+        # Ports are bound while starting: a worker that served had its ports.
+        in_use = not served and any(m in line.lower() for line in tail for m in ADDRESS_IN_USE)
+        return _Ended(reason, tail, port_in_use=in_use)
+
+    async def _spawn(self, w: _Worker) -> None:
+        w.proc = await WorkerProcess.spawn(w.spec)
+        w.exited = asyncio.ensure_future(w.proc.wait())
+        w.started_at, w.ready_at = self._clock(), None
+        w.tree, w.tree_read_at = {}, float("-inf")
+        self._set_state(w, "starting")
+
+    async def _until_ready(self, w: _Worker) -> str | None:
+        """None once the worker is ready, else why it never will be (it is gone then)."""
+        assert w.proc is not None and w.exited is not None
+        while not w.exited.done():
+            if self._clock() - w.started_at > self._startup_timeout:
+                await w.proc.terminate(self._kill_grace)
+                return f"not ready after {self._startup_timeout:g} s (still {w.state})"
+            probed = await self._probe_while_alive(w, full=True)
+            if probed is None:
+                break
+            if probed[0] == READY:
+                return None
+            self._set_state(w, "loading" if probed[0] == LOADING else "starting")
+            await asyncio.wait([w.exited], timeout=self._startup_poll)
+        return f"{_describe_exit(w.exited.result())} while {w.state}"
+
+    async def _watch(self, w: _Worker) -> str:
+        """Health-check a ready worker until its process exits; why it exited."""
+        assert w.exited is not None
+        failures = 0
+        while True:
+            await asyncio.wait([w.exited], timeout=self._health_interval)
+            if w.exited.done():
+                return _describe_exit(w.exited.result())
+            probed = await self._probe_while_alive(w, full=False)
+            if probed is not None:
+                failures = 0 if probed[0] == READY else failures + 1
+                self._health_changed(w, failures, probed[1])
+
+    def _health_changed(self, w: _Worker, failures: int, error: str) -> None:
+        if failures == 0:
+            if w.state == "unhealthy":
+                self._event(w, "healthy again")
+            self._set_state(w, "healthy")
+        elif failures >= FAILURES_BEFORE_UNHEALTHY and w.state != "unhealthy":
+            w.last_error = error
+            self._set_state(w, "unhealthy")
+            self._event(w, f"unhealthy: {error}")
+
+    def _became_ready(self, w: _Worker) -> None:
+        w.ready_at = self._clock()
+        w.ever_ready = w.up = True
+        self._set_state(w, "healthy")
+        self._event(w, f"healthy on {w.spec.url} after {w.ready_at - w.started_at:.1f} s")
+        self._on_up(w.spec.url)
+
+    async def _restart_decided(self, w: _Worker, ended: _Ended) -> bool:
+        """Report the exit; True if the worker is to be restarted."""
+        if w.ready_at is not None and self._clock() - w.ready_at >= self._stable_after:
+            w.streak = 0  # it ran stably: the restart budget and the backoff start over
+        if not w.ever_ready and not ended.port_in_use:
+            await self._policy_known.wait()  # restart a failed first start only if partial
+            if not self._partial:
+                self._fail(w, ended, ended.reason)
+                return False
+        again = w.streak < self._max_restarts and not self._stopping
+        self._down(w, restarted=again and not ended.port_in_use)
+        if not again:
+            self._fail(w, ended, f"{ended.reason}; gave up after {w.streak} restarts in a row")
+        return again
+
+    def _fail(self, w: _Worker, ended: _Ended, reason: str) -> None:
+        w.last_error = reason
+        self._failures.append(StartupFailed(w.spec.index, reason, ended.log_tail))
+        self._set_state(w, "failed")
+        self._event(w, f"failed: {reason}")
+
+    async def _backoff(self, w: _Worker, ended: _Ended) -> None:
+        delay = min(self._backoff_base * 2**w.streak, self._backoff_cap)
+        self._set_state(w, "restarting")
+        self._event(
+            w,
+            f"{ended.reason}; restarting in {delay:.3g} s "
+            f"(restart {w.streak + 1} of {self._max_restarts})",
+        )
+        await asyncio.sleep(delay)
+
+    def _move(self, w: _Worker) -> None:
+        """Give a worker whose port was taken the first free band after everyone's."""
+        taken = {p for x in self._workers for p in (x.spec.port, x.spec.nccl_port) if p}
+        for port, nccl_port in spare_ports(self.specs):
+            wanted = [p for p in (port, nccl_port) if p is not None]
+            if not taken.intersection(wanted) and not busy_ports(wanted):
+                self._event(w, f"port {w.spec.port} is in use: moving to port {port}")
+                w.spec = with_ports(w.spec, port, nccl_port)
+                return
+        self._event(w, f"port {w.spec.port} is in use and no other is free: trying it again")
+
+    def _down(self, w: _Worker, restarted: bool) -> None:
+        if w.up:
+            w.up = False
+            self._on_down(w.spec.url, restarted)
+
+    async def _stop_worker(self, w: _Worker, grace: float) -> None:
+        if w.proc is not None:
+            await w.proc.terminate(grace)
+        if w.state != "failed":
+            self._set_state(w, "stopped")
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _probe_while_alive(self, w: _Worker, full: bool) -> tuple[str, str] | None:
+        """The probe's result, or None if the process exits first (a dying worker, or another
+        program on its port that accepts but never answers, must not hold us for the timeout).
+        """
+        assert w.exited is not None
+        probe = asyncio.ensure_future(self._probe(w, full))
+        either: list[asyncio.Future[Any]] = [probe, w.exited]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not probe.done():
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
+        return None if w.exited.done() or probe.cancelled() else probe.result()
+
+    async def _probe(self, w: _Worker, full: bool) -> tuple[str, str]:
+        """(DOWN | LOADING | READY, what went wrong): /health, and /get_model_info if full."""
+        import aiohttp
+
+        assert self._session is not None
+        paths = ("/health", "/get_model_info") if full else ("/health",)
+        try:
+            for path in paths:
+                async with self._session.get(w.spec.url + path, headers=w.headers) as reply:
+                    await reply.read()
+                    if reply.status != 200:
+                        return LOADING, f"{path} answered {reply.status}"
+        except aiohttp.ClientConnectorError as exc:
+            return DOWN, f"connection refused ({exc.os_error})"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return LOADING, f"{path} failed: {type(exc).__name__} {exc}".strip()
+        return READY, ""
+
+    def _set_state(self, w: _Worker, state: str) -> None:
+        if w.state != state:
+            w.state = state
+            self._notify()
+
+    def _event(self, w: _Worker, message: str) -> None:
+        self._on_event(f"worker {w.spec.index}: {message}")
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    def _all_failed(self) -> bool:
+        return all(w.state == "failed" for w in self._workers)
+
+    def _raise_if_crashed(self) -> None:
+        if self._crash is not None:
+            raise self._crash
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A life-cycle task ends by returning (failed for good) or being cancelled (stop);
+        # anything else is a bug (or a callback's): surface it through wait_ready/supervise.
+        if not task.cancelled() and task.exception() is not None:
+            self._crash = task.exception()
+            self._notify()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _status(w: _Worker) -> WorkerStatus:
+    running = w.proc is not None and w.proc.returncode is None
+    return WorkerStatus(
+        index=w.spec.index,
+        gpus=w.spec.gpus,
+        port=w.spec.port,
+        url=w.spec.url,
+        state=w.state,
+        pid=w.proc.pid if running and w.proc is not None else None,
+        restarts=w.restarts,
+        started_at=w.started_at,
+        ready_at=w.ready_at,
+        last_error=w.last_error,
+        cpu_percent=w.cpu_percent if running else 0.0,
+        rss_bytes=w.rss_bytes if running else 0,
+        simulated=w.spec.simulated,
+        log_path=w.spec.log_path,
+    )
+
+
+def _sample_usage(w: _Worker, now: float) -> None:
+    """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %)."""
+    if w.proc is None or w.proc.returncode is not None:
+        return
+    if now - w.tree_read_at >= TREE_RESCAN_S:
+        w.tree_read_at = now
+        w.tree = _read_tree(w.proc.pid, w.tree)
+    cpu, rss = 0.0, 0
+    for pid, proc in list(w.tree.items()):
+        try:
+            with proc.oneshot():
+                cpu += proc.cpu_percent(None)  # since the last call: 0.0 the first time
+                rss += proc.memory_info().rss
+        except psutil.Error:
+            del w.tree[pid]
+    w.cpu_percent, w.rss_bytes = cpu, rss
+
+
+def _read_tree(root: int, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
+    """The root and all its descendants, reusing known Process objects (they hold cpu times)."""
+    try:
+        top = known.get(root) or psutil.Process(root)
+        members = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    return {p.pid: known.get(p.pid, p) for p in members}
