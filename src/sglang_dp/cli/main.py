@@ -15,6 +15,8 @@ from sglang_dp import __version__
 # command name -> module under sglang_dp.cli that defines `command`
 COMMANDS: dict[str, str] = {
     "bench": "bench",
+    "inspect-tree": "inspect_tree",
+    "launch": "launch",
     "router": "router",
     "sim-worker": "sim_worker",
     "top": "top",

@@ -58,7 +58,7 @@ async def run_dashboard(
     if not live:
         while True:
             await asyncio.sleep(PLAIN_EVERY_S)
-            console.print(status_line(await source()), highlight=False)
+            console.print(status_line(await source()), highlight=False, soft_wrap=True)
     with Live(render(await source()), console=console, auto_refresh=False) as screen:
         while True:
             await asyncio.sleep(REFRESH_S)

@@ -70,7 +70,7 @@ class RouterServer:
             interval=config.health_check_interval_secs,
             timeout=config.health_check_timeout_secs,
             api_key=config.api_key,
-            on_event=self._event,
+            on_event=self.record_event,
         )
         self.metrics = RouterMetrics(self.engine, clock)
         self.pool = UpstreamPool()
@@ -93,7 +93,8 @@ class RouterServer:
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
-    def _event(self, message: str) -> None:
+    def record_event(self, message: str) -> None:
+        """A line for the dashboard's event log (and the log)."""
         log.info("%s", message)
         self.events.append(message)
 
@@ -127,7 +128,7 @@ class RouterServer:
 
     def remove_worker(self, url: str) -> None:
         self.monitor.remove(url)
-        self._event(f"{url} removed")
+        self.record_event(f"{url} removed")
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; wait up to `grace` s for requests in flight; close everything."""

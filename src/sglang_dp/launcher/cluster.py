@@ -1,0 +1,124 @@
+"""Workers and the router wired together, with no screen: what `launch` and `bench --compare`
+both run.
+
+    plan (make_plan: GPUs, ports, argv; LaunchError before anything starts)
+    Supervisor.start → wait_ready → RouterServer.start → supervise … → router.stop → supervisor.stop
+
+The supervisor tells the router when a worker is up (`add_worker`) or down (`on_down(url,
+restarting)`: a worker that will come back at the same URL leaves routing at once and loses its
+tree share; one that is gone for good — failed, moved to another port, stopped — is removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from sglang_dp.launcher.config import LaunchConfig
+from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
+from sglang_dp.launcher.plan import WorkerSpec, plan_workers
+from sglang_dp.launcher.process import busy_ports, sglang_accepts_nccl_port, sglang_importable
+from sglang_dp.launcher.supervisor import Supervisor
+from sglang_dp.router.server import RouterServer
+
+
+class LaunchError(Exception):
+    """A problem found before anything started; the message says what to change."""
+
+
+def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
+    """The workers to start, or a LaunchError naming the problem."""
+    python = sys.executable
+    try:
+        gpus = None
+        if not config.simulate:
+            available = detect_gpus(config.gpus, os.environ, run_nvidia_smi)
+            gpus = assign_gpus(available, config.dp, config.tp)
+            if not sglang_importable(python):
+                raise LaunchError(
+                    f"sglang is not importable by {python}: install it (pip install sglang) "
+                    "or use --simulate"
+                )
+        specs = plan_workers(
+            model_path=config.model,
+            dp=config.dp,
+            tp=config.tp,
+            gpus=gpus,
+            base_port=config.base_port,
+            log_dir=Path(config.log_dir),
+            worker_args=("--enable-cache-report", *config.worker_args),
+            simulate=config.simulate,
+            python=python,
+            accepts_nccl_port=config.simulate or sglang_accepts_nccl_port(python),
+            environ=os.environ,
+            reserved_ports=[config.router.port],
+        )
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
+    _check_ports(config, specs)
+    return specs
+
+
+def _check_ports(config: LaunchConfig, specs: list[WorkerSpec]) -> None:
+    wanted = [config.router.port]
+    for spec in specs:
+        wanted += [spec.port] + ([spec.nccl_port] if spec.nccl_port else [])
+    busy = busy_ports(wanted)
+    if busy:
+        raise LaunchError(
+            f"port(s) {', '.join(map(str, busy))} already in use: choose another --port or "
+            "--worker-base-port"
+        )
+
+
+class Cluster:
+    """A supervisor and a router that follow each other; see the module docstring."""
+
+    def __init__(self, config: LaunchConfig, specs: list[WorkerSpec]) -> None:
+        self.config = config
+        self.router = RouterServer(dataclasses.replace(config.router, worker_urls=()))
+        self.supervisor = Supervisor(
+            specs,
+            startup_timeout=config.startup_timeout_secs,
+            max_restarts=config.max_restarts,
+            on_event=self.router.record_event,
+            on_up=self._worker_up,
+            on_down=self._worker_down,
+        )
+        self._supervising: asyncio.Task[None] | None = None
+
+    def _worker_up(self, url: str) -> None:
+        self.router.add_worker(url)
+
+    def _worker_down(self, url: str, restarting: bool) -> None:
+        if restarting:
+            self.router.worker_down(url, "worker process exited")
+        else:
+            self.router.remove_worker(url)
+
+    async def start_workers(self) -> None:
+        await self.supervisor.start()
+
+    async def wait_ready(self, allow_partial: bool) -> list[str]:
+        """Raises StartupFailed (with the log tail) when a worker cannot start."""
+        return await self.supervisor.wait_ready(allow_partial)
+
+    async def start_router(self) -> None:
+        await self.router.start()
+        self._supervising = asyncio.ensure_future(self.supervisor.supervise())
+
+    @property
+    def supervising(self) -> asyncio.Task[None] | None:
+        """Ends (with AllWorkersFailed) if every worker has failed for good."""
+        return self._supervising
+
+    async def stop(self, grace: float) -> None:
+        """Drain the router for up to `grace` s, then stop every worker. Idempotent."""
+        if self._supervising is not None:
+            self._supervising.cancel()
+            await asyncio.gather(self._supervising, return_exceptions=True)
+        await self.router.stop(grace)
+        await self.supervisor.stop(min(grace, 10.0))

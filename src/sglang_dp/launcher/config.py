@@ -1,0 +1,66 @@
+"""All options of `sglang-dp launch`, declared once (flags are generated from these fields).
+
+The router's own options (`RouterConfig`: host, port, policy and its thresholds, keys, timeouts)
+are nested and keep their `sglang-dp router` names; `--worker-urls` is the launcher's business and
+not an option here. Everything after `--` goes to every worker unchanged (`worker_args`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sglang_dp.options import nested, option
+from sglang_dp.router.config import RouterConfig
+
+SIMULATED_MODEL = "sglang-dp/sim-llama3-8b"
+EXCLUDED_FLAGS = ("worker_urls",)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    model_path: str | None = option(
+        None, "Model to serve (a Hugging Face name or a local folder).", type=str
+    )
+    dp: int = option(1, "Number of workers (data-parallel replicas).")
+    tp: int = option(1, "GPUs per worker (tensor parallelism).")
+    gpus: str | None = option(
+        None,
+        "GPU ids to use, e.g. 0,1,2,3 or 0-7 (default: CUDA_VISIBLE_DEVICES, else all).",
+        type=str,
+    )
+    worker_base_port: int | None = option(
+        None, "First worker HTTP port (default: router port + 1000).", type=int
+    )
+    log_dir: str = option("sglang-dp-logs", "Folder for worker-<i>.log and router.log.")
+    startup_timeout_secs: float = option(
+        3600.0, "How long a worker may take to become healthy (big models take minutes)."
+    )
+    allow_partial: bool = option(
+        False, "Start routing with the workers that are healthy; add the rest as they come."
+    )
+    max_restarts: int = option(5, "Restarts per worker before giving up on it.")
+    shutdown_grace_secs: float = option(
+        10.0, "On Ctrl-C / SIGTERM, how long requests in flight may take to finish."
+    )
+    simulate: bool = option(
+        False, "Run simulated CPU-only workers (python -m sglang_dp.sim) instead of SGLang."
+    )
+    dashboard: bool = option(True, "Show the live dashboard (else a status line every 5 s).")
+    router: RouterConfig = nested(RouterConfig)
+    worker_args: tuple[str, ...] = option((), "Flags after `--`, for every worker.", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.dp < 1 or self.tp < 1:
+            raise ValueError("--dp and --tp must be at least 1")
+        if self.model_path is None and not self.simulate:
+            raise ValueError("--model-path is required (or --simulate to run without GPUs)")
+        if self.max_restarts < 0 or self.startup_timeout_secs <= 0:
+            raise ValueError("--max-restarts must be >= 0 and --startup-timeout-secs positive")
+
+    @property
+    def model(self) -> str:
+        return self.model_path or SIMULATED_MODEL
+
+    @property
+    def base_port(self) -> int:
+        return self.worker_base_port or self.router.port + 1000

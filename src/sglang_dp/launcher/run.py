@@ -1,0 +1,187 @@
+"""`sglang-dp launch`: the cluster (`cluster.Cluster`) with a screen and signal handling.
+
+    make_plan → start workers → progress table until healthy → router → dashboard … Ctrl-C
+      → router drains for --shutdown-grace-secs → workers SIGTERM → SIGKILL what remains
+
+Signal handlers only set an event; a second Ctrl-C forces the shutdown (no grace). While the
+dashboard is drawn, logging goes to `DIR/router.log` (events also appear on the dashboard). The
+exit code is 0 after a requested shutdown, 1 when workers could not start or all failed for good,
+2 for a bad plan (nothing was started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+
+from sglang_dp.dashboard.live import FrameSource, run_dashboard
+from sglang_dp.dashboard.render import ProcessFacts, StartupRow, startup_table
+from sglang_dp.launcher.cluster import Cluster, LaunchError, make_plan
+from sglang_dp.launcher.config import LaunchConfig
+from sglang_dp.launcher.plan import WorkerSpec
+from sglang_dp.launcher.supervisor import AllWorkersFailed, StartupFailed, WorkerStatus
+from sglang_dp.router.app import stats_payload
+
+log = logging.getLogger("sglang_dp.launch")
+
+
+def _gpu_text(status: WorkerStatus) -> str:
+    gpus = ",".join(map(str, status.gpus))
+    return f"sim {gpus}" if status.simulated else gpus
+
+
+def _startup_rows(statuses: tuple[WorkerStatus, ...], now: float) -> list[StartupRow]:
+    return [
+        StartupRow(s.index, _gpu_text(s), s.port, s.state, now - s.started_at, s.last_error)
+        for s in statuses
+    ]
+
+
+def _process_facts(statuses: tuple[WorkerStatus, ...]) -> list[ProcessFacts]:
+    return [
+        ProcessFacts(s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes)
+        for s in statuses
+    ]
+
+
+class Launch:
+    """One `launch`: the cluster, the screen, the signals."""
+
+    def __init__(self, config: LaunchConfig, specs: list[WorkerSpec], console: Console) -> None:
+        self.config = config
+        self.console = console
+        self.cluster = Cluster(config, specs)
+        self.stopping = asyncio.Event()
+        self.forced = False
+
+    def _on_signal(self) -> None:
+        if self.stopping.is_set():
+            self.forced = True
+        self.stopping.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        try:
+            await self.cluster.start_workers()
+            if not await self._wait_ready():
+                return 1
+            await self.cluster.start_router()
+            self._announce()
+            return await self._serve()
+        except StartupFailed as failure:  # e.g. a worker program that cannot be executed
+            self._show_failure(failure)
+            return 1
+        finally:
+            self.console.print("stopping: draining requests in flight, then the workers")
+            await self.cluster.stop(0.0 if self.forced else self.config.shutdown_grace_secs)
+
+    async def _wait_ready(self) -> bool:
+        supervisor = self.cluster.supervisor
+        waiting = asyncio.ensure_future(self.cluster.wait_ready(self.config.allow_partial))
+        interrupted = asyncio.ensure_future(self.stopping.wait())
+        with Live(console=self.console, auto_refresh=False) as screen:
+            while True:
+                rows = _startup_rows(supervisor.snapshot(), time.monotonic())
+                screen.update(startup_table(rows, self.config.model), refresh=True)
+                if waiting.done() or interrupted.done():
+                    break
+                await asyncio.wait({waiting, interrupted}, timeout=0.25)
+        interrupted.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            self.console.print("interrupted while the workers were starting")
+            return False
+        try:
+            waiting.result()
+        except StartupFailed as failure:
+            self._show_failure(failure)
+            return False
+        return True
+
+    def _show_failure(self, failure: StartupFailed) -> None:
+        self.console.print(
+            f"[bold red]worker {failure.index} failed to start:[/] {failure.reason}",
+            highlight=False,
+        )
+        for line in failure.log_tail:
+            self.console.print(f"  {line}", highlight=False, markup=False, style="dim")
+        if failure.index >= 0:
+            path = Path(self.config.log_dir) / f"worker-{failure.index}.log"
+            self.console.print(f"full log: {path}", highlight=False)
+
+    def _announce(self) -> None:
+        router = self.cluster.router
+        self.console.print(
+            f"\n[bold green]ready[/]: {len(router.engine.healthy_workers())} workers behind "
+            f"{router.url}   (logs in {self.config.log_dir}/)\n"
+            f"  curl {router.url}/v1/chat/completions -H 'content-type: application/json' \\\n"
+            f'    -d \'{{"model": "{self.config.model}", "messages": '
+            f'[{{"role": "user", "content": "Hello"}}]}}\'\n',
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    async def _serve(self) -> int:
+        router, supervisor = self.cluster.router, self.cluster.supervisor
+
+        async def stats() -> Mapping[str, Any]:
+            return stats_payload(router.state)
+
+        source = FrameSource(
+            stats,
+            title=self.config.model,
+            url=router.url,
+            processes=lambda: _process_facts(supervisor.snapshot()),
+        )
+        live = self.config.dashboard and self.console.is_terminal
+        drawing = asyncio.ensure_future(run_dashboard(source, self.console, live=live))
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.stopping.wait())}
+        if self.cluster.supervising is not None:
+            waits.add(self.cluster.supervising)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        drawing.cancel()
+        await asyncio.gather(drawing, return_exceptions=True)
+        return self._exit_code()
+
+    def _exit_code(self) -> int:
+        supervising = self.cluster.supervising
+        if supervising is not None and supervising.done() and not supervising.cancelled():
+            error = supervising.exception()
+            if isinstance(error, AllWorkersFailed):
+                self.console.print(f"[bold red]every worker failed:[/] {error}")
+                return 1
+        return 0
+
+
+def _setup_logging(config: LaunchConfig) -> None:
+    Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(config.log_dir) / "router.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(config.router.log_level.upper())
+
+
+def run_launch(config: LaunchConfig) -> int:
+    """The `launch` command: returns the process exit code."""
+    import uvloop
+
+    console = Console()
+    try:
+        specs = make_plan(config)
+    except LaunchError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    _setup_logging(config)
+    return uvloop.run(Launch(config, specs, console).run())
