@@ -35,6 +35,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_band(size: int) -> int:
+    """Consecutive free ports below the ephemeral range (where outgoing connections land)."""
+    for base in range(21000, 32000 - size, size):
+        if all(_bindable(port) for port in range(base, base + size)):
+            return base
+    raise SystemExit("no free band of ports below 32000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def healthy_workers(port: int) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readiness", timeout=1) as reply:
@@ -47,16 +65,19 @@ def one_run(dp: int, log_dir: str) -> tuple[float, float]:
     port = free_port()
     argv = [
         SGLANG_DP, "launch", "--simulate", "--dp", str(dp), "--port", str(port),
-        "--worker-base-port", str(free_port()), "--log-dir", log_dir, "--no-dashboard",
+        "--worker-base-port", str(free_band(dp * 10)), "--log-dir", log_dir, "--no-dashboard",
         "--", "--startup-seconds", str(STARTUP_S),
     ]  # fmt: skip
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+    output = Path(log_dir) / "launch.out"
+    proc = subprocess.Popen(
+        argv, stdout=output.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = start + 60
         while healthy_workers(port) < dp:
             if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("launch did not become ready")
+                raise SystemExit(f"launch did not become ready: {output.read_text()[-2000:]}")
             time.sleep(0.01)
         ready = time.monotonic() - start
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]

@@ -4,9 +4,12 @@ both run.
     plan (make_plan: GPUs, ports, argv; LaunchError before anything starts)
     Supervisor.start → wait_ready → RouterServer.start → supervise … → router.stop → supervisor.stop
 
-The supervisor tells the router when a worker is up (`add_worker`) or down (`on_down(url,
-restarting)`: a worker that will come back at the same URL leaves routing at once and loses its
-tree share; one that is gone for good — failed, moved to another port, stopped — is removed).
+Workers are spawned before the router is even imported (its imports take a few hundred ms that
+the workers' own start-up hides), and the router listens while they load — `/readiness` says 503
+until the first one is healthy. The supervisor tells the router when a worker is up
+(`add_worker`) or down (`on_down(url, restarting)`: a worker that will come back at the same URL
+leaves routing at once and loses its tree share; one that is gone for good — failed, moved to
+another port, stopped — is removed).
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
 from sglang_dp.launcher.process import busy_ports, sglang_accepts_nccl_port, sglang_importable
 from sglang_dp.launcher.supervisor import Supervisor
-from sglang_dp.router.server import RouterServer
+
+if TYPE_CHECKING:
+    from sglang_dp.router.server import RouterServer
 
 
 class LaunchError(Exception):
@@ -79,36 +85,66 @@ class Cluster:
 
     def __init__(self, config: LaunchConfig, specs: list[WorkerSpec]) -> None:
         self.config = config
-        self.router = RouterServer(dataclasses.replace(config.router, worker_urls=()))
+        self._router: RouterServer | None = None
+        self._up_before_router: list[str] = []
+        self._events_before_router: list[str] = []
         self.supervisor = Supervisor(
             specs,
             startup_timeout=config.startup_timeout_secs,
             max_restarts=config.max_restarts,
-            on_event=self.router.record_event,
+            on_event=self._event,
             on_up=self._worker_up,
             on_down=self._worker_down,
         )
         self._supervising: asyncio.Task[None] | None = None
 
+    @property
+    def router(self) -> RouterServer:
+        assert self._router is not None, "start_router() first"
+        return self._router
+
+    def _event(self, message: str) -> None:
+        if self._router is None:
+            self._events_before_router.append(message)
+        else:
+            self._router.record_event(message)
+
     def _worker_up(self, url: str) -> None:
-        self.router.add_worker(url)
+        if self._router is None:
+            self._up_before_router.append(url)
+        else:
+            self._router.add_worker(url)
 
     def _worker_down(self, url: str, restarting: bool) -> None:
-        if restarting:
-            self.router.worker_down(url, "worker process exited")
+        if self._router is None:
+            if url in self._up_before_router:
+                self._up_before_router.remove(url)
+        elif restarting:
+            self._router.worker_down(url, "worker process exited")
         else:
-            self.router.remove_worker(url)
+            self._router.remove_worker(url)
 
     async def start_workers(self) -> None:
+        """Spawn every worker (all at once)."""
         await self.supervisor.start()
+
+    async def start_router(self) -> None:
+        """Import, build and start the router; workers already up join it at once."""
+        from sglang_dp.router.server import RouterServer
+
+        self._router = RouterServer(dataclasses.replace(self.config.router, worker_urls=()))
+        for message in self._events_before_router:
+            self._router.record_event(message)
+        for url in self._up_before_router:
+            self._router.add_worker(url)
+        await self._router.start()
 
     async def wait_ready(self, allow_partial: bool) -> list[str]:
         """Raises StartupFailed (with the log tail) when a worker cannot start."""
-        return await self.supervisor.wait_ready(allow_partial)
-
-    async def start_router(self) -> None:
-        await self.router.start()
+        ready = await self.supervisor.wait_ready(allow_partial)
+        await self.router.monitor.check_now()  # routing starts with every worker that is up
         self._supervising = asyncio.ensure_future(self.supervisor.supervise())
+        return ready
 
     @property
     def supervising(self) -> asyncio.Task[None] | None:
@@ -120,5 +156,6 @@ class Cluster:
         if self._supervising is not None:
             self._supervising.cancel()
             await asyncio.gather(self._supervising, return_exceptions=True)
-        await self.router.stop(grace)
+        if self._router is not None:
+            await self._router.stop(grace)
         await self.supervisor.stop(min(grace, 10.0))

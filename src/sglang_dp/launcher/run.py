@@ -28,7 +28,6 @@ from sglang_dp.launcher.cluster import Cluster, LaunchError, make_plan
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.plan import WorkerSpec
 from sglang_dp.launcher.supervisor import AllWorkersFailed, StartupFailed, WorkerStatus
-from sglang_dp.router.app import stats_payload
 
 log = logging.getLogger("sglang_dp.launch")
 
@@ -73,9 +72,9 @@ class Launch:
             loop.add_signal_handler(sig, self._on_signal)
         try:
             await self.cluster.start_workers()
+            await self.cluster.start_router()
             if not await self._wait_ready():
                 return 1
-            await self.cluster.start_router()
             self._announce()
             return await self._serve()
         except StartupFailed as failure:  # e.g. a worker program that cannot be executed
@@ -134,6 +133,8 @@ class Launch:
 
     async def _serve(self) -> int:
         router, supervisor = self.cluster.router, self.cluster.supervisor
+
+        from sglang_dp.router.app import stats_payload
 
         async def stats() -> Mapping[str, Any]:
             return stats_payload(router.state)

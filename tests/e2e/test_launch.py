@@ -1,0 +1,120 @@
+"""`sglang-dp launch --simulate` end to end, through the installed command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import openai
+import pexpect
+import psutil
+
+from tests.e2e.launcher import gone, launch_argv, launched
+from tests.processes import SGLANG_DP, free_port, wait_for
+
+
+def test_launch_routes_plain_streaming_and_openai_requests_then_stops_on_sigint(
+    tmp_path: Path,
+) -> None:
+    with launched(3, tmp_path) as run:
+        children = run.children()
+        assert len(children) >= 3
+        reply = run.router.post(
+            "/generate", {"text": "hello", "sampling_params": {"max_new_tokens": 3}}
+        )
+        assert reply.status == 200 and reply.json()["meta_info"]["completion_tokens"] == 3
+        stream = run.router.post(
+            "/generate", {"text": "hi", "stream": True, "sampling_params": {"max_new_tokens": 3}}
+        )
+        assert stream.body.decode().rstrip().endswith("data: [DONE]")
+        client = openai.OpenAI(base_url=run.router.url + "/v1", api_key="x", max_retries=0)
+        chat = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hey"}], max_tokens=4
+        )
+        assert chat.choices[0].message.content
+        assert (run.log_dir / "worker-0.log").exists() and (run.log_dir / "router.log").exists()
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.proc.wait(timeout=15) == 0
+        wait_for(lambda: gone(children), timeout=5, what="every worker gone")
+        output = run.proc.stdout.read().decode() if run.proc.stdout else ""
+        assert "ready" in output and "curl" in output
+
+
+def test_killed_worker_is_restarted_and_requests_keep_succeeding(tmp_path: Path) -> None:
+    with launched(2, tmp_path) as run:
+        victim = run.children()[0]
+        victim.kill()
+        wait_for(
+            lambda: run.router.get("/readiness").json()["healthy_workers"] == 1,
+            what="the dead worker leaves routing",
+        )
+        statuses = [
+            run.router.post("/generate", {"text": uuid.uuid4().hex}).status for _ in range(20)
+        ]
+        assert statuses == [200] * 20
+        wait_for(lambda: run.ready(2), timeout=30, what="the worker restarted and rejoined")
+        stats = run.router.get("/debug/stats").json()
+        assert any("restart" in event or "back" in event for event in stats["events"])
+
+
+def test_sigkill_of_the_launcher_takes_every_worker_with_it(tmp_path: Path) -> None:
+    with launched(2, tmp_path) as run:
+        children = run.children()
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        wait_for(lambda: gone(children), timeout=10, what="orphans gone")
+
+
+def test_a_worker_failing_at_startup_stops_everything_and_shows_its_log(tmp_path: Path) -> None:
+    port = free_port()
+    argv = launch_argv(2, port, tmp_path / "logs", "--no-dashboard", "--", "--time-scale", "-1")
+    result = subprocess.run(
+        argv, capture_output=True, check=False, timeout=60, start_new_session=True
+    )
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode != 0
+    assert "failed to start" in output and "--time-scale must be positive" in output
+
+
+def test_more_gpus_than_available_is_a_clear_error(tmp_path: Path) -> None:
+    argv = [SGLANG_DP, "launch", "--model-path", "m", "--dp", "4", "--tp", "2", "--gpus", "0,1"]
+    result = subprocess.run(argv, capture_output=True, check=False, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "8 GPUs" in result.stdout.decode() + result.stderr.decode()
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = [SGLANG_DP, "launch", "--simulate", "--dp", "1", "--port", str(port)]
+        result = subprocess.run(argv, capture_output=True, check=False, timeout=30, cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{port}" in result.stdout.decode() and "in use" in result.stdout.decode()
+
+
+def test_dashboard_shows_a_row_per_worker_on_a_terminal(tmp_path: Path) -> None:
+    port = free_port()
+    argv = launch_argv(2, port, tmp_path / "logs")
+    child = pexpect.spawn(argv[0], argv[1:], dimensions=(40, 160), timeout=60)
+    workers: list[psutil.Process] = []
+    try:
+        child.expect("ready")
+        workers = psutil.Process(child.pid).children(recursive=True)
+        child.expect("req/s")  # the dashboard's header
+        child.expect("healthy.*healthy")  # one row per worker
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=20)
+    finally:
+        if child.isalive():
+            os.killpg(child.pid, signal.SIGKILL)
+    child.close()
+    assert child.exitstatus == 0
+    assert len(workers) >= 2
+    wait_for(lambda: gone(workers), timeout=5, what="every worker gone")
