@@ -118,3 +118,29 @@ def test_dashboard_shows_a_row_per_worker_on_a_terminal(tmp_path: Path) -> None:
     assert child.exitstatus == 0
     assert len(workers) >= 2
     wait_for(lambda: gone(workers), timeout=5, what="every worker gone")
+
+
+def test_two_nodes_one_router(tmp_path: Path) -> None:
+    """`--no-router --register-with`: this node's workers join a router elsewhere, and leave."""
+    from tests.router.cluster import router_process
+
+    with router_process([], "--admin-api-key", "adm", ready_workers=0) as router:
+        argv = launch_argv(2, free_port(), tmp_path / "logs", "--no-dashboard", "--no-router",
+                           "--register-with", router.url, "--admin-api-key", "adm")  # fmt: skip
+        node = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for(
+                lambda: router.get("/readiness").json()["healthy_workers"] == 2,
+                timeout=60,
+                what="both workers registered and healthy",
+            )
+            reply = router.post("/generate", {"text": "from the other node"})
+            assert reply.status == 200
+            os.kill(node.pid, signal.SIGINT)
+            assert node.wait(timeout=20) == 0
+            admin = {"authorization": "Bearer adm"}
+            assert router.get("/list_workers", headers=admin).json() == {"urls": []}
+        finally:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()

@@ -16,10 +16,14 @@ Multi-turn counts a conversation as one arrival and one slot: its turns go one a
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
 from sglang_dp.options import option
+from sglang_dp.router.policies import POLICY_NAMES
+
+SGLANG_ROUTER = "sglang-router:"
 
 WORKLOADS = ("shared-prefix", "multi-turn", "random", "trace")
 APIS = ("generate", "completions", "chat")
@@ -165,3 +169,35 @@ class BenchConfig:
         if self.workload == "multi-turn":
             return MULTI_TURN_QUESTION_LEN
         return SHARED_PREFIX_QUESTION_LEN
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Options of `bench --compare` (the load itself is the BenchConfig)."""
+
+    compare: str | None = option(
+        None,
+        "Compare policies, e.g. cache_aware,variance,round_robin (ratios against the last); "
+        "sglang-router:cache_aware for sgl-router.",
+        type=str,
+    )
+    simulate: bool = option(False, "With --compare: run each policy on a fresh simulated cluster.")
+    dp: int = option(8, "With --compare: workers in each cluster.")
+    plot: str | None = option(None, "With --compare: draw the comparison to this PNG.", type=str)
+    worker_args: tuple[str, ...] = option((), "Flags after `--`, for every worker.", cli=False)
+
+    def entries(self) -> list[str]:
+        """The policies to compare, validated."""
+        names = [name.strip() for name in (self.compare or "").split(",") if name.strip()]
+        if len(names) < 1:
+            raise ValueError("--compare needs at least one policy")
+        for name in names:
+            policy = name.removeprefix(SGLANG_ROUTER)
+            if name.startswith(SGLANG_ROUTER):
+                if importlib.util.find_spec("sglang_router") is None:
+                    raise ValueError(f"{name}: the sglang_router package is not installed")
+            elif policy not in POLICY_NAMES:
+                raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+        if not self.simulate:
+            raise ValueError("--compare starts its own clusters: add --simulate (no GPUs needed)")
+        return names

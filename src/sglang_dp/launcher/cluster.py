@@ -25,6 +25,7 @@ from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
 from sglang_dp.launcher.process import busy_ports, sglang_accepts_nccl_port, sglang_importable
+from sglang_dp.launcher.register import Registrar
 from sglang_dp.launcher.supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -60,7 +61,8 @@ def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
             python=python,
             accepts_nccl_port=config.simulate or sglang_accepts_nccl_port(python),
             environ=os.environ,
-            reserved_ports=[config.router.port],
+            host=config.worker_host,
+            reserved_ports=[] if config.no_router else [config.router.port],
         )
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
@@ -69,10 +71,10 @@ def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
 
 
 def _check_ports(config: LaunchConfig, specs: list[WorkerSpec]) -> None:
-    wanted = [config.router.port]
+    wanted = [] if config.no_router else [config.router.port]
     for spec in specs:
         wanted += [spec.port] + ([spec.nccl_port] if spec.nccl_port else [])
-    busy = busy_ports(wanted)
+    busy = busy_ports(wanted, config.worker_host)
     if busy:
         raise LaunchError(
             f"port(s) {', '.join(map(str, busy))} already in use: choose another --port or "
@@ -97,6 +99,15 @@ class Cluster:
             on_down=self._worker_down,
         )
         self._supervising: asyncio.Task[None] | None = None
+        self.registrar: Registrar | None = None
+        if config.register_with:
+            admin = config.router.admin_key
+            self.registrar = Registrar(config.register_with, admin, self._event)
+        self.events: list[str] = []  # without a router: what the screen shows
+
+    @property
+    def has_router(self) -> bool:
+        return not self.config.no_router
 
     @property
     def router(self) -> RouterServer:
@@ -104,18 +115,23 @@ class Cluster:
         return self._router
 
     def _event(self, message: str) -> None:
+        self.events = [*self.events[-49:], message]
         if self._router is None:
             self._events_before_router.append(message)
         else:
             self._router.record_event(message)
 
     def _worker_up(self, url: str) -> None:
+        if self.registrar is not None:
+            self.registrar.up(url)
         if self._router is None:
             self._up_before_router.append(url)
         else:
             self._router.add_worker(url)
 
     def _worker_down(self, url: str, restarting: bool) -> None:
+        if self.registrar is not None:
+            self.registrar.down(url, restarting)
         if self._router is None:
             if url in self._up_before_router:
                 self._up_before_router.remove(url)
@@ -130,6 +146,8 @@ class Cluster:
 
     async def start_router(self) -> None:
         """Import, build and start the router; workers already up join it at once."""
+        if not self.has_router:
+            return
         from sglang_dp.router.server import RouterServer
 
         self._router = RouterServer(dataclasses.replace(self.config.router, worker_urls=()))
@@ -142,7 +160,8 @@ class Cluster:
     async def wait_ready(self, allow_partial: bool) -> list[str]:
         """Raises StartupFailed (with the log tail) when a worker cannot start."""
         ready = await self.supervisor.wait_ready(allow_partial)
-        await self.router.monitor.check_now()  # routing starts with every worker that is up
+        if self._router is not None:
+            await self._router.monitor.check_now()  # routing starts with every worker up
         self._supervising = asyncio.ensure_future(self.supervisor.supervise())
         return ready
 
@@ -158,4 +177,6 @@ class Cluster:
             await asyncio.gather(self._supervising, return_exceptions=True)
         if self._router is not None:
             await self._router.stop(grace)
+        if self.registrar is not None:
+            await self.registrar.close()  # before the workers stop: no request is sent to them
         await self.supervisor.stop(min(grace, 10.0))

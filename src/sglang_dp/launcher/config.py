@@ -46,6 +46,17 @@ class LaunchConfig:
         False, "Run simulated CPU-only workers (python -m sglang_dp.sim) instead of SGLang."
     )
     dashboard: bool = option(True, "Show the live dashboard (else a status line every 5 s).")
+    worker_host: str = option(
+        "127.0.0.1",
+        "Address the workers listen on and are reached at (a LAN address for --register-with).",
+    )
+    no_router: bool = option(False, "Start only the workers (with --register-with).")
+    register_with: str | None = option(
+        None,
+        "Register the workers with the router at this URL (its /workers route, with "
+        "--admin-api-key or --api-key) and deregister them on shutdown.",
+        type=str,
+    )
     router: RouterConfig = nested(RouterConfig)
     worker_args: tuple[str, ...] = option((), "Flags after `--`, for every worker.", cli=False)
 
@@ -54,6 +65,8 @@ class LaunchConfig:
             raise ValueError("--dp and --tp must be at least 1")
         if self.model_path is None and not self.simulate:
             raise ValueError("--model-path is required (or --simulate to run without GPUs)")
+        if self.register_with and not self.no_router:
+            raise ValueError("--register-with goes with --no-router (this node runs no router)")
         if self.max_restarts < 0 or self.startup_timeout_secs <= 0:
             raise ValueError("--max-restarts must be >= 0 and --startup-timeout-secs positive")
 

@@ -86,10 +86,11 @@ class WorkerSpec:
     env: Mapping[str, str]  # the child's whole environment
     log_path: Path
     simulated: bool
+    host: str = WORKER_HOST  # where it listens, and where routers reach it
 
     @property
     def url(self) -> str:
-        return f"http://{WORKER_HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def gpu_label(self) -> str:
@@ -249,6 +250,7 @@ def plan_workers(
             env=worker_env(environ, assigned[i], simulate),
             log_path=log_dir / f"worker-{i}.log",
             simulated=simulate,
+            host=host,
         )
         specs.append(spec)
     return specs

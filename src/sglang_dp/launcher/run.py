@@ -120,6 +120,15 @@ class Launch:
             self.console.print(f"full log: {path}", highlight=False)
 
     def _announce(self) -> None:
+        if not self.cluster.has_router:
+            target = self.config.register_with or "no router (--no-router)"
+            self.console.print(
+                f"\n[bold green]ready[/]: {self.config.dp} workers on {self.config.worker_host}, "
+                f"registered with {target}   (logs in {self.config.log_dir}/)\n",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return
         router = self.cluster.router
         self.console.print(
             f"\n[bold green]ready[/]: {len(router.engine.healthy_workers())} workers behind "
@@ -131,20 +140,28 @@ class Launch:
             soft_wrap=True,
         )
 
-    async def _serve(self) -> int:
-        router, supervisor = self.cluster.router, self.cluster.supervisor
+    def _frames(self) -> FrameSource:
+        supervisor = self.cluster.supervisor
+        processes = lambda: _process_facts(supervisor.snapshot())  # noqa: E731
+        if not self.cluster.has_router:
 
+            async def node_only() -> Mapping[str, Any]:
+                return {"policy": "no router", "now": time.monotonic(),
+                        "events": self.cluster.events}  # fmt: skip
+
+            target = self.config.register_with or "-"
+            return FrameSource(node_only, title=self.config.model, url=target, processes=processes)
         from sglang_dp.router.app import stats_payload
+
+        router = self.cluster.router
 
         async def stats() -> Mapping[str, Any]:
             return stats_payload(router.state)
 
-        source = FrameSource(
-            stats,
-            title=self.config.model,
-            url=router.url,
-            processes=lambda: _process_facts(supervisor.snapshot()),
-        )
+        return FrameSource(stats, title=self.config.model, url=router.url, processes=processes)
+
+    async def _serve(self) -> int:
+        source = self._frames()
         live = self.config.dashboard and self.console.is_terminal
         drawing = asyncio.ensure_future(run_dashboard(source, self.console, live=live))
         waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self.stopping.wait())}
