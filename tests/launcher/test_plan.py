@@ -117,9 +117,9 @@ def test_without_nccl_port_the_bands_are_wide() -> None:
 
 
 def test_worker_host_for_other_nodes() -> None:
-    [spec] = plan(dp=1, gpus=[(0, 1)], host="0.0.0.0")
-    assert spec.argv[6] == "0.0.0.0"
-    assert spec.url == "http://127.0.0.1:31000"  # the launcher still checks it locally
+    [spec] = plan(dp=1, gpus=[(0, 1)], host="10.0.0.2")
+    assert spec.argv[6] == "10.0.0.2"
+    assert spec.url == "http://10.0.0.2:31000"  # where this node's router or another reaches it
 
 
 def test_user_flags_pass_unchanged() -> None:
