@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,32 +24,10 @@ from pathlib import Path
 
 import psutil
 
+from sglang_dp.launcher.process import free_port, free_port_band
+
 STARTUP_S = 2.0
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_band(size: int) -> int:
-    """Consecutive free ports below the ephemeral range (where outgoing connections land)."""
-    for base in range(21000, 32000 - size, size):
-        if all(_bindable(port) for port in range(base, base + size)):
-            return base
-    raise SystemExit("no free band of ports below 32000")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def healthy_workers(port: int) -> int:
@@ -65,7 +42,7 @@ def one_run(dp: int, log_dir: str) -> tuple[float, float]:
     port = free_port()
     argv = [
         SGLANG_DP, "launch", "--simulate", "--dp", str(dp), "--port", str(port),
-        "--worker-base-port", str(free_band(dp * 10)), "--log-dir", log_dir, "--no-dashboard",
+        "--worker-base-port", str(free_port_band(dp * 10)), "--log-dir", log_dir, "--no-dashboard",
         "--", "--startup-seconds", str(STARTUP_S),
     ]  # fmt: skip
     start = time.monotonic()

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sglang_dp.launcher import process
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 
@@ -40,34 +41,12 @@ def make_hf_tokenizer(folder: Path) -> Path:
 
 def free_port() -> int:
     """A port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return process.free_port()
 
 
 def free_port_band(size: int) -> int:
-    """The first of `size` consecutive free ports, below Linux's ephemeral range (32768+).
-
-    Worker port bands must avoid the ephemeral range: on a busy machine outgoing connections
-    take random ports there, and a band of 80 ports would often collide with one.
-    """
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 32000 - size)
-        if all(_bindable(port) for port in range(base, base + size)):
-            return base
-    raise RuntimeError("no free band of ports below 32000")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    """Consecutive free ports below the ephemeral range, at a random place (tests side by side)."""
+    return process.free_port_band(size, random.Random())
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

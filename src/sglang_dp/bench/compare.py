@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,35 +36,12 @@ from sglang_dp.bench.report import BenchResult, Figures, result_json
 from sglang_dp.bench.runner import run_bench
 from sglang_dp.launcher.cluster import Cluster, make_plan
 from sglang_dp.launcher.config import LaunchConfig
+from sglang_dp.launcher.process import free_port, free_port_band
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import EngineConfig
 from sglang_dp.router.policies import PolicyConfig
 
 DEFAULT_WORKER_ARGS = ("--stream-interval", "8")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_band(size: int) -> int:
-    """Consecutive free ports below the ephemeral range (outgoing connections land there)."""
-    for base in range(21000, 32000 - size, size):
-        if all(_bindable(port) for port in range(base, base + size)):
-            return base
-    raise RuntimeError("no band of free ports below 32000 for the workers")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _worker_args(config: CompareConfig) -> tuple[str, ...]:
@@ -81,7 +57,7 @@ def launch_config(
         dp=config.dp,
         simulate=True,
         log_dir=log_dir,
-        worker_base_port=_free_band(config.dp * 10),
+        worker_base_port=free_port_band(config.dp * 10),
         dashboard=False,
         router=RouterConfig(port=router_port, engine=engine, log_level="warning"),
         worker_args=_worker_args(config),
@@ -95,7 +71,7 @@ async def run_one(
     policy = entry.removeprefix(SGLANG_ROUTER)
     external = entry.startswith(SGLANG_ROUTER)
     with tempfile.TemporaryDirectory(prefix="sglang-dp-compare-") as log_dir:
-        port = _free_port()
+        port = free_port()
         launch = launch_config(config, policy if not external else "round_robin", bench.seed,
                                log_dir, port)  # fmt: skip
         cluster = Cluster(launch, make_plan(launch))
@@ -120,7 +96,7 @@ async def run_one(
 async def _start_sglang_router(
     policy: str, urls: Sequence[str], log_dir: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
             "--port", str(port), "--policy", policy, "--worker-urls", *urls]  # fmt: skip
     log = open(os.path.join(log_dir, "sglang-router.log"), "wb")  # noqa: SIM115 (owned by the child)

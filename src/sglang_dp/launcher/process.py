@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import datetime
 import os
+import random
 import shlex
 import signal
 import socket
@@ -230,6 +231,32 @@ def _run_python(python: str, args: list[str], timeout: float) -> int | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return done.returncode
+
+
+EPHEMERAL_START = 32768  # Linux's default ip_local_port_range starts here
+
+
+def free_port(host: str = WORKER_HOST) -> int:
+    """A port nobody listens on right now (from the ephemeral range: for a single server)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def free_port_band(size: int, rng: random.Random | None = None, host: str = WORKER_HOST) -> int:
+    """The first of `size` consecutive free ports, below the ephemeral range.
+
+    Worker port bands avoid the ephemeral range: on a busy machine outgoing connections take
+    random local ports there, and a band of tens of ports would often collide with one. With
+    `rng`, bases are tried at random (tests running side by side), else scanned from 21000.
+    """
+    low, high = 21000, EPHEMERAL_START - size
+    bases = (rng.randrange(low, high) for _ in range(500)) if rng else range(low, high, size)
+    for base in bases:
+        if not busy_ports(range(base, base + size), host):
+            return base
+    raise RuntimeError(f"no {size} consecutive free ports below {EPHEMERAL_START}")
 
 
 def busy_ports(ports: Iterable[int], host: str = WORKER_HOST) -> list[int]:
