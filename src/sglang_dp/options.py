@@ -1,5 +1,5 @@
-"""Options declared once: a dataclass field carries its default and help; click options and the
-config object are both generated from it.
+"""Options declared once: a dataclass field carries its default and help; the click options
+(`sglang_dp.clickopts`) and the config object are both generated from it.
 
     @dataclass(frozen=True)
     class RouterConfig:
@@ -7,23 +7,25 @@ config object are both generated from it.
         engine: EngineConfig = nested(EngineConfig)      # its fields become options too
 
     @click.command()
-    @click_options(RouterConfig)
+    @click_options(RouterConfig)                         # sglang_dp.clickopts
     def router(**values): run(build(RouterConfig, values))
 
 Flags are the field names with dashes (`balance_abs_threshold` → `--balance-abs-threshold`).
 Nested dataclass fields are flattened (their names must be unique across the tree). A field whose
 metadata says `cli=False` gets no option; a tuple field takes several values (`nargs=-1`-like
 via `multiple`, written `--worker-urls A B` or repeated).
+
+This module never imports click (not even lazily): the routing core imports it and is compiled
+by mypyc, which type-checks everything it imports in a build environment without click.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def option(
@@ -55,59 +57,15 @@ def nested(cls: type[Any]) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"nested": cls})
 
 
-def _fields(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+def option_fields(cls: type[Any]) -> list[dataclasses.Field[Any]]:
+    """The fields that become options, nested dataclasses flattened."""
     found: list[dataclasses.Field[Any]] = []
     for f in dataclasses.fields(cls):
         if "nested" in f.metadata:
-            found.extend(_fields(f.metadata["nested"]))
+            found.extend(option_fields(f.metadata["nested"]))
         elif f.metadata.get("cli", True) and "help" in f.metadata:
             found.append(f)
     return found
-
-
-def _click_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
-    import click  # only the CLI needs it; configs are imported by the pure core
-
-    meta = f.metadata
-    decls = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ()), f.name]
-    help_text = meta["help"]
-    if isinstance(f.default, bool):
-        flag = "--" + f.name.replace("_", "-")
-        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, help=help_text)
-    kind: Any
-    if meta.get("choices"):
-        kind = click.Choice(meta["choices"], case_sensitive=False)
-    else:
-        kind = meta.get("type") or type(f.default)
-    if isinstance(f.default, tuple):
-        return click.option(
-            *decls,
-            type=meta.get("type") or str,
-            multiple=True,
-            default=f.default,
-            help=help_text,
-            metavar=meta.get("metavar"),
-        )
-    return click.option(
-        *decls,
-        type=kind,
-        default=f.default,
-        show_default=f.default is not None,
-        help=help_text,
-        metavar=meta.get("metavar"),
-    )
-
-
-def click_options(cls: type[Any], exclude: Sequence[str] = ()) -> Callable[[F], F]:
-    """A decorator adding one click option per field of `cls` (nested ones included)."""
-
-    def decorate(function: F) -> F:
-        for f in reversed(_fields(cls)):
-            if f.name not in exclude:
-                function = _click_option(f)(function)
-        return function
-
-    return decorate
 
 
 def build(cls: type[T], values: dict[str, Any]) -> T:

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from sglang_dp.bench.config import BenchConfig, CompareConfig
-from sglang_dp.options import build, click_options
+from sglang_dp.clickopts import click_options
+from sglang_dp.options import build
 
 
 @click.command(

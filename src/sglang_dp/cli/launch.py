@@ -6,8 +6,9 @@ from typing import Any
 
 import click
 
+from sglang_dp.clickopts import click_options
 from sglang_dp.launcher.config import EXCLUDED_FLAGS, LaunchConfig
-from sglang_dp.options import build, click_options
+from sglang_dp.options import build
 
 
 @click.command(

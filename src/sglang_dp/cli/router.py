@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from sglang_dp.options import build, click_options
+from sglang_dp.clickopts import click_options
+from sglang_dp.options import build
 from sglang_dp.router.config import RouterConfig
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import click
 
-from sglang_dp.options import build, click_options, option
+from sglang_dp.clickopts import click_options
+from sglang_dp.options import build, option
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
