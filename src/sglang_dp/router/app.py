@@ -56,6 +56,28 @@ def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
     return json_response({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
+class ImbalanceWatch:
+    """Turns the count of "imbalanced" decisions, read now and then, into events: when
+    cache_aware starts overriding the cache to balance load, and when it stops."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.active = False
+
+    def update(self, count: int) -> str | None:
+        grew, self.seen = count - self.seen, count
+        if grew > 0 and not self.active:
+            self.active = True
+            return (
+                f"imbalance mode: loads drifted apart, {grew} request(s) sent to the least "
+                "loaded worker instead of the best cache match"
+            )
+        if grew <= 0 and self.active:
+            self.active = False
+            return "balanced again: routing by cache match"
+        return None
+
+
 @dataclasses.dataclass
 class RouterState:
     """What the routes work with (no globals: one per router)."""
@@ -68,6 +90,7 @@ class RouterState:
     session: Callable[[], aiohttp.ClientSession]
     encode: Encoder | None = None
     started_at: float = 0.0
+    imbalance: ImbalanceWatch = dataclasses.field(default_factory=ImbalanceWatch)
     events: collections.deque[str] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=200)
     )
@@ -360,6 +383,9 @@ def _guess_path(raw: bytes) -> str:
 def stats_payload(state: RouterState) -> dict[str, Any]:
     """The engine snapshot with worker health: `/debug/stats`, and what dashboards draw."""
     snap = state.engine.snapshot(state.clock())
+    message = state.imbalance.update(dict(snap.reasons).get("imbalanced", 0))
+    if message:
+        state.events.append(message)
     return {
         "policy": snap.policy,
         "now": snap.now,
