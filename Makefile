@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # mypyc compiles these at install time (setup.py): a change to them needs a reinstall.
-COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py
+COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py \
+	src/sglang_dp/httpserver.py src/sglang_dp/router/upstream.py src/sglang_dp/router/proxy.py
 
 .PHONY: install test lint typecheck pytest bench demo dist clean
 

@@ -1,4 +1,4 @@
-"""Refuses to test stale compiled modules: mypyc builds the routing core at install time."""
+"""Refuses to test stale compiled modules: mypyc builds the request path at install time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-COMPILED = ["sglang_dp.router.tree", "sglang_dp.router.policies", "sglang_dp.router.engine"]
+COMPILED = [  # setup.py's list
+    "sglang_dp.router.tree",
+    "sglang_dp.router.policies",
+    "sglang_dp.router.engine",
+    "sglang_dp.httpserver",
+    "sglang_dp.router.upstream",
+    "sglang_dp.router.proxy",
+]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

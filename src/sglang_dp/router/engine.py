@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,6 +48,7 @@ SHRINK = 0.85  # budget after an eviction is detected, as a share of the current
 SLACK = 0.05  # evict when a budget is exceeded by this share, so eviction is amortised
 EWMA = 0.05  # weight of one response in the elements-per-token estimate
 CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
+_NOTHING: frozenset[str] = frozenset()
 
 
 class NoWorkerAvailable(Exception):
@@ -102,6 +102,20 @@ class Outcome:
     completion_tokens: int = 0
     extended_key: KeyLike | None = None  # key + generated output, in the key's own format
 
+    # Written out (the generated one is the same): under mypyc a dataclass's generated __init__
+    # runs interpreted, about 15 times slower than this compiled one, once per request.
+    def __init__(
+        self,
+        prompt_tokens: int,
+        cached_tokens: int,
+        completion_tokens: int = 0,
+        extended_key: KeyLike | None = None,
+    ) -> None:
+        object.__setattr__(self, "prompt_tokens", prompt_tokens)
+        object.__setattr__(self, "cached_tokens", cached_tokens)
+        object.__setattr__(self, "completion_tokens", completion_tokens)
+        object.__setattr__(self, "extended_key", extended_key)
+
 
 class _WorkerState:
     __slots__ = (
@@ -150,6 +164,28 @@ class Dispatch:
     _state: _WorkerState
     _generation: int
     released: bool = False
+
+    def __init__(  # written out for mypyc: see Outcome
+        self,
+        id: int,
+        decision: Decision,
+        key: Key,
+        sent_at: float,
+        prior_touch: float | None,
+        oldest_in_flight: float,
+        _state: _WorkerState,
+        _generation: int,
+        released: bool = False,
+    ) -> None:
+        self.id = id
+        self.decision = decision
+        self.key = key
+        self.sent_at = sent_at
+        self.prior_touch = prior_touch
+        self.oldest_in_flight = oldest_in_flight
+        self._state = _state
+        self._generation = _generation
+        self.released = released
 
     @property
     def worker(self) -> str:
@@ -212,12 +248,13 @@ class RoutingEngine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self._policy = make_policy(self.config.policy)
+        self._policy_name = self._policy.name
         self._tree = RadixTree()
         self._workers: dict[str, _WorkerState] = {}
         self._routable: tuple[_WorkerState, ...] = ()
         self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
         self._ids = itertools.count(1)
-        self._reasons: Counter[str] = Counter()
+        self._reasons: dict[str, int] = {}  # a Counter's item assignment is several times slower
         self._per_token = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
 
     @property
@@ -297,7 +334,7 @@ class RoutingEngine:
         state.in_flight[dispatch.id] = now
         self._sync_load(state)
         state.routed += 1
-        self._reasons[decision.reason] += 1
+        self._reasons[decision.reason] = self._reasons.get(decision.reason, 0) + 1
         self._enforce_budgets(state)
         return dispatch
 
@@ -331,7 +368,8 @@ class RoutingEngine:
         """The request failed at or before the worker (connect error, 5xx, timeout)."""
         if not dispatch.released:
             dispatch._state.errors += 1
-            self._reasons[f"error:{reason}"] += 1
+            error = f"error:{reason}"
+            self._reasons[error] = self._reasons.get(error, 0) + 1
         self.release(dispatch)
 
     def release(self, dispatch: Dispatch) -> None:
@@ -367,7 +405,7 @@ class RoutingEngine:
 
     def _candidates(self, exclude: Iterable[str]) -> dict[str, int]:
         """The routable workers' loads (the engine's own dict when nothing is excluded)."""
-        excluded = set(exclude)
+        excluded = frozenset(exclude) if exclude else _NOTHING  # () or []: no set to build
         loads = self._loads
         if excluded:
             loads = {w: n for w, n in loads.items() if w not in excluded}
@@ -375,7 +413,7 @@ class RoutingEngine:
             raise NoWorkerAvailable(self._why_none(excluded))
         return loads
 
-    def _why_none(self, excluded: set[str]) -> str:
+    def _why_none(self, excluded: frozenset[str]) -> str:
         if not self._workers:
             return "no workers are registered"
         if not self._routable:
@@ -384,15 +422,11 @@ class RoutingEngine:
 
     def _decide(self, path: Path, loads: dict[str, int]) -> Decision:
         matched = path.matched
-        worker, reason = self._policy.choose(loads, matched, len(path.key))
-        return Decision(
-            worker,
-            reason,
-            self._policy.name,
-            matched.get(worker, 0),
-            len(path.key),
-            loads[worker],
-        )
+        length = len(path.key)
+        worker, reason = self._policy.choose(loads, matched, length)
+        fields = (worker, reason, self._policy_name, matched.get(worker, 0), length, loads[worker])
+        # what Decision(*fields) does, without its interpreted __new__ (once per request)
+        return tuple.__new__(Decision, fields)
 
     def _learn_elements_per_token(self, dispatch: Dispatch, outcome: Outcome) -> None:
         if not self.config.token_keys:

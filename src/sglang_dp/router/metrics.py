@@ -1,23 +1,90 @@
 """Prometheus metrics of the router (`/metrics`), names `sglang_dp_…`.
 
-Counters updated on the request path are plain prometheus-client objects; everything the engine
-already counts (in flight, decisions by reason, predicted vs cached tokens, tree sizes, health) is
-read from `engine.snapshot()` at scrape time by a collector, so the request path pays nothing
-for it. One registry per router: no global state.
+The request path pays next to nothing: answers are counted in a plain dict (`count`), latencies
+in plain histogram buckets (`Buckets.observe`: a bisect and two additions), and everything the
+engine already counts (in flight, decisions by reason, predicted vs cached tokens, tree sizes,
+health) is read from `engine.snapshot()`. Collectors turn all of it into metric families at
+scrape time, so prometheus-client is never called per request. One registry per router: no
+global state. Everything runs on the router's event loop, so nothing needs a lock.
+
+    sglang_dp_requests_total{worker, status}        answers ('' worker: none was reached)
+    sglang_dp_routing_latency_seconds               histogram: choosing a worker
+    sglang_dp_upstream_latency_seconds              histogram: forward to end of answer
+    sglang_dp_{in_flight, worker_healthy, tree_size, predicted_tokens, cached_tokens,
+               prompt_tokens, corrections}{worker}, sglang_dp_decisions_total{reason},
+    sglang_dp_tree_total_size                       from the engine's snapshot
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from sglang_dp.router.engine import RoutingEngine
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 ROUTING_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
+
+
+class Buckets:
+    """A histogram as plain counts: one per upper bound (`le`), plus one above them all."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(float(bound) for bound in bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # not cumulative; the last one is +Inf's
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # the first bound >= value: Prometheus buckets are `le` (less than or equal)
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative = list(itertools.accumulate(self.counts))
+        # `le` as prometheus-client writes it for bounds like these (repr of the float)
+        buckets = [(repr(bound), float(n)) for bound, n in zip(self.bounds, cumulative)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics
+        requests = CounterMetricFamily(
+            "sglang_dp_requests",
+            "Requests answered, by worker ('' when none was reached) and HTTP status.",
+            labels=["worker", "status"],
+        )
+        for (worker, status), count in metrics.requests.items():
+            requests.add_metric([worker, str(status)], count)
+        yield requests
+        yield metrics.routing_latency.family(
+            "sglang_dp_routing_latency_seconds",
+            "Time to choose a worker (match + policy + speculation).",
+        )
+        yield metrics.upstream_latency.family(
+            "sglang_dp_upstream_latency_seconds",
+            "Time from forwarding a request to the end of the worker's answer.",
+        )
 
 
 class _EngineCollector(Collector):
@@ -88,29 +155,20 @@ class _EngineCollector(Collector):
 
 
 class RouterMetrics:
-    """The router's registry and the metrics updated on the request path."""
+    """The router's registry and the plain counts the request path updates."""
 
     def __init__(self, engine: RoutingEngine, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "sglang_dp_requests",
-            "Requests answered, by worker ('' when none was reached) and HTTP status.",
-            ["worker", "status"],
-            registry=self.registry,
-        )
-        self.routing_latency = Histogram(
-            "sglang_dp_routing_latency_seconds",
-            "Time to choose a worker (match + policy + speculation).",
-            buckets=ROUTING_BUCKETS,
-            registry=self.registry,
-        )
-        self.upstream_latency = Histogram(
-            "sglang_dp_upstream_latency_seconds",
-            "Time from forwarding a request to the end of the worker's answer.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.requests: dict[tuple[str, int], int] = {}  # (worker, HTTP status) -> answers
+        self.routing_latency = Buckets(ROUTING_BUCKETS)
+        self.upstream_latency = Buckets(LATENCY_BUCKETS)
+        self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineCollector(engine, clock))
+
+    def count(self, worker: str, status: int) -> None:
+        """One answer to a client: from `worker` ('' when none was reached), with `status`."""
+        key = (worker, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,15 +14,27 @@ connection, httptools' C parser (never a hand parser), no task per request, one 
     async for chunk in resp: ...              # chunks as they arrive (chunked encoding decoded)
     resp.abort()                              # the client went away: the worker sees a disconnect
 
+    exchange = pool.send(url, "POST", "/generate", headers, body, listener, timeout=30.0)
+    # no coroutine: sent at once on an idle connection (None if there is none: use `request`);
+    # later listener.response_received(status, headers, body) or .response_failed(error, ...)
+    exchange.cancel()                         # the client went away (the listener hears nothing)
+
+`send` is the router's fast path for whole (not streamed) answers: it costs no coroutine, no
+future and no task, and the outcome is told from the connection's own callbacks. It never
+connects (that takes a coroutine) and never retries the keep-alive race (the listener is told
+whether any byte came back, and sends again with `request`). Its body is taken whole, so its
+connection never pauses reading.
+
 Connections: one keep-alive pool per worker (`base_url`, parsed once and cached). `request`
-reuses the most recently returned idle connection (LIFO: the one least likely to have been closed
-by the worker's idle timeout, and the others may expire). A connection goes back to the pool
-only when its response was read to the end, the worker answered HTTP/1.1 and did not say
-`connection: close`; anything else (abort, error, timeout, cancellation, a close-delimited body)
-closes it. At most `max_idle_per_host` idle connections are kept per worker (default 256);
-the number of busy ones is the number of requests in flight. A connection idle for longer than
-`keepalive_expiry` (default 4 s, under uvicorn's 5 s keep-alive timeout, which SGLang serves
-with) is closed instead of reused: the worker is about to close it anyway.
+reuses the most recently returned idle connection (LIFO: the one least likely to have been
+closed by the worker's idle timeout, and the others may expire). A connection goes back to the
+pool only when its response was read to the end, the worker answered HTTP/1.1 (asked on its
+first response on the connection) and did not say `connection: close`; anything else (abort,
+error, timeout, cancellation, a close-delimited body) closes it. At most `max_idle_per_host`
+idle connections are kept per worker (default 256); the number of busy ones is the number of
+requests in flight. A connection idle for longer than `keepalive_expiry` (default 4 s, under
+uvicorn's 5 s keep-alive timeout, which SGLang serves with) is closed instead of reused: the
+worker is about to close it anyway.
 
 Retries: exactly one case is retried, the keep-alive race: a REUSED connection that the worker
 closed while it sat idle (EOF or reset before any response byte) is replaced by a fresh one and
@@ -32,7 +44,10 @@ the request sent again. A request that failed on a fresh connection is never res
 Timeouts: `timeout` (per request) bounds connecting plus waiting for the response head; the
 connect alone is also bounded by `connect_timeout` (default 5 s). While reading the body, an idle
 gap longer than the timeout raises `UpstreamTimeout`; a long stream that keeps moving never
-times out. Every timeout, error or cancellation of a waiting call closes the connection.
+times out. Every timeout, error or cancellation of a waiting call closes the connection. Each
+connection has one lazy timer, not one per wait (a timer costs more than the rest of a wait):
+a later deadline only moves the deadline, and the timer sets itself again when it fires early.
+The pool asks for its event loop once (`asyncio.get_running_loop` is a system call on Linux).
 
 Flow control: body bytes are buffered per connection up to `HIGH_WATER` (256 KiB); above it the
 socket stops being read (`pause_reading`) until the consumer takes the buffered bytes, so a slow
@@ -64,14 +79,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httptools
 
+_T = TypeVar("_T")
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # installed without mypy: the decorator only means something to mypyc
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        return lambda cls: cls
+
+
 HIGH_WATER = 256 * 1024
 _SMALL_BODY = 64 * 1024  # below this, head and body go out in one write (one syscall)
+_TIMER_SLACK = 0.001  # loop timers have millisecond resolution: a timer this early is on time
+_STARTS_KEPT = 64  # per worker: request lines kept encoded (the router has three)
 
 # Framing and hop-by-hop headers belong to this connection, not to the caller.
 _DROPPED = frozenset(
@@ -90,28 +117,53 @@ _DROPPED = frozenset(
 )
 
 
+@mypyc_attr(native_class=False)
 class UpstreamError(Exception):
     """Base class: anything that went wrong talking to a worker."""
 
 
+@mypyc_attr(native_class=False)
 class ConnectError(UpstreamError):
     """No connection: the request certainly did not reach the worker (safe to retry elsewhere)."""
 
 
+@mypyc_attr(native_class=False)
 class UpstreamTimeout(UpstreamError):
     """No response head within the timeout, or no body progress for longer than it."""
 
 
+@mypyc_attr(native_class=False)
 class ConnectTimeout(ConnectError, UpstreamTimeout):
     """Connecting took too long: both a ConnectError (not sent) and an UpstreamTimeout."""
 
 
+@mypyc_attr(native_class=False)
 class UpstreamClosed(UpstreamError):
     """The worker closed or broke the connection after the request was sent."""
 
 
+@mypyc_attr(native_class=False)
 class ProtocolError(UpstreamError):
     """The worker's response could not be parsed as HTTP/1.1."""
+
+
+class ResponseListener(Protocol):
+    """Told the outcome of `UpstreamPool.send`, once (from the connection's callbacks)."""
+
+    def response_received(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None: ...
+
+    def response_failed(self, error: UpstreamError, reached: bool, headed: bool) -> None:
+        """`reached`: a byte of the response came (else the request may never have reached the
+        worker: a keep-alive race); `headed`: its status line and headers came."""
+
+
+class Exchange(Protocol):
+    """A request `UpstreamPool.send` sent, until its listener is told the outcome."""
+
+    def cancel(self) -> None:
+        """Drop it (the client went away): the connection closes, the listener hears nothing."""
 
 
 # Connection states. A connection serves one exchange at a time: IDLE (pooled or fresh) →
@@ -122,7 +174,7 @@ _IDLE, _HEAD, _BODY, _CLOSED = range(4)
 class _Host:
     """One worker's address and its idle connections (a LIFO stack)."""
 
-    __slots__ = ("generation", "head_middle", "host", "idle", "port")
+    __slots__ = ("generation", "head_middle", "host", "idle", "port", "starts")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -130,6 +182,7 @@ class _Host:
         # what follows the path in every request head to this worker, up to the length
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets
         self.head_middle = b" HTTP/1.1\r\nhost: %s:%d\r\ncontent-length: " % (name.encode(), port)
+        self.starts: dict[tuple[str, str], bytes] = {}  # (method, path) -> head up to the length
         self.idle: list[_Connection] = []
         self.generation = 0  # bumped by drop_host: older connections are never pooled again
 
@@ -147,13 +200,18 @@ class _Connection(asyncio.Protocol):
     """One socket to a worker: writes a request, parses its response, buffers the body."""
 
     __slots__ = (
+        "_deadline",
+        "_http11",
         "_parser",
         "_paused",
         "_pool",
         "_state",
         "_timer",
+        "_timer_at",
         "_transport",
+        "_wait_timeout",
         "_waiter",
+        "_what",
         "body_done",
         "buffered",
         "chunks",
@@ -163,6 +221,7 @@ class _Connection(asyncio.Protocol):
         "host",
         "idle_since",
         "keep_alive",
+        "listener",
         "loop",
         "pooled",
         "response_started",
@@ -178,16 +237,24 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._state = _IDLE
         self._waiter: asyncio.Future[None] | None = None
+        # One lazy timer per connection, not one per wait (see `next_event`).
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # loop time the timer fires at
+        self._deadline = 0.0  # of the current wait
+        self._what = ""  # what the current wait is for, and its timeout (for the message)
+        self._wait_timeout = 0.0
+        self._http11 = False  # the worker answered HTTP/1.1 on this connection
         self._paused = False
         self.pooled = False  # in its host's idle stack
         self.idle_since = 0.0
+        self.listener: ResponseListener | None = None  # `UpstreamPool.send`'s, while it waits
+        self.chunks: deque[bytes] = deque()
         self._reset()
 
     def _reset(self) -> None:
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.chunks: deque[bytes] = deque()
+        self.chunks.clear()
         self.buffered = 0
         self.body_done = False
         self.keep_alive = False
@@ -215,9 +282,15 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError("the worker switched protocols (upgrade not supported)"))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"unparseable response from the worker: {exc}"))
+        if self.listener is not None:
+            if self.body_done or self.error is not None:
+                self._deliver()
+            elif self._state == _BODY:  # the body keeps coming: its idle gap is timed
+                self.watch(self._wait_timeout, "no body bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         state, self._state = self._state, _CLOSED
+        self._stop_timer()
         self._pool._lost(self)
         if state == _HEAD:
             how = f"reset ({exc})" if exc else "closed"
@@ -228,6 +301,8 @@ class _Connection(asyncio.Protocol):
             else:
                 how = f"reset ({exc})" if exc else "closed"
                 self._set_error(UpstreamClosed(f"the worker {how} the connection mid-response"))
+        if self.listener is not None:
+            self._deliver()
 
     # --- httptools callbacks
     def on_message_begin(self) -> None:
@@ -249,7 +324,12 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and not self._paused and self._transport is not None:
+        if (
+            self.buffered > HIGH_WATER
+            and self.listener is None  # a listener takes the whole body at once: no pause
+            and not self._paused
+            and self._transport is not None
+        ):
             self._paused = True
             self._transport.pause_reading()
         self._wake()
@@ -258,7 +338,10 @@ class _Connection(asyncio.Protocol):
         if self._state == _HEAD:
             return  # the end of a 1xx response
         parser = self._parser
-        self._complete(parser.should_keep_alive() and parser.get_http_version() == "1.1")
+        keep_alive: bool = parser.should_keep_alive()
+        if keep_alive and not self._http11:  # asked on the first response only: a str each time
+            self._http11 = keep_alive = parser.get_http_version() == "1.1"
+        self._complete(keep_alive)
 
     # --- used by UpstreamPool and UpstreamResponse
     def send(self, data: bytes, body: bytes) -> None:
@@ -281,11 +364,25 @@ class _Connection(asyncio.Protocol):
     def next_event(self, timeout: float, what: str) -> asyncio.Future[None]:
         """A future resolved by the next event (bytes, end, error), failed with UpstreamTimeout
         after `timeout`. A plain future, not a coroutine: one frame less per wait on the hot
-        path. Whoever awaits it must `abort()` on failure (the exchange cannot be resumed)."""
+        path. Whoever awaits it must `abort()` on failure (the exchange cannot be resumed).
+
+        The timer is lazy: one per connection, left running when a wait ends. A wait that ends
+        later than the running timer only moves the deadline (the timer, when it fires, sets
+        itself again for the rest); only an earlier deadline needs a new timer. Requests on a
+        keep-alive connection with the same timeout so create one timer per `timeout`, not
+        one each (a timer costs more than the rest of a wait)."""
         waiter: asyncio.Future[None] = self.loop.create_future()
         self._waiter = waiter
-        self._timer = self.loop.call_later(max(timeout, 0.0), self._on_timeout, what, timeout)
+        self.watch(timeout, what)
         return waiter
+
+    def watch(self, timeout: float, what: str) -> None:
+        """Time the wait that starts now (see `next_event`): a timeout fails it."""
+        self._what = what
+        self._wait_timeout = timeout
+        deadline = self._deadline = self.loop.time() + max(timeout, 0.0)
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(deadline)
 
     def take(self) -> bytes | None:
         """All buffered body bytes (joined if several chunks wait), or None if there are none."""
@@ -304,8 +401,6 @@ class _Connection(asyncio.Protocol):
         """The response was read to its end: ready for the next request on this socket."""
         self._state = _IDLE
         self.idle_since = self.loop.time()
-        self.headers = []
-        self.chunks = deque()
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
@@ -316,6 +411,7 @@ class _Connection(asyncio.Protocol):
             if not self.body_done:
                 self._set_error(UpstreamClosed("the response was aborted"))
             self._state = _CLOSED
+            self._stop_timer()
             if self._transport is not None:
                 self._transport.abort()
 
@@ -347,18 +443,63 @@ class _Connection(asyncio.Protocol):
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
-            self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._waiter = None  # the timer stays: see `next_event`
             if not waiter.done():
                 waiter.set_result(None)
 
-    def _on_timeout(self, what: str, timeout: float) -> None:
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
         self._timer = None
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamTimeout(f"{what} from the worker within {timeout:.3g} s"))
+        waiter = self._waiter
+        listener = self.listener
+        if (waiter is None or waiter.done()) and listener is None:
+            return  # nothing waits: no timer until the next wait
+        if self.loop.time() + _TIMER_SLACK < self._deadline:  # the wait began after the timer
+            self._arm(self._deadline)
+            return
+        message = f"{self._what} from the worker within {self._wait_timeout:.3g} s"
+        if listener is not None:
+            self._set_error(UpstreamTimeout(message))
+            self._deliver()
+            return
+        self._waiter = None
+        assert waiter is not None
+        waiter.set_exception(UpstreamTimeout(message))
+
+    def _deliver(self) -> None:
+        """`send`'s outcome to its listener, once; the connection goes back or closes first."""
+        listener = self.listener
+        if listener is None:
+            return
+        self.listener = None
+        error = None if self.body_done else self.error
+        if error is not None:
+            reached, headed = self.response_started, self.status != 0
+            self.abort()
+            listener.response_failed(error, reached, headed)
+            return
+        status, headers = self.status, self.headers
+        body = self.take() or b""
+        if self.keep_alive:
+            self._pool._release(self)
+        else:
+            self.abort()
+        listener.response_received(status, headers, body)
+
+    def cancel(self) -> None:
+        """`send`'s caller gave up (its client went away): close, and tell nobody."""
+        self.listener = None
+        self.abort()
 
 
 class UpstreamResponse:
@@ -389,6 +530,11 @@ class UpstreamResponse:
 
     async def read(self, timeout: float | None = None) -> bytes:
         """The whole body (chunked encoding decoded). `timeout` bounds each idle gap."""
+        conn = self._conn
+        if conn.body_done and not self._done:  # all of it came with the head: nothing to wait for
+            body = conn.take()
+            self._finish(None)
+            return b"" if body is None else body
         gap = self._timeout if timeout is None else timeout
         parts: list[bytes] = []
         while (chunk := await self._next(gap)) is not None:
@@ -474,6 +620,7 @@ class UpstreamPool:
         self._max_idle = max_idle_per_host
         self._keepalive_expiry = keepalive_expiry
         self._hosts: dict[str, _Host] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # see `_running_loop`
         self._open: set[_Connection] = set()
         self._closed = False
         self._all_lost: asyncio.Future[None] | None = None
@@ -494,21 +641,59 @@ class UpstreamPool:
         (not sent), UpstreamTimeout, UpstreamClosed or ProtocolError.
         """
         host = self._hosts.get(base_url) or self._add_host(base_url)
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         now = loop.time()
         deadline = now + timeout
         head = _encode_head(host, method, path, headers, len(body))
         conn = self._pop_idle(host, now)
-        if conn is not None:
-            try:
-                return await self._exchange(conn, head, body, deadline, timeout)
-            except UpstreamClosed:
-                if conn.response_started:
+        reused = conn is not None
+        while True:  # one exchange; twice if a reused connection hit the keep-alive race
+            if conn is None:
+                conn = await self._connect(host, loop, deadline)
+            conn.send(head, body)
+            while conn.waiting_head:
+                try:
+                    await conn.next_event(deadline - loop.time(), "no response head")
+                except BaseException:  # timeout or cancellation: the request is half done
+                    conn.abort()
                     raise
+            error = conn.error
+            if error is None:
+                return UpstreamResponse(self, conn, timeout)
+            if reused and isinstance(error, UpstreamClosed) and not conn.response_started:
                 # The keep-alive race: the worker closed this socket while it sat idle and
                 # never saw the request. Retried once, on a fresh connection only.
-        conn = await self._connect(host, loop, deadline)
-        return await self._exchange(conn, head, body, deadline, timeout)
+                conn, reused = None, False
+                continue
+            raise error
+
+    def send(
+        self,
+        base_url: str,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        listener: ResponseListener,
+        *,
+        timeout: float,
+    ) -> Exchange | None:
+        """`request` without a coroutine: send on an idle keep-alive connection now and tell
+        `listener` the whole response (or the failure) when it is in. None (nothing sent) when
+        no idle connection is at hand: then use `request`, which connects.
+
+        The returned handle's `cancel()` drops the exchange (closing its connection)."""
+        host = self._hosts.get(base_url)
+        if host is None:
+            return None
+        head = _encode_head(host, method, path, headers, len(body))
+        conn = self._pop_idle(host, self._running_loop().time())
+        if conn is None:
+            return None
+        conn.send(head, body)
+        conn.listener = listener
+        conn.watch(timeout, "no response head")
+        return conn
 
     async def close(self) -> None:
         """Close every connection, idle or busy (busy responses raise UpstreamClosed)."""
@@ -542,6 +727,14 @@ class UpstreamPool:
             conn.abort()
 
     # --- internals
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this pool runs on. Asked for once, not per request: on Linux,
+        `asyncio.get_running_loop` makes a system call (getpid, to notice a fork)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _add_host(self, base_url: str) -> _Host:
         host = self._hosts[base_url] = _parse_base_url(base_url)
         return host
@@ -571,23 +764,9 @@ class UpstreamPool:
             )
         except asyncio.TimeoutError as exc:  # before OSError: on 3.11+ it is one
             raise ConnectTimeout(f"could not connect to {where} within {budget:.3g} s") from exc
-        except OSError as exc:
-            raise ConnectError(f"could not connect to {where}: {exc}") from exc
+        except OSError as error:  # (a differently typed name per clause: mypyc checks types)
+            raise ConnectError(f"could not connect to {where}: {error}") from error
         return conn
-
-    async def _exchange(
-        self, conn: _Connection, head: bytes, body: bytes, deadline: float, timeout: float
-    ) -> UpstreamResponse:
-        conn.send(head, body)
-        while conn.waiting_head:
-            try:
-                await conn.next_event(deadline - conn.loop.time(), "no response head")
-            except BaseException:  # timeout or cancellation: the request is half done
-                conn.abort()
-                raise
-        if conn.error is not None:
-            raise conn.error
-        return UpstreamResponse(self, conn, timeout)
 
     def _release(self, conn: _Connection) -> None:
         """A response ended cleanly: keep its connection for the next request, if allowed."""
@@ -624,16 +803,11 @@ def _encode_head(
     host: _Host, method: str, path: str, headers: Sequence[tuple[bytes, bytes]], length: int
 ) -> bytes:
     """Request line, host, content-length and the caller's end-to-end headers."""
-    if path[:1] != "/" or " " in path:
-        raise ValueError(f"bad request path {path!r}")
-    if method == "HEAD":
-        raise ValueError("HEAD is not supported (the parser cannot expect an empty body)")
-    parts = [method.encode("ascii"), b" ", path.encode("latin-1"), host.head_middle]
-    parts.append(b"%d\r\n" % length)
+    parts = [_start(host, method, path), str(length).encode("ascii"), b"\r\n"]
     lines = 3  # request line, host, content-length
     for name, value in headers:
         if name.lower() not in _DROPPED:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name + b": " + value + b"\r\n")
             lines += 1
     parts.append(b"\r\n")
     head = b"".join(parts)
@@ -642,3 +816,17 @@ def _encode_head(
     if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1:
         raise ValueError("line break in the request path or a request header")
     return head
+
+
+def _start(host: _Host, method: str, path: str) -> bytes:
+    """The head up to the content length's value: request line, host (encoded once per path)."""
+    start = host.starts.get((method, path))
+    if start is None:
+        if path[:1] != "/" or " " in path:
+            raise ValueError(f"bad request path {path!r}")
+        if method == "HEAD":
+            raise ValueError("HEAD is not supported (the parser cannot expect an empty body)")
+        start = method.encode("ascii") + b" " + path.encode("latin-1") + host.head_middle
+        if len(host.starts) < _STARTS_KEPT:
+            host.starts[(method, path)] = start
+    return start
