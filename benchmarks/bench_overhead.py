@@ -37,7 +37,6 @@ import math
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ from typing import Any
 import psutil
 import uvloop
 
+from sglang_dp.launcher.process import free_port, stop_group
 from sglang_dp.router.upstream import UpstreamPool
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
@@ -126,13 +126,6 @@ class Target:
 # --- processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextmanager
 def process(
     argv: list[str], env: dict[str, str] | None = None
@@ -149,21 +142,6 @@ def process(
         yield proc
     finally:
         stop_group(proc)
-
-
-def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """TERM the child's process group, KILL it after 5 s (by group id, never by name)."""
-    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break  # the whole group is gone
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-    proc.wait()
 
 
 def answers(url: str) -> bool:

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,17 +39,12 @@ from typing import Any
 
 import psutil
 
+from sglang_dp.launcher.process import free_port, stop_group
+
 PREFILL_RATE = 30000.0  # the h100-llama3-8b profile
 # one running request with ~200 tokens of context: 6 ms + 0.02 ms + 200 × 52 ns
 DECODE_STEP_MS = 6.0 + 0.02 + 200 * 131072 / 2.5e12 * 1e3
 TIME_SCALE = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -86,8 +80,7 @@ def worker(*args: str) -> Iterator[tuple[int, psutil.Process]]:
             time.sleep(0.05)
         yield port, psutil.Process(proc.pid)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        stop_group(proc, grace=10.0)
 
 
 def request_bytes(path: str, body: dict[str, Any]) -> bytes:

@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
 import string
 import subprocess
 import sys
@@ -30,18 +27,12 @@ from pathlib import Path
 
 import aiohttp
 
+from sglang_dp.launcher.process import free_port, stop_group
 from sglang_dp.router.upstream import UpstreamPool
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 HEADERS = [(b"content-type", b"application/json"), (b"x-request-id", b"bench")]
 Send = Callable[[bytes], Awaitable[int]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def healthy(url: str) -> bool:
@@ -67,12 +58,7 @@ def sim_worker() -> Iterator[str]:
             time.sleep(0.05)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def bodies(count: int = 64, seed: int = 0) -> list[bytes]:

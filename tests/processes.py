@@ -6,11 +6,10 @@ name. Readiness and every other condition are polled with a deadline, never slep
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -59,6 +58,18 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+async def until(
+    condition: Callable[[], Any], timeout: float = 10.0, what: str = "it", interval: float = 0.01
+) -> Any:
+    """Poll `condition` without blocking the event loop until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+    return value
 
 
 @dataclass
@@ -131,13 +142,7 @@ def _healthy(worker: Worker) -> bool:
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """TERM the worker's process group, then KILL it if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    process.stop_group(proc)
 
 
 @contextmanager

@@ -57,25 +57,6 @@ def run_both(request: pytest.FixtureRequest) -> Runner:
     return lambda scenario: run_on(kind, scenario)
 
 
-async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> Any:
-    """Poll `condition` (without blocking the loop) until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-    return value
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-    return value
-
-
 def gone(pid: int) -> bool:
     """No such process, or a zombie (this container's init may not reap orphans)."""
     try:

@@ -24,7 +24,8 @@ from sglang_dp.launcher.process import (
     sglang_accepts_nccl_port,
     sglang_importable,
 )
-from tests.launcher.conftest import Runner, gone, python_spec, spec_for, until, wait_until
+from tests.launcher.conftest import Runner, gone, python_spec, spec_for
+from tests.processes import until, wait_for
 
 SLEEPER = "import sys, time; print('ready', repr(sys.stdin.read()), flush=True); time.sleep(60)"
 STUBBORN = (
@@ -200,12 +201,12 @@ def test_worker_dies_when_the_launcher_is_sigkilled(tmp_path: Path, loop: str) -
     )
     worker = 0
     try:
-        wait_until(lambda: pid_file.exists() and pid_file.read_text(), what="the worker's pid")
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the worker's pid")
         worker = int(pid_file.read_text())
-        wait_until(lambda: "ready" in log.read_text(), what="the worker to start")
+        wait_for(lambda: "ready" in log.read_text(), what="the worker to start")
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
-        wait_until(lambda: gone(worker), what="the worker to die with its launcher")
+        wait_for(lambda: gone(worker), what="the worker to die with its launcher")
     finally:
         for pid in (launcher.pid, worker):
             if pid and not gone(pid):

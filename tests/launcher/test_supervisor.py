@@ -35,8 +35,8 @@ from tests.launcher.conftest import (
     python_spec,
     sim_specs,
     spec_for,
-    until,
 )
+from tests.processes import until
 
 BOOM = "import sys; print('loading weights'); print('boom: CUDA out of memory'); sys.exit(3)"
 SILENT = "import time; time.sleep(60)"  # never answers HTTP

@@ -31,6 +31,7 @@ from sglang_dp.router.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
 )
+from tests import processes
 from tests.processes import Worker, free_port, sim_worker
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -59,14 +60,9 @@ def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[Any]
     return runner
 
 
-async def until(condition: Callable[[], Any], timeout: float = 5.0, what: str = "it") -> Any:
-    """Poll `condition` (without blocking the loop) until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
-    return value
+async def until(condition: Callable[[], Any], what: str = "it") -> Any:
+    """Poll `condition` until it is truthy (5 s at most: the pool's sockets close fast)."""
+    return await processes.until(condition, timeout=5.0, what=what, interval=0.005)
 
 
 async def all_closed(pool: UpstreamPool) -> None:

@@ -244,6 +244,23 @@ def free_port(host: str = WORKER_HOST) -> int:
         return port
 
 
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """TERM a child's process group, KILL it after `grace` s (by group id, never by name).
+
+    For synchronous callers (tests, benchmarks) of a child started with start_new_session.
+    """
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def free_port_band(size: int, rng: random.Random | None = None, host: str = WORKER_HOST) -> int:
     """The first of `size` consecutive free ports, below the ephemeral range.
 
