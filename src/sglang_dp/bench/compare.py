@@ -117,14 +117,17 @@ async def _start_sglang_router(
 
 
 async def _answers(port: int) -> bool:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=2)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"http://127.0.0.1:{port}/health") as reply,
+        ):
+            return reply.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
         return False
-    writer.write(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    head = await reader.read(12)
-    writer.close()
-    return head.startswith(b"HTTP/1.1 200")
 
 
 async def run_comparison(

@@ -33,7 +33,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sglang_dp.router.config import RouterConfig, check_worker_url
-from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine
+from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine, WorkerStats
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import Encoder, InvalidRequest, route_request
 from sglang_dp.router.metrics import RouterMetrics
@@ -197,10 +197,14 @@ async def _flush_one(state: RouterState, url: str) -> str:
         return f"unreachable: {type(exc).__name__}"
 
 
-def _worker_record(state: RouterState, url: str) -> dict[str, Any]:
+def _worker_records(state: RouterState, urls: list[str]) -> list[dict[str, Any]]:
+    """Health and statistics of these workers, from one engine snapshot."""
     snap = {w.url: w for w in state.engine.snapshot(state.clock()).workers}
+    return [_worker_record(state, url, snap.get(url)) for url in urls]
+
+
+def _worker_record(state: RouterState, url: str, stats: WorkerStats | None) -> dict[str, Any]:
     health = state.monitor.workers.get(url)
-    stats = snap.get(url)
     record: dict[str, Any] = {"url": url, "state": health.state if health else "unknown"}
     if health is not None and health.last_error:
         record["last_error"] = health.last_error
@@ -209,7 +213,7 @@ def _worker_record(state: RouterState, url: str) -> dict[str, Any]:
     return record
 
 
-def _stats_dict(stats: Any) -> dict[str, Any]:
+def _stats_dict(stats: WorkerStats) -> dict[str, Any]:
     record = dataclasses.asdict(stats)
     record["budget"] = None if math.isinf(stats.budget) else int(stats.budget)
     record["hit_rate"] = round(stats.hit_rate, 4)
@@ -240,16 +244,14 @@ async def _url_from(request: Request) -> str:
 def _workers(state: RouterState) -> Endpoint:
     async def workers(request: Request) -> Response:
         if request.method == "GET":
-            return json_response(
-                {"workers": [_worker_record(state, u) for u in state.engine.workers]}
-            )
+            return json_response({"workers": _worker_records(state, state.engine.workers)})
         try:
             url = check_worker_url(await _url_from(request))
         except ValueError as exc:
             return error(str(exc), 400)
         if request.method == "POST":
             add_worker(state, url)
-            return json_response(_worker_record(state, url), 201)
+            return json_response(_worker_records(state, [url])[0], 201)
         if url not in state.monitor.workers:
             return error(f"{url} is not a worker of this router", 404, "NotFound")
         state.monitor.remove(url)
