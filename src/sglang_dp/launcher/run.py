@@ -29,8 +29,6 @@ from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.plan import WorkerSpec
 from sglang_dp.launcher.supervisor import AllWorkersFailed, StartupFailed, WorkerStatus
 
-log = logging.getLogger("sglang_dp.launch")
-
 
 def _gpu_text(status: WorkerStatus) -> str:
     gpus = ",".join(map(str, status.gpus))

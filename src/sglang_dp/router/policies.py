@@ -1,8 +1,9 @@
 """Load-balancing policies: given per-worker prefix matches and loads, pick a worker and say why.
 
-Every policy sees the same `Candidates` (routable workers in a stable order, their loads = requests
-in flight from this router, and how long a prefix of the request's key each probably holds) and
-returns a `Choice` with a machine-readable reason. Policies are pure; randomness comes from a
+Every policy's `choose(loads, matched, key_length)` sees the same inputs (the routable workers'
+loads = requests in flight from this router, in a stable worker order, and how long a prefix of
+the request's key each probably holds) and returns a `Choice`: the worker and a machine-readable
+reason. Policies are pure; randomness comes from a
 seeded `random.Random`, and ties are broken at random so that, at low load, misses do not all go
 to the first worker (an sgl-router bug).
 
