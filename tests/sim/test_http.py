@@ -354,7 +354,7 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
     log = tmp_path / "stderr.log"
     args = (
         "--startup-seconds",
-        "2",
+        "4",  # from process start: leaves seconds of 503s to observe after the port binds
         "--tokenizer-path",
         "org/hub-name",  # not local: ignored, the model folder's tokenizer is used
         "--model-path",

@@ -100,7 +100,11 @@ class SimConfig:
         type=float,
     )
     time_scale: float = option(1.0, "Run K times faster than the modelled hardware.")
-    startup_seconds: float = option(0.0, "Simulated model-loading time (modelled seconds).")
+    startup_seconds: float = option(
+        0.0,
+        "Simulated model-loading time (modelled seconds) from process start: the simulator's "
+        "own imports count towards it, as a real worker's imports do.",
+    )
     # --- fault injection
     fail_rate: float = option(0.0, "Fraction of generation requests answered with HTTP 500.")
     crash_after: int | None = option(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -39,6 +40,18 @@ def check_config(config: SimConfig) -> str | None:
     return None
 
 
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 where unknown)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        # fields after the command name, which may hold spaces; starttime is field 22
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
 async def _serve(config: SimConfig) -> None:
     loop = asyncio.get_running_loop()
     worker = SimWorker(config, loop)
@@ -52,7 +65,7 @@ async def _serve(config: SimConfig) -> None:
         config.time_scale,
         ", instant" if config.instant else "",
     )
-    worker.start()
+    worker.start(already_elapsed=process_age_seconds())
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -35,7 +35,6 @@ from sglang_dp.httpserver import TEXT, HttpRequest, Responder
 from sglang_dp.sim import api
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
-from sglang_dp.sim.metrics import SimMetrics
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
 from sglang_dp.sim.tokenizer import (
     Output,
@@ -44,6 +43,9 @@ from sglang_dp.sim.tokenizer import (
     load_tokenizer,
     tokenizer_folder,
 )
+
+if TYPE_CHECKING:
+    from sglang_dp.sim.metrics import SimMetrics
 
 log = logging.getLogger("sglang_dp.sim")
 
@@ -121,9 +123,12 @@ class SimWorker:
         self.scheduler = Scheduler(
             self.cost, config.schedule_policy, not config.disable_radix_cache
         )
-        self.metrics = (
-            SimMetrics(self.scheduler, config.model_name) if config.enable_metrics else None
-        )
+        self.metrics: SimMetrics | None = None
+        if config.enable_metrics:
+            # prometheus_client costs ~60 ms of start-up: only for workers that serve metrics
+            from sglang_dp.sim.metrics import SimMetrics
+
+            self.metrics = SimMetrics(self.scheduler, config.model_name)
         self._loop = loop
         self._start = loop.time()
         self._scale = config.time_scale
@@ -184,9 +189,13 @@ class SimWorker:
 
     # ------------------------------------------------------------------ start-up
 
-    def start(self) -> None:
-        """Model loading (simulated), then warm-up, then ready."""
-        delay = self.config.startup_seconds / self._scale
+    def start(self, already_elapsed: float = 0.0) -> None:
+        """Model loading (simulated), then warm-up, then ready.
+
+        `already_elapsed`: real seconds the process has been starting already (interpreter and
+        imports); they count towards the loading time, as a real worker's imports do.
+        """
+        delay = max(0.0, self.config.startup_seconds / self._scale - already_elapsed)
         self._loop.call_later(delay, self._become_ready)
 
     def _become_ready(self) -> None:
