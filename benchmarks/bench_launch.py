@@ -1,9 +1,10 @@
 """How fast `launch` gets out of the way: start-up overhead and shutdown time.
 
 Runs `sglang-dp launch --simulate --dp 8 -- --startup-seconds 2` (every simulated worker takes
-2 s to "load"), measures the time until the router reports 8 healthy workers minus those 2 s
-(`ready_overhead_s`: process start, imports, health checks, router start), then sends SIGINT at
-idle and measures until the launcher and every worker are gone (`shutdown_s`).
+2 s from its process start to be ready), measures the time until the router reports 8 healthy
+workers minus those 2 s (`ready_overhead_s`: the launcher's start, spawning, health checks,
+router start), then sends SIGINT at idle and measures until the launcher and every worker are
+gone (`shutdown_s`).
 
     python benchmarks/bench_launch.py [--json] [--dp 8] [--runs 3]
 """
