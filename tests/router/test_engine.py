@@ -43,6 +43,36 @@ def test_misses_spread_by_load() -> None:
     assert workers == {"w0", "w1", "w2", "w3"}
 
 
+def pending(engine: RoutingEngine) -> dict[str, int]:
+    return {w.url: w.pending for w in engine.snapshot(0).workers}
+
+
+def test_pending_prefill_counts_the_uncached_part_of_prompts_in_flight() -> None:
+    engine = engine_with(2)
+    first = engine.route(SYSTEM + "one", now=1)
+    second = engine.route(SYSTEM + "two", now=2)  # speculated: only "two" is new
+    assert second.worker == first.worker
+    assert pending(engine)[first.worker] == len(SYSTEM + "one") + len("two")
+    engine.release(first)
+    engine.release(first)
+    assert pending(engine)[first.worker] == len("two")
+    engine.fail(second, "timeout")
+    assert pending(engine) == {"w0": 0, "w1": 0}
+
+
+def test_a_burst_of_prefix_groups_spreads_evenly() -> None:
+    # 16 groups x 8 requests arrive at once, groups interleaved as a shuffled benchmark sends them
+    engine = engine_with(4)
+    order = [(i * 7 + j * 3) % 16 for j in range(8) for i in range(16)]
+    groups: dict[str, set[int]] = {}
+    for n, group in enumerate(order):
+        system = f"group {group}: " + SYSTEM
+        dispatch = engine.route(system + f"question {n}", now=n)
+        groups.setdefault(dispatch.worker, set()).add(group)
+    assert sorted(len(g) for g in groups.values()) == [4, 4, 4, 4]
+    assert sorted(loads(engine).values()) == [32, 32, 32, 32]
+
+
 def test_in_flight_goes_down_exactly_once_whatever_ends_the_request() -> None:
     engine = engine_with(1)
     a, b, c = (engine.route(f"prompt {i}", now=i) for i in range(3))
@@ -74,6 +104,8 @@ def test_in_flight_never_leaks(endings: list[list[str]]) -> None:
                 engine.release(dispatch)
     expected = sum(1 for ends in endings if not ends)
     assert sum(loads(engine).values()) == expected
+    still_in_flight = [d for d, ends in zip(dispatches, endings) if not ends]
+    assert sum(pending(engine).values()) == sum(d.uncached for d in still_in_flight)
 
 
 def test_decide_is_a_dry_run() -> None:

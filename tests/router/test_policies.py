@@ -49,6 +49,21 @@ def test_cache_aware_below_threshold_goes_to_least_loaded_not_smallest_tree() ->
     assert (choice.worker, choice.reason) == ("w3", "below_threshold")
 
 
+def test_cache_aware_miss_goes_to_the_least_pending_prefill_then_least_loaded() -> None:
+    cache_aware = make_policy(PolicyConfig(seed=7))
+    loads = dict(zip(W, [1, 9, 9, 3]))
+    pending = dict(zip(W, [4000, 200, 200, 4000]))
+    worker, reason = cache_aware.choose(loads, {"w0": 10}, 100, pending)
+    assert worker in ("w1", "w2") and reason == "below_threshold"  # tied on pending and load
+    assert {cache_aware.choose(loads, {}, 100, pending)[0] for _ in range(40)} == {"w1", "w2"}
+    pending["w2"] = 0
+    assert cache_aware.choose(loads, {}, 100, pending)[0] == "w2"
+    # hits and the imbalance guard do not look at pending prefill
+    assert cache_aware.choose(loads, {"w0": 90}, 100, pending)[0] == "w0"
+    heavy = dict(zip(W, [300, 10, 150, 150]))
+    assert cache_aware.choose(heavy, {"w0": 90}, 100, {"w1": 10**6}) == ("w1", "imbalanced")
+
+
 def test_cache_aware_imbalance_needs_both_thresholds() -> None:
     # gap 70 > 64 and 100 > 30 * 1.5: imbalanced, least loaded wins over a perfect match
     choice = choose("cache_aware", [100, 30, 40, 50], {"w0": 100})
@@ -137,10 +152,15 @@ def test_shortest_queue_takes_a_minimum(c: Candidates) -> None:
     assert c.loads[choice.worker] == min(c.loads.values())
 
 
-@given(c=candidates)
-def test_cache_aware_hit_takes_a_longest_match(c: Candidates) -> None:
-    choice = pick("cache_aware", c, seed=0)
-    if choice.reason == "cache_hit":
-        assert c.matched[choice.worker] == max(c.matched.values())
-    else:
-        assert c.loads[choice.worker] == min(c.loads.values())
+@given(c=candidates, pending=st.lists(st.integers(0, 5000), min_size=6, max_size=6))
+def test_cache_aware_takes_a_longest_match_or_a_least_pending_worker(
+    c: Candidates, pending: list[int]
+) -> None:
+    queued = {f"w{i}": p for i, p in enumerate(pending)}
+    worker, reason = make_policy(PolicyConfig(seed=0)).choose(*c, queued)
+    if reason == "cache_hit":
+        assert c.matched[worker] == max(c.matched.values())
+    elif reason == "imbalanced":
+        assert c.loads[worker] == min(c.loads.values())
+    else:  # brute force: the lowest (pending, load) pair
+        assert (queued[worker], c.loads[worker]) == min((queued[w], c.loads[w]) for w in c.loads)

@@ -131,6 +131,7 @@ class _WorkerState:
         "healthy",
         "in_flight",
         "mispredicted",
+        "pending",
         "predicted_tokens",
         "prompt_tokens",
         "resets",
@@ -144,6 +145,7 @@ class _WorkerState:
         self.capacity_tokens = capacity_tokens
         self.budget = math.inf  # learned share of the tree, in key elements
         self.in_flight: dict[int, float] = {}  # dispatch id -> when it was sent (ordered)
+        self.pending = 0  # key elements of in-flight prompts it was not predicted to hold
         self.generation = 0
         self.routed = self.completed = self.errors = self.resets = 0
         self.predicted_tokens = self.cached_tokens = self.prompt_tokens = 0
@@ -161,6 +163,7 @@ class Dispatch:
     sent_at: float
     prior_touch: float | None  # when the worker last touched the matched part, before this
     oldest_in_flight: float  # send time of its oldest request in flight when this was routed
+    uncached: int  # key elements the worker was not predicted to hold (its prefill work)
     _state: _WorkerState
     _generation: int
     released: bool = False
@@ -173,6 +176,7 @@ class Dispatch:
         sent_at: float,
         prior_touch: float | None,
         oldest_in_flight: float,
+        uncached: int,
         _state: _WorkerState,
         _generation: int,
         released: bool = False,
@@ -183,6 +187,7 @@ class Dispatch:
         self.sent_at = sent_at
         self.prior_touch = prior_touch
         self.oldest_in_flight = oldest_in_flight
+        self.uncached = uncached
         self._state = _state
         self._generation = _generation
         self.released = released
@@ -197,6 +202,7 @@ class WorkerStats:
     url: str
     healthy: bool
     in_flight: int
+    pending: int  # key elements of in-flight prompts not predicted cached (queued prefill)
     routed: int
     completed: int
     errors: int
@@ -253,6 +259,7 @@ class RoutingEngine:
         self._workers: dict[str, _WorkerState] = {}
         self._routable: tuple[_WorkerState, ...] = ()
         self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
+        self._pending: dict[str, int] = {}  # ... and their uncached key elements in flight
         self._ids = itertools.count(1)
         self._reasons: dict[str, int] = {}  # a Counter's item assignment is several times slower
         self._per_token = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
@@ -328,10 +335,13 @@ class RoutingEngine:
         state = self._workers[decision.worker]
         prior = self._tree.insert_at(path, state.url, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
+        uncached = decision.key_length - decision.matched
         dispatch = Dispatch(
-            next(self._ids), decision, path.key, now, prior, oldest, state, state.generation
-        )
+            next(self._ids), decision, path.key, now, prior, oldest, uncached, state,
+            state.generation,
+        )  # fmt: skip
         state.in_flight[dispatch.id] = now
+        state.pending += uncached
         self._sync_load(state)
         state.routed += 1
         self._reasons[decision.reason] = self._reasons.get(decision.reason, 0) + 1
@@ -377,6 +387,7 @@ class RoutingEngine:
         if not dispatch.released:
             dispatch.released = True
             dispatch._state.in_flight.pop(dispatch.id, None)
+            dispatch._state.pending -= dispatch.uncached
             self._sync_load(dispatch._state)
 
     # -- reading ---------------------------------------------------------------------------
@@ -398,10 +409,12 @@ class RoutingEngine:
     def _refresh_routable(self) -> None:
         self._routable = tuple(s for s in self._workers.values() if s.healthy)
         self._loads = {s.url: len(s.in_flight) for s in self._routable}
+        self._pending = {s.url: s.pending for s in self._routable}
 
     def _sync_load(self, state: _WorkerState) -> None:
         if state.url in self._loads and self._workers.get(state.url) is state:
             self._loads[state.url] = len(state.in_flight)
+            self._pending[state.url] = state.pending
 
     def _candidates(self, exclude: Iterable[str]) -> dict[str, int]:
         """The routable workers' loads (the engine's own dict when nothing is excluded)."""
@@ -423,7 +436,7 @@ class RoutingEngine:
     def _decide(self, path: Path, loads: dict[str, int]) -> Decision:
         matched = path.matched
         length = len(path.key)
-        worker, reason = self._policy.choose(loads, matched, length)
+        worker, reason = self._policy.choose(loads, matched, length, self._pending)
         fields = (worker, reason, self._policy_name, matched.get(worker, 0), length, loads[worker])
         # what Decision(*fields) does, without its interpreted __new__ (once per request)
         return tuple.__new__(Decision, fields)
@@ -465,6 +478,7 @@ class RoutingEngine:
             url=state.url,
             healthy=state.healthy,
             in_flight=len(state.in_flight),
+            pending=state.pending,
             routed=state.routed,
             completed=state.completed,
             errors=state.errors,

@@ -1,9 +1,10 @@
 """Load-balancing policies: given per-worker prefix matches and loads, pick a worker and say why.
 
-Every policy's `choose(loads, matched, key_length)` sees the same inputs (the routable workers'
-loads = requests in flight from this router, in a stable worker order, and how long a prefix of
-the request's key each probably holds) and returns a `Choice`: the worker and a machine-readable
-reason. Policies are pure; randomness comes from a
+Every policy's `choose(loads, matched, key_length, pending)` sees the same inputs (the routable
+workers' loads = requests in flight from this router, in a stable worker order; how long a prefix
+of the request's key each probably holds; and each worker's pending prefill = key elements of its
+in-flight prompts it was not predicted to hold) and returns a `Choice`: the worker and a
+machine-readable reason. Policies are pure; randomness comes from a
 seeded `random.Random`, and ties are broken at random so that, at low load, misses do not all go
 to the first worker (an sgl-router bug).
 
@@ -11,8 +12,13 @@ Policies and settings (defaults):
 - `cache_aware` (sgl-router's semantics and flag names): if max_load - min_load >
   `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), take the
   least loaded worker [imbalanced]; else if the best match rate > `cache_threshold` (0.3), take the
-  best-matching worker [cache_hit]; else the least loaded worker [below_threshold] (never "the
-  smallest tree", which sent every miss to one worker).
+  best-matching worker [cache_hit]; else the worker with the least pending prefill, then the least
+  loaded [below_threshold]. One deviation from sgl-router, whose misses go to the least loaded
+  worker: when a burst of requests arrives, in-flight counts say nothing about the prefixes about
+  to be shared, so least-loaded placed 9 of 64 prefix groups on one worker and 7 on another, and
+  the busiest worker set the finishing time; pending prefill counts the misses a worker already
+  has to compute, which spreads new prefixes evenly (and weighs prompts by length). Never "the
+  smallest tree", which sent every miss to one worker.
 - `threshold` (the proposal's "cache threshold + shortest queue"): best match rate >
   `cache_threshold` → best-matching worker [cache_hit]; else shortest queue [below_threshold].
 - `variance` (the proposal's variance-based strategy): with μ and σ the mean and standard deviation
@@ -45,17 +51,23 @@ POLICY_NAMES = (
 
 
 Choice = tuple[str, str]  # (worker, reason); a plain tuple: this is the hot path
+NO_PENDING: Mapping[str, int] = {}
 
 
 class Policy(Protocol):
     """`loads`: the routable workers' requests in flight, in a stable worker order (never empty).
     `matched`: how long a prefix of the key each worker probably holds (zeros and unroutable
-    workers may be missing or present). `key_length`: the key's length."""
+    workers may be missing or present). `key_length`: the key's length. `pending`: each worker's
+    uncached key elements in flight (missing: 0)."""
 
     name: str
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = ...,
     ) -> Choice: ...
 
 
@@ -103,6 +115,19 @@ def least_loaded(loads: Mapping[str, int], rng: random.Random) -> str:
     return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
+def least_pending(loads: Mapping[str, int], pending: Mapping[str, int], rng: random.Random) -> str:
+    """The worker with the least pending prefill; ties: less loaded, then at random."""
+    best: list[str] = []
+    best_pending, best_load = 0, 0
+    for worker, load in loads.items():
+        queued = pending.get(worker, 0)
+        if not best or queued < best_pending or (queued == best_pending and load < best_load):
+            best, best_pending, best_load = [worker], queued, load
+        elif queued == best_pending and load == best_load:
+            best.append(worker)
+    return best[0] if len(best) == 1 else rng.choice(best)
+
+
 def best_match(loads: Mapping[str, int], matched: Mapping[str, int], rng: random.Random) -> str:
     """The worker in `loads` holding the longest prefix (ties: less loaded, then at random).
 
@@ -136,7 +161,11 @@ class CacheAware:
         self._rng = rng
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         high, low = max(loads.values()), min(loads.values())
         cfg = self._config
@@ -145,7 +174,7 @@ class CacheAware:
         worker = best_match(loads, matched, self._rng)
         if worker and matched[worker] > cfg.cache_threshold * key_length:
             return worker, "cache_hit"
-        return least_loaded(loads, self._rng), "below_threshold"
+        return least_pending(loads, pending, self._rng), "below_threshold"
 
 
 class Threshold:
@@ -156,7 +185,11 @@ class Threshold:
         self._rng = rng
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         worker = best_match(loads, matched, self._rng)
         if worker and matched[worker] > self._threshold * key_length:
@@ -172,7 +205,11 @@ class Variance:
         self._rng = rng
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         values = list(loads.values())
         limit = statistics.fmean(values) + self._k * statistics.pstdev(values)
@@ -190,7 +227,11 @@ class RoundRobin:
         self._next = 0
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         workers = list(loads)
         worker = workers[self._next % len(workers)]
@@ -205,7 +246,11 @@ class Random:
         self._rng = rng
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         return self._rng.choice(list(loads)), "random"
 
@@ -217,7 +262,11 @@ class PowerOfTwo:
         self._rng = rng
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         workers = list(loads)
         if len(workers) == 1:
@@ -233,7 +282,11 @@ class ShortestQueue:
         self._rng = rng
 
     def choose(
-        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
     ) -> Choice:
         return least_loaded(loads, self._rng), "shortest_queue"
 
