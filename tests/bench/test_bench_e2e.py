@@ -76,7 +76,9 @@ def test_shared_prefix_through_the_router(four_workers: Cluster, tmp_path: Path)
         *("--concurrency", "6", "--flush-cache"),
     )
     assert result["planned"] == 24 and result["completion_tokens"] == 24 * 8
-    assert result["ttft_ms"]["p50"] is not None and result["itl_ms"] is not None
+    # TTFT needs only the first event; inter-token latency needs events that arrive apart, which
+    # at --time-scale 1000 (µs decode steps) the socket may deliver as one read: see test_report.
+    assert result["ttft_ms"]["p50"] is not None
     assert result["config"]["num_groups"] == 4 and result["config"]["concurrency"] == 6
     # A cold cache: the routed hit rate cannot beat the oracle.
     assert result["hit_rate"] <= result["oracle_hit_rate"] + 1e-9

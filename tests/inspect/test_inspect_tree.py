@@ -97,15 +97,18 @@ def test_reasons_in_plain_words() -> None:
         "key_length": 200,
         "decision": {"worker": "b", "reason": "below_threshold", "policy": "cache_aware",
                      "matched": 10, "match_rate": 0.05},
-        "workers": [{"url": "a", "matched": 20, "load": 4}, {"url": "b", "matched": 10, "load": 1}],
+        "workers": [{"url": "a", "matched": 20, "load": 4, "pending": 900},
+                    {"url": "b", "matched": 10, "load": 5, "pending": 300}],
         "settings": {"cache_threshold": 0.3, "balance_abs_threshold": 64,
                      "balance_rel_threshold": 1.5},
     }  # fmt: skip
     assert explain(route, stats) == (
-        "the best match is 20 of 200 characters (10 %) ≤ threshold 30 %: the least loaded "
-        "worker, w1 (1 in flight), takes it"
+        "the best match is 20 of 200 characters (10 %) ≤ threshold 30 %: the worker with the "
+        "least prefill pending, w1 (300 uncached characters, 5 in flight), takes it"
     )
+    route["decision"] |= {"policy": "threshold"}
+    assert explain(route, stats).endswith("the least loaded worker, w1 (5 in flight), takes it")
     route["decision"] |= {"reason": "imbalanced"}
-    assert "max 4 − min 1 > 64" in explain(route, stats)
+    assert "max 5 − min 4 > 64" in explain(route, stats)
     route["decision"] |= {"reason": "round_robin", "policy": "round_robin"}
     assert explain(route, stats) == "w1, by the round_robin policy (it does not look at the cache)"

@@ -112,10 +112,11 @@ def test_decide_is_a_dry_run() -> None:
     engine = engine_with(2)
     engine.route(SYSTEM + "a", now=1)
     before = (engine.tree.total_size, loads(engine))
-    decision, matches, dry_loads = engine.explain(SYSTEM + "b")
+    decision, matches, dry_loads, dry_pending = engine.explain(SYSTEM + "b")
     assert decision.reason == "cache_hit"
     assert matches[decision.worker] == len(SYSTEM)
     assert dry_loads == {"w0": 0, "w1": 0} | {decision.worker: 1}
+    assert dry_pending == {"w0": 0, "w1": 0} | {decision.worker: len(SYSTEM + "a")}
     assert (engine.tree.total_size, loads(engine)) == before
 
 

@@ -130,11 +130,15 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     if reason == "below_threshold":
         best = max((w["matched"] for w in route.get("workers", [])), default=0)
         rate = best / length if length else 0.0
-        return (
-            f"the best match is {best:,} of {length:,} characters ({_pct(rate)}) ≤ threshold "
-            f"{_pct(threshold)}: the least loaded worker, {name} ({loads.get(d['worker'], 0)} "
-            "in flight), takes it"
-        )
+        below = f"the best match is {best:,} of {length:,} characters ({_pct(rate)}) ≤ threshold "
+        in_flight = f"{loads.get(d['worker'], 0)} in flight"
+        if d["policy"] == "cache_aware":
+            pending = {w["url"]: w.get("pending", 0) for w in route.get("workers", [])}
+            return (
+                f"{below}{_pct(threshold)}: the worker with the least prefill pending, {name} "
+                f"({pending.get(d['worker'], 0):,} uncached characters, {in_flight}), takes it"
+            )
+        return f"{below}{_pct(threshold)}: the least loaded worker, {name} ({in_flight}), takes it"
     if reason == "imbalanced":
         high, low = max(loads.values()), min(loads.values())
         return (
@@ -150,7 +154,7 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
 def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> RenderableType:
     names = worker_names(stats)
     table = Table(title="per worker", title_justify="left")
-    for column in ("worker", "url", "matched", "rate", "in flight"):
+    for column in ("worker", "url", "matched", "rate", "in flight", "pending prefill"):
         table.add_column(column, justify="left" if column in ("worker", "url") else "right")
     length = max(int(route.get("key_length", 0)), 1)
     chosen = route["decision"]["worker"]
@@ -163,6 +167,7 @@ def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> Rendera
             f"{w['matched']:,}",
             _pct(w["matched"] / length),
             str(w["load"]),
+            f"{w.get('pending', 0):,}",
         )
     d = route["decision"]
     name = names.get(d["worker"], d["worker"])

@@ -363,7 +363,12 @@ def _debug_route(state: RouterState) -> Endpoint:
                     "match_rate": round(decision.match_rate, 4),
                 },
                 "workers": [
-                    {"url": url, "matched": explanation.matches[url], "load": load}
+                    {
+                        "url": url,
+                        "matched": explanation.matches[url],
+                        "load": load,
+                        "pending": explanation.pending[url],
+                    }
                     for url, load in explanation.loads.items()
                 ],
                 "settings": dataclasses.asdict(state.config.engine.policy),

@@ -91,6 +91,7 @@ class Explanation(NamedTuple):
     decision: Decision
     matches: dict[str, int]  # routable workers only, in worker order
     loads: dict[str, int]
+    pending: dict[str, int]  # uncached key elements in flight (cache_aware's misses use it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +327,8 @@ class RoutingEngine:
         loads = self._candidates(exclude).copy()
         path = self._tree.walk(key)
         decision = self._decide(path, loads)
-        return Explanation(decision, {w: path.matched.get(w, 0) for w in loads}, loads)
+        matches = {w: path.matched.get(w, 0) for w in loads}
+        return Explanation(decision, matches, loads, {w: self._pending[w] for w in loads})
 
     def route(self, key: KeyLike, now: float, exclude: Iterable[str] = ()) -> Dispatch:
         """Choose a worker, count the request in flight there and speculate: insert the key."""
