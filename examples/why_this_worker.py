@@ -23,7 +23,10 @@ def main(url: str, prompt: str) -> None:
         f"matches {decision['matched']} of {route['key_length']} characters"
     )
     for worker in route["workers"]:
-        print(f"  {worker['url']}: matched {worker['matched']}, {worker['load']} in flight")
+        print(
+            f"  {worker['url']}: matched {worker['matched']}, {worker['load']} in flight, "
+            f"{worker['pending']} uncached characters pending"
+        )
 
 
 if __name__ == "__main__":
