@@ -104,7 +104,7 @@ def test_reasons_in_plain_words() -> None:
     }  # fmt: skip
     assert explain(route, stats) == (
         "the best match is 20 of 200 characters (10 %) ≤ threshold 30 %: the worker with the "
-        "least prefill pending, w1 (300 uncached characters, 5 in flight), takes it"
+        "least pending prefill, w1 (300 uncached characters, 5 in flight), takes it"
     )
     route["decision"] |= {"policy": "threshold"}
     assert explain(route, stats).endswith("the least loaded worker, w1 (5 in flight), takes it")

@@ -135,7 +135,7 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
         if d["policy"] == "cache_aware":
             pending = {w["url"]: w.get("pending", 0) for w in route.get("workers", [])}
             return (
-                f"{below}{_pct(threshold)}: the worker with the least prefill pending, {name} "
+                f"{below}{_pct(threshold)}: the worker with the least pending prefill, {name} "
                 f"({pending.get(d['worker'], 0):,} uncached characters, {in_flight}), takes it"
             )
         return f"{below}{_pct(threshold)}: the least loaded worker, {name} ({in_flight}), takes it"

@@ -17,7 +17,9 @@ Policies and settings (defaults):
   worker: when a burst of requests arrives, in-flight counts say nothing about the prefixes about
   to be shared, so least-loaded placed 9 of 64 prefix groups on one worker and 7 on another, and
   the busiest worker set the finishing time; pending prefill counts the misses a worker already
-  has to compute, which spreads new prefixes evenly (and weighs prompts by length). Never "the
+  has to compute, which spreads new prefixes evenly (and weighs prompts by length). Its cost: in
+  a burst with one very hot prefix, that prefix's worker holds mostly cheap hits, looks light,
+  and is given new prefixes too (7 % less throughput measured; benchmarks/README.md). Never "the
   smallest tree", which sent every miss to one worker.
 - `threshold` (the proposal's "cache threshold + shortest queue"): best match rate >
   `cache_threshold` → best-matching worker [cache_hit]; else shortest queue [below_threshold].
