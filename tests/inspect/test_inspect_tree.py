@@ -110,5 +110,10 @@ def test_reasons_in_plain_words() -> None:
     assert explain(route, stats).endswith("the least loaded worker, w1 (5 in flight), takes it")
     route["decision"] |= {"reason": "imbalanced"}
     assert "max 5 − min 4 > 64" in explain(route, stats)
+    assert explain(route, stats).endswith("the least loaded worker, w1, takes it")
+    route["decision"] |= {"reason": "imbalanced_hit"}
+    assert explain(route, stats).endswith(
+        "w1 holds 10 of 200 characters (5 %) and is not overloaded, so it takes it"
+    )
     route["decision"] |= {"reason": "round_robin", "policy": "round_robin"}
     assert explain(route, stats) == "w1, by the round_robin policy (it does not look at the cache)"

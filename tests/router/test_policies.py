@@ -64,6 +64,19 @@ def test_cache_aware_miss_goes_to_the_least_pending_prefill_then_least_loaded() 
     assert cache_aware.choose(heavy, {"w0": 90}, 100, {"w1": 10**6}) == ("w1", "imbalanced")
 
 
+def test_cache_aware_imbalanced_keeps_a_prefix_on_a_worker_that_is_not_overloaded() -> None:
+    # imbalanced (300 - 10 > 64, 300 > 15): w0 is overloaded; w2 holds the prefix too and is
+    # within 32 of the least loaded, so the prefix is not recomputed on w1
+    choice = choose("cache_aware", [300, 10, 40, 150], {"w0": 100, "w2": 80, "w3": 90})
+    assert choice == ("w2", "imbalanced_hit")
+    # w2 at 43 is past least + 32: nobody near holds enough of it, the least loaded takes it
+    choice = choose("cache_aware", [300, 10, 43, 150], {"w0": 100, "w2": 80, "w3": 90})
+    assert choice == ("w1", "imbalanced")
+    # a match at or under the threshold is no reason to leave the least loaded worker
+    choice = choose("cache_aware", [300, 10, 40, 150], {"w0": 100, "w2": 30})
+    assert choice == ("w1", "imbalanced")
+
+
 def test_cache_aware_imbalance_needs_both_thresholds() -> None:
     # gap 70 > 64 and 100 > 30 * 1.5: imbalanced, least loaded wins over a perfect match
     choice = choose("cache_aware", [100, 30, 40, 50], {"w0": 100})
@@ -158,9 +171,15 @@ def test_cache_aware_takes_a_longest_match_or_a_least_pending_worker(
 ) -> None:
     queued = {f"w{i}": p for i, p in enumerate(pending)}
     worker, reason = make_policy(PolicyConfig(seed=0)).choose(*c, queued)
+    low = min(c.loads.values())
+    near = [w for w in c.loads if c.loads[w] <= low + 32]  # half the default abs threshold
     if reason == "cache_hit":
         assert c.matched[worker] == max(c.matched.values())
+    elif reason == "imbalanced_hit":
+        assert worker in near and c.matched[worker] > 30
+        assert c.matched[worker] == max(c.matched.get(w, 0) for w in near)
     elif reason == "imbalanced":
-        assert c.loads[worker] == min(c.loads.values())
+        assert c.loads[worker] == low
+        assert all(c.matched.get(w, 0) <= 30 for w in near)
     else:  # brute force: the lowest (pending, load) pair
         assert (queued[worker], c.loads[worker]) == min((queued[w], c.loads[w]) for w in c.loads)

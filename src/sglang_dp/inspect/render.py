@@ -139,13 +139,16 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
                 f"({pending.get(d['worker'], 0):,} uncached characters, {in_flight}), takes it"
             )
         return f"{below}{_pct(threshold)}: the least loaded worker, {name} ({in_flight}), takes it"
-    if reason == "imbalanced":
+    if reason in ("imbalanced", "imbalanced_hit"):
         high, low = max(loads.values()), min(loads.values())
-        return (
+        why = (
             f"loads are imbalanced (max {high} − min {low} > "
             f"{settings.get('balance_abs_threshold')} and {high} > {low} × "
-            f"{settings.get('balance_rel_threshold')}): the least loaded worker, {name}, takes it"
+            f"{settings.get('balance_rel_threshold')})"
         )
+        if reason == "imbalanced_hit":
+            return f"{why}: {name} holds {held} and is not overloaded, so it takes it"
+        return f"{why}: the least loaded worker, {name}, takes it"
     if reason == "no_match":
         return f"no worker within μ + Kσ holds any of it: the least loaded of them, {name}"
     return f"{name}, by the {d['policy']} policy (it does not look at the cache)"

@@ -57,8 +57,9 @@ def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
 
 
 class ImbalanceWatch:
-    """Turns the count of "imbalanced" decisions, read now and then, into events: when
-    cache_aware starts overriding the cache to balance load, and when it stops."""
+    """Turns the count of imbalanced decisions ("imbalanced", "imbalanced_hit"), read now and
+    then, into events: when cache_aware starts overriding the cache to balance load, and when it
+    stops."""
 
     def __init__(self) -> None:
         self.seen = 0
@@ -69,8 +70,8 @@ class ImbalanceWatch:
         if grew > 0 and not self.active:
             self.active = True
             return (
-                f"imbalance mode: loads drifted apart, {grew} request(s) sent to the least "
-                "loaded worker instead of the best cache match"
+                f"imbalance mode: loads drifted apart, {grew} request(s) sent away from the "
+                "overloaded worker holding their prefix"
             )
         if grew <= 0 and self.active:
             self.active = False
@@ -390,7 +391,9 @@ def _guess_path(raw: bytes) -> str:
 def stats_payload(state: RouterState) -> dict[str, Any]:
     """The engine snapshot with worker health: `/debug/stats`, and what dashboards draw."""
     snap = state.engine.snapshot(state.clock())
-    message = state.imbalance.update(dict(snap.reasons).get("imbalanced", 0))
+    reasons = dict(snap.reasons)
+    imbalanced = reasons.get("imbalanced", 0) + reasons.get("imbalanced_hit", 0)
+    message = state.imbalance.update(imbalanced)
     if message:
         state.events.append(message)
     return {

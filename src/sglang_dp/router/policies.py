@@ -10,17 +10,21 @@ to the first worker (an sgl-router bug).
 
 Policies and settings (defaults):
 - `cache_aware` (sgl-router's semantics and flag names): if max_load - min_load >
-  `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), take the
-  least loaded worker [imbalanced]; else if the best match rate > `cache_threshold` (0.3), take the
-  best-matching worker [cache_hit]; else the worker with the least pending prefill, then the least
-  loaded [below_threshold]. One deviation from sgl-router, whose misses go to the least loaded
-  worker: when a burst of requests arrives, in-flight counts say nothing about the prefixes about
-  to be shared, so least-loaded placed 9 of 64 prefix groups on one worker and 7 on another, and
-  the busiest worker set the finishing time; pending prefill counts the misses a worker already
-  has to compute, which spreads new prefixes evenly (and weighs prompts by length). Its cost: in
-  a burst with one very hot prefix, that prefix's worker holds mostly cheap hits, looks light,
-  and is given new prefixes too (7 % less throughput measured; benchmarks/README.md). Never "the
-  smallest tree", which sent every miss to one worker.
+  `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), the loads
+  are imbalanced: take the best-matching worker among those not overloaded (load within half of
+  `balance_abs_threshold` of the least loaded) if its match rate > `cache_threshold`
+  [imbalanced_hit], else the least loaded worker [imbalanced]; else if the best match rate >
+  `cache_threshold` (0.3), take the best-matching worker [cache_hit]; else the worker with the
+  least pending prefill, then the least loaded [below_threshold].
+  Two deviations from sgl-router, both measured on bursts (benchmarks/README.md):
+  misses go by pending prefill, not by in-flight count, because when a burst arrives in-flight
+  counts say nothing about the prefixes about to be shared (least-loaded placed 9 of 64 prefix
+  groups on one worker and 7 on another, and the busiest worker set the finishing time), while
+  pending prefill counts the misses a worker already has to compute, which spreads new prefixes
+  evenly (and weighs prompts by length); and a hot prefix pushed off its overloaded worker goes
+  to a worker that already took some of it, instead of being recomputed wherever the load is
+  least (sgl-router scatters it, and so did pending prefill alone: a burst with one very hot
+  prefix lost 7 % throughput). Never "the smallest tree", which sent every miss to one worker.
 - `threshold` (the proposal's "cache threshold + shortest queue"): best match rate >
   `cache_threshold` → best-matching worker [cache_hit]; else shortest queue [below_threshold].
 - `variance` (the proposal's variance-based strategy): with μ and σ the mean and standard deviation
@@ -172,11 +176,23 @@ class CacheAware:
         high, low = max(loads.values()), min(loads.values())
         cfg = self._config
         if high - low > cfg.balance_abs_threshold and high > low * cfg.balance_rel_threshold:
-            return least_loaded(loads, self._rng), "imbalanced"
+            return self._rebalance(loads, matched, key_length, low)
         worker = best_match(loads, matched, self._rng)
         if worker and matched[worker] > cfg.cache_threshold * key_length:
             return worker, "cache_hit"
         return least_pending(loads, pending, self._rng), "below_threshold"
+
+    def _rebalance(
+        self, loads: Mapping[str, int], matched: Mapping[str, int], key_length: int, low: int
+    ) -> Choice:
+        """Imbalanced: a worker not overloaded that holds the prefix, else the least loaded."""
+        cfg = self._config
+        limit = low + cfg.balance_abs_threshold // 2
+        near = {w: load for w, load in loads.items() if load <= limit}
+        worker = best_match(near, matched, self._rng)
+        if worker and matched[worker] > cfg.cache_threshold * key_length:
+            return worker, "imbalanced_hit"
+        return least_loaded(loads, self._rng), "imbalanced"
 
 
 class Threshold:
