@@ -101,11 +101,13 @@ if __name__ == "__main__":
     if args.policies == POLICIES and importlib.util.find_spec("sglang_router") is not None:
         args.policies = f"{SGL_ROUTER},{POLICIES}"
     console = Console(stderr=args.json)
-    figures = uvloop.run(main(args, console))
-    if "round_robin" in args.policies.split(",") and "cache_aware" in args.policies.split(","):
-        figures["targets"] = targets(figures)
-        if SGL_ROUTER in args.policies.split(","):
-            figures["best_over_sglang_router"] = best_over_sglang_router(figures)
+    by_workload = uvloop.run(main(args, console))
+    figures: dict[str, Any] = dict(by_workload)
+    policies = args.policies.split(",")
+    if "round_robin" in policies and "cache_aware" in policies:
+        figures["targets"] = targets(by_workload)
+    if SGL_ROUTER in policies:
+        figures["best_over_sglang_router"] = best_over_sglang_router(by_workload)
     figures["settings"] = {"dp": args.dp, "profile": args.profile, "time_scale": args.time_scale}
     RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures))
