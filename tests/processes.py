@@ -13,15 +13,32 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from sglang_dp.launcher import process
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
+Scenario = Callable[[], Awaitable[Any]]
+
+
+def run_on(kind: str, scenario: Scenario, timeout: float = 30.0) -> Any:
+    """Run one scenario on a fresh loop ("asyncio" or "uvloop"); cancel whatever it left behind."""
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
+    finally:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.close()
 
 
 def make_hf_tokenizer(folder: Path) -> Path:

@@ -6,42 +6,25 @@ after the test fails it (and is killed by its process group, found by pid, never
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-import uvloop
 
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
-from sglang_dp.launcher.process import busy_ports
+from sglang_dp.launcher.process import EPHEMERAL_START, busy_ports
+from tests.processes import Scenario, run_on
 
-Scenario = Callable[[], Awaitable[Any]]
 Runner = Callable[[Scenario], Any]
 SIM_ARGS = ("--time-scale", "1000", "--log-level", "warning")
-EPHEMERAL_FLOOR = 32768  # Linux's default ip_local_port_range starts here
-
-
-def run_on(kind: str, scenario: Scenario, timeout: float = 30.0) -> Any:
-    """Run one scenario on a fresh loop of the given kind; cancel whatever it left behind."""
-    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
-    finally:
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-        loop.close()
 
 
 @pytest.fixture
@@ -94,7 +77,7 @@ def free_base(dp: int, stride: int = 10) -> int:
     draw = random.Random()
     span = (dp + 4) * stride
     for _ in range(100):
-        base = draw.randrange(EPHEMERAL_FLOOR - 12000, EPHEMERAL_FLOOR - span)
+        base = draw.randrange(EPHEMERAL_START - 12000, EPHEMERAL_START - span)
         if not busy_ports(range(base, base + span)):
             return base
     raise AssertionError("no free port band")

@@ -20,7 +20,6 @@ from typing import Any
 
 import psutil
 import pytest
-import uvloop
 
 from sglang_dp.router.upstream import (
     HIGH_WATER,
@@ -32,7 +31,7 @@ from sglang_dp.router.upstream import (
     UpstreamTimeout,
 )
 from tests import processes
-from tests.processes import Worker, free_port, sim_worker
+from tests.processes import Worker, free_port, run_on, sim_worker
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -45,19 +44,8 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 def run(request: pytest.FixtureRequest) -> Callable[[Callable[[], Awaitable[Any]]], Any]:
     """Run one scenario on a fresh loop of the given kind; cancel whatever it left behind."""
 
-    def runner(scenario: Callable[[], Awaitable[Any]]) -> Any:
-        loop = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
-        try:
-            return loop.run_until_complete(asyncio.wait_for(scenario(), 15))
-        finally:
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-            loop.close()
-
-    return runner
+    kind: str = request.param
+    return lambda scenario: run_on(kind, scenario, timeout=15)
 
 
 async def until(condition: Callable[[], Any], what: str = "it") -> Any:
