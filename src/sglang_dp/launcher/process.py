@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import psutil
@@ -204,33 +204,28 @@ def read_tail(path: Path, start: int, lines: int) -> list[str]:
 
 def sglang_importable(python: str) -> bool:
     """Whether `python` can import sglang (found without importing it: that takes seconds)."""
-    return _run_python(python, ["-c", _IMPORTABLE_PROBE], CHECK_TIMEOUT_S) == 0
+    done = _run_quietly([python, "-c", _IMPORTABLE_PROBE], CHECK_TIMEOUT_S)
+    return done is not None and done.returncode == 0
 
 
 def sglang_accepts_nccl_port(python: str) -> bool:
     """Whether the sglang that `python` imports has `--nccl-port` (0.5+); False if unknown."""
-    status = _run_python(python, ["-c", _NCCL_PORT_PROBE], CHECK_TIMEOUT_S)
-    if status in (_PROBE_YES, _PROBE_NO):
-        return status == _PROBE_YES
-    try:  # server_args.py moved: ask the server itself
-        done = subprocess.run(
-            [python, "-m", "sglang.launch_server", "--help"],
-            capture_output=True,
-            text=True,
-            timeout=HELP_TIMEOUT_S,
-            check=False,
+    probe = _run_quietly([python, "-c", _NCCL_PORT_PROBE], CHECK_TIMEOUT_S)
+    if probe is not None and probe.returncode in (_PROBE_YES, _PROBE_NO):
+        return probe.returncode == _PROBE_YES
+    # server_args.py moved: ask the server itself
+    done = _run_quietly([python, "-m", "sglang.launch_server", "--help"], HELP_TIMEOUT_S)
+    return done is not None and "--nccl-port" in done.stdout
+
+
+def _run_quietly(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
+    """Run a short command to completion, output captured; None if it cannot start or hangs."""
+    try:
+        return subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
         )
     except (OSError, subprocess.SubprocessError):
-        return False
-    return "--nccl-port" in done.stdout
-
-
-def _run_python(python: str, args: list[str], timeout: float) -> int | None:
-    try:
-        done = subprocess.run([python, *args], capture_output=True, timeout=timeout, check=False)
-    except (OSError, subprocess.SubprocessError):
         return None
-    return done.returncode
 
 
 EPHEMERAL_START = 32768  # Linux's default ip_local_port_range starts here
