@@ -20,6 +20,7 @@ COMPILED = [
     "src/sglang_dp/httpserver.py",
     "src/sglang_dp/router/upstream.py",
     "src/sglang_dp/router/proxy.py",
+    "src/sglang_dp/router/answers.py",
 ]
 
 

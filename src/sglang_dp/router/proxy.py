@@ -42,11 +42,11 @@ from typing import Any
 import orjson
 
 from sglang_dp.httpserver import JSON, HttpRequest, Responder
+from sglang_dp.router.answers import StreamTap, output_text, token_counts
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, Outcome, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import (
-    CHAT,
     GENERATE,
     Encoder,
     InvalidRequest,
@@ -410,12 +410,13 @@ class Proxy:
     ) -> bytes:
         """Pass every chunk on as it arrives; return the last complete SSE event's data."""
         responder.start_stream(upstream.status, content_type, extra)
-        tail = b""
+        tap = StreamTap()
         async for chunk in upstream:
-            responder.write(chunk)
-            tail = (tail + chunk)[-65536:]  # the final events fit: meta_info / usage
+            out = tap.feed(chunk)
+            if out:
+                responder.write(out)
         responder.end()
-        return _last_data_event(tail)
+        return tap.last_event()
 
     def _observe_body(self, dispatch: Dispatch, routed: Routed, payload: bytes) -> None:
         try:
@@ -438,61 +439,13 @@ class Proxy:
     def _observe(
         self, dispatch: Dispatch, routed: Routed, reply: dict[str, Any], with_output: bool
     ) -> None:
-        counts = _token_counts(reply)
+        counts = token_counts(reply)
         if counts is None:
             return
         prompt, cached, completion = counts
         extended = None
         if with_output and not routed.batch:
-            output = _output_text(routed.path, reply)
+            output = output_text(routed.path, reply)
             if output is not None:
                 extended = extend_key(routed, output, self._encode)
         self._engine.observe(dispatch, Outcome(prompt, cached, completion, extended), self._clock())
-
-
-def _last_data_event(tail: bytes) -> bytes:
-    """The data of the last `data: {...}` event before `[DONE]` in the end of a stream."""
-    for event in reversed(tail.split(b"\n\n")):
-        line = event.strip()
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            if data.startswith(b"{"):
-                return data
-    return b""
-
-
-def _token_counts(reply: dict[str, Any]) -> tuple[int, int, int] | None:
-    """(prompt, cached, completion) tokens from `meta_info` or OpenAI `usage`, if reported."""
-    meta = reply.get("meta_info")
-    if isinstance(meta, dict) and isinstance(meta.get("cached_tokens"), int):
-        return (
-            int(meta.get("prompt_tokens", 0)),
-            meta["cached_tokens"],
-            int(meta.get("completion_tokens", 0)),
-        )
-    usage = reply.get("usage")
-    if isinstance(usage, dict):
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-            return (
-                int(usage.get("prompt_tokens", 0)),
-                details["cached_tokens"],
-                int(usage.get("completion_tokens", 0)),
-            )
-    return None
-
-
-def _output_text(path: str, reply: dict[str, Any]) -> str | None:
-    if path == GENERATE:
-        text = reply.get("text")
-        return text if isinstance(text, str) else None
-    choices = reply.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return None
-    choice = choices[0]
-    if path == CHAT:
-        message = choice.get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        return content if isinstance(content, str) else None
-    text = choice.get("text")
-    return text if isinstance(text, str) else None
