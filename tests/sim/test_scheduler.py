@@ -183,6 +183,59 @@ def test_long_prompt_is_chunked() -> None:
     assert r.first_token_time == pytest.approx(2.5)
 
 
+def pairs(cached: int, new: int) -> float:
+    return new * cached + new * (new + 1) / 2
+
+
+def test_each_chunk_pays_attention_over_the_chunks_before_it() -> None:
+    cost = model(
+        chunked_prefill_size=1000, prefill_tokens_per_s=1000.0,
+        prefill_per_pair_s=1e-6, prefill_fixed_s=0.01,
+    )  # fmt: skip
+    s = Scheduler(cost)
+    r = req("a", prompt(2500))
+    s.submit(r, 0.0)
+    ends = []
+    while r.first_token_time is None:
+        assert s.batch is not None
+        ends.append(s.batch.end)
+        s.advance(s.batch.end)
+    chunks = [(0, 1000), (1000, 1000), (2000, 500)]
+    expected = [0.01 + n / 1000 + 1e-6 * pairs(c, n) for c, n in chunks]
+    durations = [b - a for a, b in zip([0.0, *ends], ends, strict=False)]
+    assert durations == pytest.approx(expected)
+    assert durations[1] > durations[0]  # same tokens, more to attend to
+
+
+def test_a_mixed_batch_costs_the_sum_over_its_requests() -> None:
+    cost = model(
+        chunked_prefill_size=1500, prefill_tokens_per_s=1000.0,
+        prefill_per_pair_s=1e-6, prefill_fixed_s=0.01,
+    )  # fmt: skip
+    s = Scheduler(cost)
+    run_alone(s, req("warm", prompt(800)), 0.0)
+    s.submit(req("busy", prompt(10, base=50_000)), 100.0)  # the next two share a batch
+    hit = req("hit", prompt(800) + prompt(100, base=9000))
+    fresh = req("fresh", prompt(2000, base=20_000))
+    s.submit_all([hit, fresh], 100.001)
+    while s.batch is not None and not any(r is hit for r, _ in s.batch.prefill):
+        s.advance(s.batch.end)
+    assert s.batch is not None
+    assert [(r.rid, n) for r, n in s.batch.prefill] == [("hit", 100), ("fresh", 1400)]
+    # one fixed part; each request's tokens and attention over what precedes them
+    expected = 0.01 + 1500 / 1000 + 1e-6 * (pairs(800, 100) + pairs(0, 1400))
+    assert s.batch.end - s.batch.start == pytest.approx(expected)
+
+
+def test_a_short_batch_takes_the_launch_floor() -> None:
+    s = Scheduler(model(prefill_tokens_per_s=1000.0, prefill_floor_s=0.5))
+    short, long = req("short", prompt(10)), req("long", prompt(800, base=5000))
+    run_alone(s, short, 0.0)
+    assert short.first_token_time == pytest.approx(0.5)
+    run_alone(s, long, 10.0)
+    assert long.first_token_time == pytest.approx(10.8)
+
+
 def test_lpm_admits_the_longest_cached_prefix_first() -> None:
     s = Scheduler(model(max_running_requests=1, decode_step_s=1.0), policy="lpm")
     run_alone(s, req("warm", prompt(500, base=7000)), 0.0)

@@ -82,9 +82,25 @@ class SimConfig:
     random_seed: int = option(0, "Seed of the deterministic outputs and fault injection.")
     skip_server_warmup: bool = option(False, "Skip the warm-up request after start-up.")
     # --- cost model
-    profile: str = option("h100-llama3-8b", "Cost-model profile: h100-llama3-8b or a100-llama3-8b.")
+    profile: str = option(
+        "h100-llama3-8b",
+        "Cost-model profile: h100-llama3-8b (estimates), a100-llama3-8b (fitted to SGLang's "
+        "published A100 figures) or h200-llama3-8b (measured, unfused PyTorch kernels: an "
+        "upper bound on SGLang's step times).",
+    )
     prefill_tokens_per_s: float | None = option(
-        None, "Prefill throughput in tokens/s. [profile]", type=float
+        None, "Prefill rate of the per-new-token part, tokens/s. [profile]", type=float
+    )
+    prefill_per_pair_ns: float | None = option(
+        None,
+        "Prefill attention time per (new token × token it attends to) in ns. [profile]",
+        type=float,
+    )
+    prefill_fixed_ms: float | None = option(
+        None, "Fixed time of one prefill batch in ms. [profile]", type=float
+    )
+    prefill_floor_ms: float | None = option(
+        None, "Shortest prefill batch in ms (kernel-launch bound). [profile]", type=float
     )
     decode_step_ms: float | None = option(
         None, "Fixed time of one decode step in ms. [profile]", type=float

@@ -15,8 +15,10 @@ The GPU runs one batch at a time, back to back. At each batch boundary (SGLang's
    running requests will still write). The first refusal ends the batch.
    `cached_tokens` is the prefix matched *now*, capped at len(prompt) − 1; requests in the same
    batch do not see each other's prompts (both compute a shared new prefix).
-   Duration: new tokens / prefill rate. At its end each prompt (or chunk) goes into the tree,
-   locked, and each fully prefilled request has its first token.
+   Duration: the cost model's, summed over its requests (each request's new tokens, and their
+   attention over everything before them: the cached prefix and earlier chunks). At its end
+   each prompt (or chunk) goes into the tree, locked, and each fully prefilled request has its
+   first token.
 2. Otherwise a **decode run**: one token per running request per step; step time from the cost
    model. Steps are not simulated one by one: the run lasts until the next request finishes
    (O(1) arithmetic via `CostModel.decode_run_seconds`); an arrival or an abort cuts it at the
@@ -310,13 +312,13 @@ class Scheduler:
             self.stats.last_batch_cache_hit_rate = hit / total
         if not batch:
             return None
-        new_tokens = 0
         for _, chunk in batch:
             self.reserved -= chunk
             self.held += chunk
-            new_tokens += chunk
         self._make_room()
-        return Batch(t, t + self.cost.prefill_seconds(new_tokens), prefill=batch)
+        # each request's chunk attends to the prefix before it (a hit or its earlier chunks)
+        duration = self.cost.prefill_seconds((req.prefilled, chunk) for req, chunk in batch)
+        return Batch(t, t + duration, prefill=batch)
 
     def _complete_prefill(self, b: Batch, events: Events) -> None:
         for req, chunk in b.prefill:
