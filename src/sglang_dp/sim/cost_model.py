@@ -89,13 +89,15 @@ PROFILES: dict[str, Profile] = {
     # A100 80 GB. Two figures are fitted to the one published measurement of this kind (SGLang
     # v0.4 blog: 8×A100, Llama-3.1-8B, generated-shared-prefix 64×16 sent at once; round robin
     # 82,665 tok/s, cache-aware 158,596), the attention term being the H200 one scaled by
-    # compute: an effective per-token prefill rate of 6,400 tokens/s (~35 % of peak FLOPs once
-    # chunking and scheduling are paid) and KV reads at 1.85 TB/s of the 2.0 TB/s HBM. With
-    # them, `bench --compare` on 8 simulated workers gives 79,800 and 155,500 tok/s (-3 %, -2 %).
+    # compute (5.03 ns a pair): a per-new-token prefill rate of 7,000 tokens/s (~36 % of peak
+    # FLOPs once chunking and scheduling are paid) and KV reads at 1.85 TB/s of the 2.0 TB/s
+    # HBM. With them, `bench --compare cache_aware,round_robin --simulate --dp 8 -- --profile
+    # a100-llama3-8b` gives 158,716 and 82,415 tok/s (+0.1 %, -0.3 %). (Before the attention
+    # term: 6,400 tokens/s and 1.85 TB/s, 155,500 and 79,800 tok/s.)
     "a100-llama3-8b": Profile(
         gpu_mem_gib=80,
         weights_gib=16,
-        prefill_tokens_per_s=6400,
+        prefill_tokens_per_s=7000,
         prefill_per_pair_ns=attention_ns_per_pair("a100"),
         decode_step_ms=8.0,
         decode_per_seq_ms=0.03,
