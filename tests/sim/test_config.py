@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from click.testing import CliRunner
 
 from sglang_dp.sim.config import SimConfig, build_command
@@ -50,3 +51,28 @@ def test_profile_sizes() -> None:
     assert resolve(SimConfig(tp_size=2)).max_total_tokens > 2 * cost.max_total_tokens
     assert resolve(SimConfig(max_total_tokens=1234)).max_total_tokens == 1234
     assert resolve(SimConfig(decode_step_ms=2.0)).decode_step_s == 0.002
+
+
+def test_prefill_terms_come_from_the_profile_unless_a_flag_sets_them() -> None:
+    h200 = PROFILES["h200-llama3-8b"]
+    cost = resolve(SimConfig(profile="h200-llama3-8b"))
+    assert cost.prefill_floor_s == h200.prefill_floor_ms / 1e3
+    assert cost.prefill_fixed_s == h200.prefill_fixed_ms / 1e3
+    assert cost.prefill_per_pair_s == h200.prefill_per_pair_ns / 1e9
+    assert 850_000 < cost.max_total_tokens < 950_000  # 141 GB of HBM
+    config, _ = parse(
+        "--profile", "h200-llama3-8b", "--prefill-floor-ms", "0", "--prefill-fixed-ms", "2",
+        "--prefill-per-pair-ns", "3",
+    )  # fmt: skip
+    flagged = resolve(config)
+    assert (flagged.prefill_floor_s, flagged.prefill_fixed_s) == (0.0, 0.002)
+    assert flagged.prefill_per_pair_s == 3e-9
+    # TP shares the per-token and the attention work, not the fixed part
+    tp2 = resolve(SimConfig(profile="h200-llama3-8b", tp_size=2))
+    assert tp2.prefill_per_pair_s == cost.prefill_per_pair_s / 1.85
+    assert tp2.prefill_fixed_s == cost.prefill_fixed_s
+
+
+def test_unknown_profile_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="a100-llama3-8b, h100-llama3-8b, h200-llama3-8b"):
+        resolve(SimConfig(profile="tpu"))
