@@ -27,7 +27,7 @@ def fit(measurement: dict[str, Any]) -> dict[str, Any]:
     """The fitted terms and the per-point errors."""
     prefill, decode = prefill_points(measurement), decode_points(measurement)
     pf, df = fit_prefill(prefill), fit_decode(decode)
-    points = [
+    points: list[dict[str, Any]] = [
         {
             "point": f"prefill {p.batch}x({p.cached}+{p.new})",
             "measured_ms": round(p.ms, 3),
