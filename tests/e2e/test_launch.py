@@ -12,7 +12,14 @@ import openai
 import pexpect
 import psutil
 
-from tests.e2e.launcher import gone, launch_argv, launched
+from tests.e2e.launcher import (
+    alive,
+    fake_children,
+    fake_sglang_env,
+    gone,
+    launch_argv,
+    launched,
+)
 from tests.processes import SGLANG_DP, free_port, wait_for
 
 
@@ -60,12 +67,53 @@ def test_killed_worker_is_restarted_and_requests_keep_succeeding(tmp_path: Path)
         assert any("restart" in event or "back" in event for event in stats["events"])
 
 
-def test_sigkill_of_the_launcher_takes_every_worker_with_it(tmp_path: Path) -> None:
-    with launched(2, tmp_path) as run:
-        children = run.children()
+def test_with_sglangs_process_tree_nothing_outlives_a_crash_or_the_launcher(
+    tmp_path: Path,
+) -> None:
+    """The stand-in SGLang's children ignore SIGTERM and never watch their parent."""
+    with launched(2, tmp_path, "--", "--time-scale", "1000", fake_sglang=True) as run:
+        log = run.log_dir / "worker-0.log"
+        old = fake_children(log)
+        assert len(old) == 3 and len(fake_children(run.log_dir / "worker-1.log")) == 3
+        server = psutil.Process(old[0]).parent()
+        assert server is not None and "sglang.launch_server" in " ".join(server.cmdline())
+        server.kill()
+        wait_for(lambda: not any(map(alive, old)), timeout=10, what="the crashed tree gone")
+        wait_for(lambda: fake_children(log) != old, timeout=20, what="the restart")
+        wait_for(lambda: run.ready(2), timeout=30, what="the worker back")
+        tree = run.children()
+        assert len(tree) == 2 * 5  # 2 × (shim, launch_server, 3 children)
+        assert run.router.post("/generate", {"text": "still here"}).status == 200
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait()
-        wait_for(lambda: gone(children), timeout=10, what="orphans gone")
+        wait_for(lambda: gone(tree), timeout=5, what="every descendant gone")
+        assert not list(run.log_dir.glob("*.pids"))  # each shim cleaned up after its tree
+
+
+def test_leftovers_of_a_killed_launch_are_reported_then_killed_with_kill_stale(
+    tmp_path: Path,
+) -> None:
+    with launched(1, tmp_path, "--", "--time-scale", "1000", fake_sglang=True) as run:
+        children = fake_children(run.log_dir / "worker-0.log")
+        shim = next(p for p in run.children() if "shim.py" in " ".join(p.cmdline()))
+        shim.suspend()  # the launcher and its shim killed at once: the shim cleans nothing
+        os.kill(run.proc.pid, signal.SIGKILL)
+        shim.kill()
+        run.proc.wait()
+        wait_for(lambda: not shim.is_running(), what="the shim gone")
+        assert all(map(alive, children))  # orphaned: they ignore SIGTERM, watch nobody
+        argv = launch_argv(1, free_port(), run.log_dir, "--no-dashboard", fake_sglang=True)
+        refused = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
+                                 env=fake_sglang_env())  # fmt: skip
+        assert refused.returncode == 2
+        assert "--kill-stale" in refused.stdout and str(children[0]) in refused.stdout
+        with launched(1, tmp_path, "--kill-stale", "--", "--time-scale", "1000",
+                      fake_sglang=True) as again:  # fmt: skip
+            assert not any(map(alive, children))
+            os.kill(again.proc.pid, signal.SIGINT)
+            assert again.proc.wait(timeout=20) == 0
+            output = again.proc.stdout.read().decode() if again.proc.stdout else ""
+            assert f"killed {len(children)} process(es)" in output
 
 
 def test_a_worker_failing_at_startup_stops_everything_and_shows_its_log(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -64,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from sglang_dp.launcher.plan import WorkerSpec, api_key_from_args, spare_ports, with_ports
-from sglang_dp.launcher.process import WorkerProcess, busy_ports
+from sglang_dp.launcher.process import Spawner, WorkerHandle, busy_ports, spawn_worker
 
 if TYPE_CHECKING:
     import aiohttp
@@ -74,6 +75,8 @@ FAILURES_BEFORE_UNHEALTHY = 2
 TAIL_LINES = 20
 ADDRESS_IN_USE = ("address already in use", "eaddrinuse", "errno 98")
 SAMPLE_INTERVAL_S = 1.0
+PORTS_FREE_WAIT_S = 5.0  # after a worker's tree is gone, how long its ports may stay taken
+PORTS_POLL_S = 0.1
 TREE_RESCAN_S = 5.0
 
 # probe results
@@ -123,7 +126,7 @@ class _Worker:
     """The supervisor's mutable record of one worker."""
 
     spec: WorkerSpec
-    proc: WorkerProcess | None = None
+    proc: WorkerHandle | None = None
     exited: asyncio.Future[int] | None = None  # the current process's wait()
     state: str = "starting"
     restarts: int = 0
@@ -173,8 +176,12 @@ class Supervisor:
         backoff_cap: float = 30.0,
         stable_after: float = 60.0,
         kill_grace: float = 5.0,
+        spawner: Spawner | None = None,
+        ports_free_wait: float = PORTS_FREE_WAIT_S,
     ) -> None:
         self._workers = [_Worker(spec) for spec in specs]
+        self._spawner = spawner or spawn_worker()
+        self._ports_free_wait = ports_free_wait
         self._startup_timeout = startup_timeout
         self._max_restarts = max_restarts
         self._on_event = on_event
@@ -279,6 +286,10 @@ class Supervisor:
         if self._session is not None:
             await self._session.close()
 
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is one of the worker processes (whose exit the supervisor awaits)."""
+        return any(w.proc is not None and w.proc.pid == pid for w in self._workers)
+
     def snapshot(self) -> tuple[WorkerStatus, ...]:
         """Every worker's status (CPU and memory refreshed at most once a second)."""
         now = self._clock()
@@ -293,6 +304,7 @@ class Supervisor:
     async def _lifecycle(self, w: _Worker) -> None:
         while True:
             ended = await self._run(w)
+            ended = await self._nothing_left(w, ended)
             if not await self._restart_decided(w, ended):
                 return
             await self._backoff(w, ended)
@@ -321,8 +333,26 @@ class Supervisor:
         in_use = not served and any(m in line.lower() for line in tail for m in ADDRESS_IN_USE)
         return _Ended(reason, tail, port_in_use=in_use)
 
+    async def _nothing_left(self, w: _Worker, ended: _Ended) -> _Ended:
+        """Make sure nothing of the run is left and its ports are free before anything else:
+        a port still taken after that is another program's, so the worker moves."""
+        if w.proc is not None:
+            await w.proc.terminate(self._kill_grace)  # at once: it has exited; kills leftovers
+        if ended.port_in_use or await self._ports_freed(w.spec):
+            return ended
+        return dataclasses.replace(ended, port_in_use=True)
+
+    async def _ports_freed(self, spec: WorkerSpec) -> bool:
+        ports = [p for p in (spec.port, spec.nccl_port) if p]
+        deadline = self._clock() + self._ports_free_wait
+        while busy_ports(ports, spec.host):
+            if self._clock() >= deadline:
+                return False
+            await asyncio.sleep(PORTS_POLL_S)
+        return True
+
     async def _spawn(self, w: _Worker) -> None:
-        w.proc = await WorkerProcess.spawn(w.spec)
+        w.proc = await self._spawner(w.spec)
         w.exited = asyncio.ensure_future(w.proc.wait())
         w.started_at, w.ready_at = self._clock(), None
         w.tree, w.tree_read_at = {}, float("-inf")
