@@ -51,7 +51,7 @@ def test_launch_routes_plain_streaming_and_openai_requests_then_stops_on_sigint(
 
 
 def test_killed_worker_is_restarted_and_requests_keep_succeeding(tmp_path: Path) -> None:
-    with launched(2, tmp_path) as run:
+    with launched(2, tmp_path, "--", "--time-scale", "100") as run:
         victim = run.children()[0]
         victim.kill()
         wait_for(
@@ -65,6 +65,24 @@ def test_killed_worker_is_restarted_and_requests_keep_succeeding(tmp_path: Path)
         wait_for(lambda: run.ready(2), timeout=30, what="the worker restarted and rejoined")
         stats = run.router.get("/debug/stats").json()
         assert any("restart" in event or "back" in event for event in stats["events"])
+
+
+def test_a_hung_worker_is_restarted_and_requests_keep_succeeding(tmp_path: Path) -> None:
+    hang = ("--unhealthy-restart-secs", "1", "--health-check-timeout-secs", "0.5")
+    with launched(2, tmp_path, *hang, "--", "--time-scale", "100") as run:
+        shim = next(p for p in run.children() if "shim.py" in " ".join(p.cmdline()))
+        worker = shim.children()[0]
+        worker.suspend()  # alive, answering nothing
+        try:
+            statuses = [run.router.post("/generate", {"text": str(i)}).status for i in range(6)]
+            assert statuses == [200] * 6
+            wait_for(lambda: not worker.is_running(), timeout=20, what="the hung worker stopped")
+            wait_for(lambda: run.ready(2), timeout=30, what="its replacement healthy")
+        finally:
+            if worker.is_running():
+                worker.resume()
+        events = run.router.get("/debug/stats").json()["events"]
+        assert any("unhealthy for" in event for event in events)
 
 
 def test_with_sglangs_process_tree_nothing_outlives_a_crash_or_the_launcher(

@@ -9,7 +9,8 @@ the workers' own start-up hides), and the router listens while they load — `/r
 until the first one is healthy. The supervisor tells the router when a worker is up
 (`add_worker`) or down (`on_down(url, restarting)`: a worker that will come back at the same URL
 leaves routing at once and loses its tree share; one that is gone for good — failed, moved to
-another port, stopped — is removed).
+another port, stopped — is removed). The router's health monitor is the one health checker: the
+supervisor reads it (`health_of`) to restart a worker unhealthy for --unhealthy-restart-secs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sglang_dp.launcher.register import Registrar
 from sglang_dp.launcher.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from sglang_dp.router.health import WorkerHealth
     from sglang_dp.router.server import RouterServer
 
 
@@ -143,6 +145,9 @@ class Cluster:
             on_up=self._worker_up,
             on_down=self._worker_down,
             spawner=spawn_worker(LogRotation(config.log_rotation_bytes, config.log_keep)),
+            health=None if config.no_router else self,
+            unhealthy_restart=config.unhealthy_restart_secs,
+            retry_failed=config.retry_failed_secs,
         )
         self._supervising: asyncio.Task[None] | None = None
         self.registrar: Registrar | None = None
@@ -160,6 +165,10 @@ class Cluster:
     def router(self) -> RouterServer:
         assert self._router is not None, "start_router() first"
         return self._router
+
+    def health_of(self, url: str) -> WorkerHealth | None:
+        """The router's health record of a worker: the supervisor's one source of health."""
+        return None if self._router is None else self._router.monitor.health_of(url)
 
     def _event(self, message: str) -> None:
         self.events = [*self.events[-49:], message]
