@@ -82,14 +82,3 @@ def test_render_draws_every_worker_and_the_header() -> None:
     assert "31000" in text and "31010" in text and "75 %" in text and "12.3 k" in text
     assert "w0 is healthy" in text
     assert "1/1" not in status_line(f) and "2/2 workers healthy" in status_line(f)
-
-
-def test_imbalance_mode_is_announced_once_and_its_end_too() -> None:
-    from sglang_dp.router.app import ImbalanceWatch
-
-    watch = ImbalanceWatch()
-    assert watch.update(0) is None
-    assert (watch.update(3) or "").startswith("imbalance mode: loads drifted apart, 3 request(s)")
-    assert watch.update(7) is None  # still in it: no new event
-    assert watch.update(7) == "balanced again: routing by cache match"
-    assert watch.update(7) is None

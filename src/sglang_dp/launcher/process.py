@@ -125,6 +125,7 @@ class OwnedProcess:
         self.log_path = log_path
         self.pids_path = pids_path
         self._log_offset = log_offset  # where this run's part of the log file starts
+        self._log_inode = _inode(log_path)  # another one after a rotation
         self._exited = asyncio.ensure_future(proc.wait())
 
     @classmethod
@@ -170,8 +171,13 @@ class OwnedProcess:
 
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last `lines` lines of the log from this run's header on (read it before the
-        next run appends to the same file; after a rotation, the current file)."""
-        return read_tail(self.log_path, self._log_offset, lines)
+        next run appends to the same file). After a rotation: the current file's lines,
+        preceded by the previous file's if too few."""
+        if _inode(self.log_path) == self._log_inode:
+            return read_tail(self.log_path, self._log_offset, lines)
+        current = read_tail(self.log_path, 0, lines)
+        before = read_tail(self.log_path.with_name(self.log_path.name + ".1"), 0, lines)
+        return [*before, *current][-lines:] if lines > 0 else []
 
     async def terminate(self, grace: float) -> None:
         """Stop the whole tree: SIGTERM, SIGKILL after `grace` s; returns when nothing is left."""
@@ -374,12 +380,18 @@ class Reaper:
             await asyncio.sleep(self._interval)
 
 
+def _inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return -1
+
+
 def read_tail(path: Path, start: int, lines: int) -> list[str]:
     """The last `lines` lines of `path` after byte offset `start` ([] if unreadable)."""
     try:
         with open(path, "rb") as f:
             end = f.seek(0, os.SEEK_END)
-            start = 0 if start > end else start  # rotated since: the current file is all new
             f.seek(max(start, end - TAIL_READ_BYTES))
             data = f.read()
     except OSError:

@@ -168,7 +168,7 @@ class Launch:
 
             target = self.config.register_with or "-"
             return FrameSource(node_only, title=self.config.model, url=target, processes=processes)
-        from sglang_dp.router.app import stats_payload
+        from sglang_dp.router.stats import stats_payload
 
         router = self.cluster.router
 
