@@ -13,6 +13,7 @@ from sglang_dp.dashboard.render import (
     frame,
     human,
     render,
+    state_text,
     status_line,
 )
 
@@ -62,6 +63,15 @@ def test_process_facts_fill_in_gpu_state_and_resources() -> None:
         (0, "0,1", "healthy", 2),
         (1, "2,3", "starting", 0),
     ]
+
+
+def test_a_failed_worker_shows_when_it_is_tried_again() -> None:
+    facts = [ProcessFacts(0, "http://127.0.0.1:31000", "0", "failed", 5, 0.0, 0, 245.2)]
+    f = frame(stats(1, 0, 0), None, title="m", url="u", processes=facts)
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(f))
+    assert "failed, retry in 4:05" in console.export_text()
+    assert state_text("healthy", None) == "healthy"
 
 
 def test_helpers() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +134,35 @@ def test_leftovers_of_a_killed_launch_are_reported_then_killed_with_kill_stale(
             assert again.proc.wait(timeout=20) == 0
             output = again.proc.stdout.read().decode() if again.proc.stdout else ""
             assert f"killed {len(children)} process(es)" in output
+
+
+def test_sighup_stops_new_requests_and_a_second_signal_skips_the_grace(tmp_path: Path) -> None:
+    with launched(1, tmp_path, "--shutdown-grace-secs", "60") as run:
+        workers = run.children()
+        kept = http.client.HTTPConnection("127.0.0.1", run.router.port, timeout=10)
+        kept.request("POST", "/generate", json.dumps({"text": "first"}))
+        first = kept.getresponse()
+        first.read()
+        assert first.status == 200
+        endless = {"text": "go on", "stream": True, "sampling_params": {"max_new_tokens": 10**6}}
+        streaming = http.client.HTTPConnection("127.0.0.1", run.router.port, timeout=30)
+        streaming.request("POST", "/generate", json.dumps(endless))
+        assert streaming.getresponse().status == 200  # in flight until the end of the grace
+        os.kill(run.proc.pid, signal.SIGHUP)  # the terminal closed: a stop, not a death
+
+        def refused_on_a_kept_connection() -> bool:
+            kept.request("POST", "/generate", json.dumps({"text": "more"}))
+            reply = kept.getresponse()
+            reply.read()
+            return reply.status == 503
+
+        wait_for(refused_on_a_kept_connection, what="new requests refused while draining")
+        assert run.proc.poll() is None  # draining: the stream is still in flight
+        os.kill(run.proc.pid, signal.SIGINT)  # the second signal: no more grace
+        assert run.proc.wait(timeout=15) == 0
+        wait_for(lambda: gone(workers), timeout=5, what="every worker gone")
+        kept.close()
+        streaming.close()
 
 
 def test_a_worker_failing_at_startup_stops_everything_and_shows_its_log(tmp_path: Path) -> None:

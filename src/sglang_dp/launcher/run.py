@@ -52,11 +52,14 @@ def _startup_rows(statuses: tuple[WorkerStatus, ...], now: float) -> list[Startu
     ]
 
 
-def _process_facts(statuses: tuple[WorkerStatus, ...]) -> list[ProcessFacts]:
+def _process_facts(statuses: tuple[WorkerStatus, ...], now: float) -> list[ProcessFacts]:
     return [
-        ProcessFacts(s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes)
+        ProcessFacts(
+            s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes,
+            None if s.retry_at is None else s.retry_at - now,
+        )
         for s in statuses
-    ]
+    ]  # fmt: skip
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -159,7 +162,7 @@ class Launch:
 
     def _frames(self) -> FrameSource:
         supervisor = self.cluster.supervisor
-        processes = lambda: _process_facts(supervisor.snapshot())  # noqa: E731
+        processes = lambda: _process_facts(supervisor.snapshot(), time.monotonic())  # noqa: E731
         if not self.cluster.has_router:
 
             async def node_only() -> Mapping[str, Any]:

@@ -89,6 +89,7 @@ class RouterServer:
         self._server: asyncio.Server | None = None
         self._bridged: set[asyncio.Task[None]] = set()
         self._imbalance: asyncio.Task[None] | None = None  # events, whoever reads the stats
+        self._draining = False
         self.port = config.port
 
     @property
@@ -136,7 +137,9 @@ class RouterServer:
         self.record_event(f"{url} removed")
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting; wait up to `grace` s for requests in flight; close everything."""
+        """Stop accepting (new requests on open connections get 503); wait up to `grace` s for
+        requests in flight; close everything."""
+        self._draining = True
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace
@@ -153,6 +156,10 @@ class RouterServer:
             await self._session.close()
 
     def _handle(self, request: HttpRequest, responder: Responder) -> None:
+        if request.path in INFERENCE_PATHS and self._draining:
+            # Kept-alive connections would keep the drain busy forever with new requests.
+            responder.send(503, error_json("the router is shutting down", "Unavailable", 503))
+            return
         if request.path in INFERENCE_PATHS:
             if request.method != "POST":
                 message = f"{request.path} takes POST, not {request.method}"
