@@ -125,7 +125,7 @@ class OwnedProcess:
         self.log_path = log_path
         self.pids_path = pids_path
         self._log_offset = log_offset  # where this run's part of the log file starts
-        self._log_inode = _inode(log_path)  # another one after a rotation
+        self._header = b""  # this run's first line: not where it was after a rotation
         self._exited = asyncio.ensure_future(proc.wait())
 
     @classmethod
@@ -154,7 +154,9 @@ class OwnedProcess:
         }
         shim_argv = [sys.executable, "-I", "-S", str(SHIM_PATH), json.dumps(config), "--", *argv]
         proc = await _create_uncancellable(shim_argv, env)
-        return cls(proc, log_path, offset, pids_path)
+        owned = cls(proc, log_path, offset, pids_path)
+        owned._header = header.encode()
+        return owned
 
     @property
     def pid(self) -> int:
@@ -171,9 +173,10 @@ class OwnedProcess:
 
     def log_tail(self, lines: int = 20) -> list[str]:
         """The last `lines` lines of the log from this run's header on (read it before the
-        next run appends to the same file). After a rotation: the current file's lines,
-        preceded by the previous file's if too few."""
-        if _inode(self.log_path) == self._log_inode:
+        next run appends to the same file). After a rotation (seen by the header no longer
+        being where it was written): the current file's lines, preceded by the previous
+        file's if too few."""
+        if not self._header or _starts_with(self.log_path, self._log_offset, self._header):
             return read_tail(self.log_path, self._log_offset, lines)
         current = read_tail(self.log_path, 0, lines)
         before = read_tail(self.log_path.with_name(self.log_path.name + ".1"), 0, lines)
@@ -380,11 +383,13 @@ class Reaper:
             await asyncio.sleep(self._interval)
 
 
-def _inode(path: Path) -> int:
+def _starts_with(path: Path, offset: int, text: bytes) -> bool:
     try:
-        return path.stat().st_ino
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(len(text)) == text
     except OSError:
-        return -1
+        return False
 
 
 def read_tail(path: Path, start: int, lines: int) -> list[str]:
