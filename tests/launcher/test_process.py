@@ -25,6 +25,7 @@ from sglang_dp.launcher.process import (
     WorkerProcess,
     busy_ports,
     find_leftovers,
+    is_local_address,
     kill_leftovers,
     read_tail,
     sglang_accepts_nccl_port,
@@ -446,6 +447,11 @@ def test_busy_ports() -> None:
         free = next(p for p in range(busy + 1, 65535) if p != held and not busy_ports([p]))
         assert busy_ports([busy, free, held]) == [busy, held]
     assert busy_ports([]) == []
+
+
+def test_is_local_address() -> None:
+    assert is_local_address("127.0.0.1") and is_local_address("0.0.0.0")
+    assert not is_local_address("192.0.2.1")  # TEST-NET-1: nobody's
 
 
 def test_read_tail(tmp_path: Path) -> None:

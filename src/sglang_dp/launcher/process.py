@@ -479,6 +479,21 @@ def busy_ports(ports: Iterable[int], host: str = WORKER_HOST) -> list[int]:
     return [port for port in ports if not _can_bind(host, port)]
 
 
+def is_local_address(host: str) -> bool:
+    """Whether `host` is an address of this machine (its ports can be checked from here)."""
+    return not _bind_error_is(host, errno.EADDRNOTAVAIL)
+
+
+def _bind_error_is(host: str, code: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as exc:
+            return exc.errno == code
+    return False
+
+
 def _can_bind(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

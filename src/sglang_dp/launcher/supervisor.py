@@ -75,7 +75,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psutil
 
 from sglang_dp.launcher.plan import WorkerSpec, api_key_from_args, spare_ports, with_ports
-from sglang_dp.launcher.process import Spawner, WorkerHandle, busy_ports, spawn_worker
+from sglang_dp.launcher.process import (
+    Spawner,
+    WorkerHandle,
+    busy_ports,
+    is_local_address,
+    spawn_worker,
+)
 from sglang_dp.router.health import WorkerHealth, WorkerMonitor, probe
 
 if TYPE_CHECKING:
@@ -387,6 +393,8 @@ class Supervisor:
 
     async def _ports_freed(self, spec: WorkerSpec) -> bool:
         ports = [p for p in (spec.port, spec.nccl_port) if p]
+        if not ports or not is_local_address(spec.host):
+            return True  # another node's ports (a remote spawner's): its own business
         deadline = self._clock() + self._ports_free_wait
         while busy_ports(ports, spec.host):
             if self._clock() >= deadline:
