@@ -396,7 +396,7 @@ def test_a_hung_worker_is_restarted_and_serves_again(run: Runner, tmp_path: Path
             await until(lambda: rec.calls.count(("up", spec.url)) == 2, what="the restart")
             assert gone(hung.pid)
             assert rec.calls == [("up", spec.url), ("down", spec.url, True), ("up", spec.url)]
-            assert rec.saw("worker 0: unhealthy for ")
+            assert rec.saw("worker 0: failing health checks for ")
             assert status(sup).state == "healthy" and status(sup).restarts == 1
             assert (await ask(spec.url, "/generate", {"text": "hi"}))[0] == 200
         finally:

@@ -23,10 +23,10 @@ One task per worker runs its life cycle; the caller sees states, events and two 
 - While it runs: the supervisor does not probe it. One health checker watches each worker, the
   router's (router.health.WorkerMonitor, `health`, read every `health_interval`, 0.5 s); without
   one the supervisor runs its own WorkerMonitor (checks every `check_interval`, 5 s). The state
-  shown follows the monitor's (unhealthy / healthy again). A worker unhealthy for
-  `unhealthy_restart` s (0: never) is restarted like a crash (a hung collective, a wedged
-  scheduler): its tree is stopped (SIGKILL after HUNG_KILL_GRACE_S, 1 s) and on_down(url, True)
-  fails its requests over.
+  shown follows the monitor's (unhealthy / healthy again). A worker unhealthy and failing its
+  checks for `unhealthy_restart` s in a row (0: never) is restarted like a crash, without a
+  backoff (a hung collective, a wedged scheduler): its tree is stopped (SIGKILL after
+  HUNG_KILL_GRACE_S, 1 s) and on_down(url, True) fails its requests over.
 - on_up(url) / on_down(url, restarted) come in pairs: on_down only follows an on_up. `restarted`
   is True when the same url will come back (with an empty cache), False when this url is gone
   (failed for good, moved to another port, or stop()). on_up may come before wait_ready returns.
@@ -91,6 +91,7 @@ STATES = ("starting", "loading", "healthy", "unhealthy", "restarting", "stopped"
 TAIL_LINES = 20
 ADDRESS_IN_USE = ("address already in use", "eaddrinuse", "errno 98")
 SAMPLE_INTERVAL_S = 1.0
+HUNG = "failing health checks for"
 HUNG_KILL_GRACE_S = 1.0  # a worker unresponsive for long gets little time to obey SIGTERM
 PORTS_FREE_WAIT_S = 5.0  # after a worker's tree is gone, how long its ports may stay taken
 PORTS_POLL_S = 0.1
@@ -179,6 +180,7 @@ class _Ended:
     reason: str
     log_tail: list[str]
     port_in_use: bool
+    hung: bool = False  # stopped for staying unhealthy: restarted without a backoff
 
 
 class Supervisor:
@@ -380,7 +382,7 @@ class Supervisor:
         w.last_error = reason
         # Ports are bound while starting: a worker that served had its ports.
         in_use = not served and any(m in line.lower() for line in tail for m in ADDRESS_IN_USE)
-        return _Ended(reason, tail, port_in_use=in_use)
+        return _Ended(reason, tail, port_in_use=in_use, hung=reason.startswith(HUNG))
 
     async def _nothing_left(self, w: _Worker, ended: _Ended) -> _Ended:
         """Make sure nothing of the run is left and its ports are free before anything else:
@@ -444,9 +446,9 @@ class Supervisor:
                     w.last_error = view.last_error
                     self._set_state(w, "unhealthy")
                     self._event(w, f"unhealthy: {view.last_error}")
-                for_s = self._clock() - view.since
+                for_s = self._clock() - max(view.failing_since or view.since, w.ready_at)
                 if self._unhealthy_restart and for_s >= self._unhealthy_restart:
-                    reason = f"unhealthy for {for_s:.0f} s ({view.last_error})"
+                    reason = f"{HUNG} {for_s:.0f} s ({view.last_error})"
                     self._event(w, f"{reason}: stopping it to restart it")
                     await w.proc.terminate(min(self._kill_grace, HUNG_KILL_GRACE_S))
                     return reason
@@ -492,7 +494,8 @@ class Supervisor:
         self._event(w, f"failed: {reason}")
 
     async def _backoff(self, w: _Worker, ended: _Ended) -> None:
-        delay = min(self._backoff_base * 2**w.streak, self._backoff_cap)
+        # A hung worker was given `unhealthy_restart` s already: no crash loop to slow down.
+        delay = 0.0 if ended.hung else min(self._backoff_base * 2**w.streak, self._backoff_cap)
         self._set_state(w, "restarting")
         self._event(
             w,

@@ -21,7 +21,8 @@ Every `health_check_interval_secs` (5 s) each registered worker gets `GET /healt
 - On becoming healthy the worker's KV capacity is read from `/get_server_info`
   (`max_total_num_tokens`) and bounds its share of the tree.
 Load counters are never touched by health checks (sgl-router reset them there, and leaked).
-`since` is the time (the injected `clock`) of a worker's last change of state.
+`since` is the time (the injected `clock`) of a worker's last change of state, `failing_since`
+that of the first of the failed checks in a row (None while it passes).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class WorkerHealth:
     last_error: str = ""
     capacity_known: bool = False
     since: float = 0.0  # when it entered its state
+    failing_since: float | None = None  # the first of the failures in a row; None when passing
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ class WorkerMonitor:
             health.since = self._clock()
             self._engine.set_healthy(health.url, True)
         health.failures = 0
+        health.failing_since = None
         if not health.capacity_known:
             await self._read_capacity(health)
 
@@ -186,6 +189,8 @@ class WorkerMonitor:
         self, health: WorkerHealth, error: str, refused: bool, immediately: bool = False
     ) -> None:
         health.failures += 1
+        if health.failing_since is None:
+            health.failing_since = self._clock()
         health.last_error = error
         health.refused = health.refused or refused
         down = refused or immediately or health.failures >= FAILURES_BEFORE_DOWN
