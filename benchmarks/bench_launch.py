@@ -109,6 +109,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
     return time.monotonic() - start
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, count: int, log_dir: str) -> None:
+    """Until the router reports `count` healthy workers; the launch's output if it never does."""
+    deadline = time.monotonic() + 120
+    while healthy_workers(port) != count:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            output = (Path(log_dir) / "launch.out").read_text()[-3000:]
+            raise SystemExit(f"launch never had {count} healthy workers:\n{output}")
+        time.sleep(0.01)
+
+
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -136,7 +146,7 @@ def orphans_after_sigkill(log_dir: str, while_starting: bool) -> int:
         if while_starting:  # every worker has started its three children
             wait_until(lambda: len(descendants(proc.pid)) >= 10, 60, "the trees")
         else:
-            wait_until(lambda: healthy_workers(port) == 2, 60, "2 healthy workers")
+            wait_healthy(proc, port, 2, log_dir)
         seen = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -153,7 +163,7 @@ def ctrl_c_under_load(log_dir: str) -> float:
                             stdout=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     seen: list[psutil.Process] = []
     try:
-        wait_until(lambda: healthy_workers(port) == 4, 60, "4 healthy workers")
+        wait_healthy(proc, port, 4, log_dir)
         time.sleep(3.0)  # the load is steady: every client has requests in flight
         seen = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGINT)
@@ -174,7 +184,7 @@ def hung_worker_replaced(log_dir: str) -> tuple[float, float]:
     )  # fmt: skip
     seen: list[psutil.Process] = []
     try:
-        wait_until(lambda: healthy_workers(port) == 2, 60, "2 healthy workers")
+        wait_healthy(proc, port, 2, log_dir)
         seen = descendants(proc.pid)
         shim = min((p for p in seen if p.ppid() == proc.pid), key=lambda p: p.pid)
         worker = shim.children()[0]
