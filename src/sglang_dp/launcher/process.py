@@ -301,7 +301,7 @@ def find_leftovers(log_dir: Path) -> list[Leftover]:
     paths = sorted(log_dir.glob("*.pids")) if log_dir.is_dir() else []
     table = shim.proc_table() if paths else {}
     for path in paths:
-        record = _read_record(path)
+        record = read_record(path)
         alive = shim.leftovers(record, table) if record else []
         if alive:
             found.append(Leftover(path, int(record.get("launcher", 0)), tuple(alive)))
@@ -315,7 +315,7 @@ def kill_leftovers(pids_path: Path, timeout: float = LEFTOVER_WAIT_S) -> list[in
     """SIGKILL what `pids_path` names and still runs, wait until it is gone, remove the file.
 
     Returns the pids that survived `timeout` (stuck in the kernel; [] normally)."""
-    record = _read_record(pids_path)
+    record = read_record(pids_path)
     deadline = time.monotonic() + timeout
     alive = shim.leftovers(record, shim.proc_table()) if record else []
     while alive:
@@ -329,7 +329,8 @@ def kill_leftovers(pids_path: Path, timeout: float = LEFTOVER_WAIT_S) -> list[in
     return []
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
+    """A shim's pids record ({} if missing or unreadable)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -27,7 +27,8 @@ the launcher and the worker, outlives the launcher for a moment, and takes the t
    the launcher sees what the worker did, and sees it only when nothing of the worker is left.
 
 It records the tree in `pids` (JSON: the launcher's pid, the pgid, and [pid, start time] of itself
-and every descendant), rewritten every PIDS_REFRESH_S while the tree changes, and removes the
+and every descendant), looked at again after 0.25 s, then at intervals doubling up to 5 s while
+the tree stays the same (one scan of /proc each; back to 0.25 s when it changed), and removes the
 file when it exits normally: a file left behind means the shim was killed, and a later launch
 checks whether the processes it names still run (`leftovers`).
 
@@ -58,7 +59,7 @@ PARENT_DIED = signal.SIGUSR2  # PR_SET_PDEATHSIG
 WATCHED = (*STOP_SIGNALS, KILL_NOW, PARENT_DIED, signal.SIGCHLD)
 PARENT_CHECK_S = 1.0
 KILL_REPEAT_S = 0.1  # SIGKILL again for processes forked meanwhile
-PIDS_REFRESH_S = 5.0
+PIDS_REFRESH_S = (0.25, 5.0)  # from, to: doubled while the tree stays the same
 READ_BYTES = 64 * 1024
 CANNOT_EXEC = 127
 
@@ -200,6 +201,7 @@ class Shim:
         self.stopping = False
         self.recorded: list[int] = []
         self.refresh_at = 0.0
+        self.refresh_every = PIDS_REFRESH_S[0]
 
     def run(self) -> None:
         wake_r, wake_w = os.pipe()
@@ -314,12 +316,16 @@ class Shim:
         return tree_of(self.me, self.me, proc_table())
 
     def _refresh_pids(self, now: float) -> None:
-        self.refresh_at = now + PIDS_REFRESH_S
         if self.pids_path is None:
             return
         table = proc_table()
         pids = [self.me, *tree_of(self.me, self.me, table)]
-        if pids == self.recorded:
+        same = pids == self.recorded
+        self.refresh_every = (
+            min(self.refresh_every * 2, PIDS_REFRESH_S[1]) if same else PIDS_REFRESH_S[0]
+        )
+        self.refresh_at = now + self.refresh_every
+        if same:
             return
         self.recorded = pids
         record = {

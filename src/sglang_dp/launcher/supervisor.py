@@ -49,7 +49,8 @@ One task per worker runs its life cycle; the caller sees states, events and two 
   SIGTERM every process group at once, wait up to `grace`, SIGKILL what remains. Idempotent; a
   second call with a shorter grace escalates sooner.
 - CPU and memory: of each worker's whole process tree (psutil), sampled when `snapshot()` is
-  called, at most once a second; tree membership is re-read every 5 s (it rarely changes).
+  called, at most once a second; tree membership is re-read every 5 s from the record its shim
+  keeps (no scan of /proc on the loop).
   Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
 - Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
 
@@ -80,6 +81,7 @@ from sglang_dp.launcher.process import (
     WorkerHandle,
     busy_ports,
     is_local_address,
+    read_record,
     spawn_worker,
 )
 from sglang_dp.router.health import WorkerHealth, WorkerMonitor, probe
@@ -609,12 +611,19 @@ def _status(w: _Worker) -> WorkerStatus:
 
 
 def _sample_usage(w: _Worker, now: float) -> None:
-    """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %)."""
-    if w.proc is None or w.proc.returncode is not None:
+    """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %).
+
+    The tree is the one its shim records (no scan of /proc here); a worker without such a record
+    (started elsewhere, by another spawner) is not sampled."""
+    pids_path = getattr(w.proc, "pids_path", None)
+    if w.proc is None or w.proc.returncode is not None or not isinstance(pids_path, Path):
         return
     if now - w.tree_read_at >= TREE_RESCAN_S:
-        w.tree_read_at = now
-        w.tree = _read_tree(w.proc.pid, w.tree)
+        w.tree = _read_tree(pids_path, w.tree)
+        if w.tree:
+            w.tree_read_at = now
+        else:  # no record yet (its shim has just started): the shim alone, and look again soon
+            w.tree = _read_tree_of(w.proc.pid)
     cpu, rss = 0.0, 0
     for pid, proc in list(w.tree.items()):
         try:
@@ -626,11 +635,17 @@ def _sample_usage(w: _Worker, now: float) -> None:
     w.cpu_percent, w.rss_bytes = cpu, rss
 
 
-def _read_tree(root: int, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
-    """The root and all its descendants, reusing known Process objects (they hold cpu times)."""
+def _read_tree_of(pid: int) -> dict[int, psutil.Process]:
     try:
-        top = known.get(root) or psutil.Process(root)
-        members = [top, *top.children(recursive=True)]
+        return {pid: psutil.Process(pid)}
     except psutil.Error:
         return {}
-    return {p.pid: known.get(p.pid, p) for p in members}
+
+
+def _read_tree(pids_path: Path, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
+    """The processes the shim recorded, reusing known Process objects (they hold cpu times)."""
+    tree: dict[int, psutil.Process] = {}
+    for pid, _ in read_record(pids_path).get("processes", []):
+        with contextlib.suppress(psutil.Error):
+            tree[pid] = known.get(pid) or psutil.Process(pid)
+    return tree
