@@ -13,6 +13,7 @@ from sglang_dp.dashboard.render import (
     frame,
     human,
     render,
+    state_text,
     status_line,
 )
 
@@ -64,6 +65,15 @@ def test_process_facts_fill_in_gpu_state_and_resources() -> None:
     ]
 
 
+def test_a_failed_worker_shows_when_it_is_tried_again() -> None:
+    facts = [ProcessFacts(0, "http://127.0.0.1:31000", "0", "failed", 5, 0.0, 0, 245.2)]
+    f = frame(stats(1, 0, 0), None, title="m", url="u", processes=facts)
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(f))
+    assert "failed, retry in 4:05" in console.export_text()
+    assert state_text("healthy", None) == "healthy"
+
+
 def test_helpers() -> None:
     assert human(999) == "999" and human(12_345) == "12.3 k" and human(5_600_000) == "5.6 M"
     assert duration(3725) == "1:02:05"
@@ -82,14 +92,3 @@ def test_render_draws_every_worker_and_the_header() -> None:
     assert "31000" in text and "31010" in text and "75 %" in text and "12.3 k" in text
     assert "w0 is healthy" in text
     assert "1/1" not in status_line(f) and "2/2 workers healthy" in status_line(f)
-
-
-def test_imbalance_mode_is_announced_once_and_its_end_too() -> None:
-    from sglang_dp.router.app import ImbalanceWatch
-
-    watch = ImbalanceWatch()
-    assert watch.update(0) is None
-    assert (watch.update(3) or "").startswith("imbalance mode: loads drifted apart, 3 request(s)")
-    assert watch.update(7) is None  # still in it: no new event
-    assert watch.update(7) == "balanced again: routing by cache match"
-    assert watch.update(7) is None

@@ -37,9 +37,21 @@ class Launched:
         return reply.status == 200 and reply.json()["healthy_workers"] == count
 
 
-def launch_argv(dp: int, port: int, log_dir: Path, *extra: str) -> list[str]:
+FAKE_SGLANG = Path(__file__).parents[1] / "fake_sglang"  # a stand-in SGLang with its tree
+
+
+def fake_sglang_env() -> dict[str, str]:
+    """The environment in which `python -m sglang.launch_server` is the stand-in."""
+    return {**os.environ, "PYTHONPATH": str(FAKE_SGLANG)}
+
+
+def launch_argv(
+    dp: int, port: int, log_dir: Path, *extra: str, fake_sglang: bool = False
+) -> list[str]:
+    what = ["--model-path", "fake", "--gpus", ",".join(map(str, range(dp)))]
     return [
-        SGLANG_DP, "launch", "--simulate", "--dp", str(dp), "--port", str(port),
+        SGLANG_DP, "launch", *(what if fake_sglang else ["--simulate"]), "--dp", str(dp),
+        "--port", str(port),
         "--worker-base-port", str(free_port_band(dp * 10)), "--log-dir", str(log_dir),
         "--health-check-interval-secs", "0.2", *extra,
     ]  # fmt: skip
@@ -60,14 +72,17 @@ def kill_tree(proc: subprocess.Popen[bytes], children: list[psutil.Process]) -> 
 
 
 @contextmanager
-def launched(dp: int, tmp_path: Path, *extra: str, wait_ready: bool = True) -> Iterator[Launched]:
+def launched(
+    dp: int, tmp_path: Path, *extra: str, wait_ready: bool = True, fake_sglang: bool = False
+) -> Iterator[Launched]:
     port = free_port()
     log_dir = tmp_path / "logs"
     proc = subprocess.Popen(
-        [*launch_argv(dp, port, log_dir, "--no-dashboard", *extra)],
+        [*launch_argv(dp, port, log_dir, "--no-dashboard", *extra, fake_sglang=fake_sglang)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=fake_sglang_env() if fake_sglang else None,
     )
     run = Launched(proc, Worker(proc, port), log_dir)
     seen: list[psutil.Process] = []
@@ -78,3 +93,16 @@ def launched(dp: int, tmp_path: Path, *extra: str, wait_ready: bool = True) -> I
         yield run
     finally:
         kill_tree(proc, seen + run.children())
+
+
+def fake_children(log: Path) -> list[int]:
+    """The pids the stand-in SGLang printed in `log` for its latest run."""
+    lines = [x for x in log.read_text().splitlines() if x.startswith("fake-sglang children")]
+    return [int(pid) for pid in lines[-1].split()[2:]] if lines else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

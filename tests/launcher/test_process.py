@@ -15,15 +15,23 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from sglang_dp.launcher import shim
 from sglang_dp.launcher.process import (
+    LogRotation,
+    OwnedProcess,
     WorkerProcess,
     busy_ports,
+    find_leftovers,
+    is_local_address,
+    kill_leftovers,
     read_tail,
     sglang_accepts_nccl_port,
     sglang_importable,
 )
+from sglang_dp.launcher.shim import RotatingLog
 from tests.launcher.conftest import Runner, gone, python_spec, spec_for
 from tests.processes import until, wait_for
 
@@ -170,6 +178,96 @@ def test_cancelled_spawn_leaves_no_process(run_both: Runner, tmp_path: Path) -> 
     run_both(scenario)  # the leak check fails the test if one survived
 
 
+# A worker like SGLang's: two children that ignore SIGTERM and never watch their parent, one
+# that obeys, and a daemon (double fork) that re-parents to the shim; then it serves (sleeps).
+TREE = """
+import os, signal, subprocess, sys, time
+stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+codes = (stubborn, stubborn, "import time; time.sleep(60)")
+kids = [subprocess.Popen([sys.executable, "-c", code]) for code in codes]
+if os.fork() == 0:
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(1, f"daemon {os.getpid()}\\n".encode())  # one write: the daemon's and ...
+        time.sleep(60)
+    os._exit(0)
+os.wait()
+os.write(1, ("children " + " ".join(str(k.pid) for k in kids) + "\\n").encode())  # ... ours
+time.sleep(60)
+"""
+
+
+def tree_pids(proc: OwnedProcess) -> list[int]:
+    """The pids the tree printed (once it has printed them all)."""
+    lines = proc.log_tail(50)
+    daemon = [int(x.split()[1]) for x in lines if x.startswith("daemon ")]
+    kids = [int(p) for x in lines if x.startswith("children ") for p in x.split()[1:]]
+    return daemon + kids if daemon and kids else []
+
+
+def test_terminate_leaves_nothing_of_the_tree(run_both: Runner, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        proc = await WorkerProcess.spawn(python_spec(tmp_path, TREE))
+        try:
+            pids = await until(lambda: tree_pids(proc), what="the tree's pids")
+            assert len(pids) == 4
+            assert proc.pids_path.exists()
+        finally:
+            await proc.terminate(grace=0.5)
+        assert proc.returncode == -signal.SIGTERM  # the worker obeyed; the rest were killed
+        assert all(gone(pid) for pid in pids)
+        assert not proc.pids_path.exists()  # the shim cleaned up: nothing is left to record
+
+    run_both(scenario)
+
+
+def test_a_crashed_worker_is_reported_only_when_its_tree_is_gone(
+    run: Runner, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        proc = await WorkerProcess.spawn(python_spec(tmp_path, TREE))
+        try:
+            pids = await until(lambda: tree_pids(proc), what="the tree's pids")
+            worker = psutil.Process(proc.pid).children()[0].pid
+            os.kill(worker, signal.SIGKILL)
+            assert await proc.wait() == -signal.SIGKILL  # the worker's status, passed on
+        finally:
+            await proc.terminate(grace=0)
+        assert all(gone(pid) for pid in pids)
+
+    run(scenario)
+
+
+def test_log_rotation(run: Runner, tmp_path: Path) -> None:
+    code = "for i in range(4000): print(f'line {i:5d}', 'x' * 40)"  # ~200 kB
+    spec = python_spec(tmp_path, code)
+
+    async def scenario() -> None:
+        proc = await WorkerProcess.spawn(spec, rotation=LogRotation(max_bytes=50_000, keep=2))
+        assert await proc.wait() == 0
+        files = sorted(tmp_path.glob("worker-0.log*"))
+        assert [f.name for f in files] == ["worker-0.log", "worker-0.log.1", "worker-0.log.2"]
+        assert all(f.stat().st_size < 50_000 + 65_536 for f in files)
+        assert proc.log_tail(1)[0].startswith("line  3999")  # the current file, after rotation
+
+    run(scenario)
+
+
+def test_rotating_log_keeps_n_files(tmp_path: Path) -> None:
+    log = RotatingLog(tmp_path / "w.log", max_bytes=10, keep=2)
+    for i in range(5):
+        log.write(f"chunk {i:04d}\n".encode())  # 11 bytes: every write rotates
+    log.close()
+    assert (tmp_path / "w.log").read_text() == ""
+    assert (tmp_path / "w.log.1").read_text() == "chunk 0004\n"
+    assert (tmp_path / "w.log.2").read_text() == "chunk 0003\n"
+    assert not (tmp_path / "w.log.3").exists()
+    unkept = RotatingLog(tmp_path / "u.log", max_bytes=10, keep=0)
+    unkept.write(b"0123456789ab")
+    unkept.close()
+    assert (tmp_path / "u.log").read_text() == "" and not (tmp_path / "u.log.1").exists()
+
+
 LAUNCHER = """
 import asyncio, os, sys
 from pathlib import Path
@@ -177,8 +275,7 @@ from sglang_dp.launcher.plan import WorkerSpec
 from sglang_dp.launcher.process import WorkerProcess
 
 async def main() -> None:
-    code = "import time; print('ready', flush=True); time.sleep(60)"
-    argv = (sys.executable, "-c", code)
+    argv = (sys.executable, "-c", sys.argv[4])
     spec = WorkerSpec(0, (), 1, None, argv, dict(os.environ), Path(sys.argv[1]), True)
     proc = await WorkerProcess.spawn(spec)
     Path(sys.argv[2]).write_text(str(proc.pid))
@@ -192,26 +289,115 @@ else:
 """
 
 
-@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
-def test_worker_dies_when_the_launcher_is_sigkilled(tmp_path: Path, loop: str) -> None:
-    log, pid_file = tmp_path / "worker.log", tmp_path / "worker.pid"
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(log), str(pid_file), loop],
-        start_new_session=True,
-    )
-    worker = 0
+def _launcher(tmp_path: Path, loop: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    log, pid_file = tmp_path / "worker.log", tmp_path / "shim.pid"
+    argv = [sys.executable, "-c", LAUNCHER, str(log), str(pid_file), loop, TREE]
+    return subprocess.Popen(argv, start_new_session=True), log, pid_file
+
+
+def _printed_pids(log: Path) -> list[int]:
+    text = log.read_text() if log.exists() else ""
+    lines = text.splitlines()
+    daemon = [int(x.split()[1]) for x in lines if x.startswith("daemon ")]
+    kids = [int(p) for x in lines if x.startswith("children ") for p in x.split()[1:]]
+    return daemon + kids if daemon and kids else []
+
+
+@pytest.mark.parametrize(("loop", "moment"), [("asyncio", "steady"), ("uvloop", "starting")])
+def test_the_whole_tree_dies_when_the_launcher_is_sigkilled(
+    tmp_path: Path, loop: str, moment: str
+) -> None:
+    launcher, log, pid_file = _launcher(tmp_path, loop)
+    seen: set[int] = set()
     try:
-        wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the worker's pid")
-        worker = int(pid_file.read_text())
-        wait_for(lambda: "ready" in log.read_text(), what="the worker to start")
+        wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the shim's pid")
+        seen.add(int(pid_file.read_text()))
+        if moment == "steady":
+            seen.update(wait_for(lambda: _printed_pids(log), what="the tree"))
+        else:  # while the worker starts its children: note every process of the tree there is
+            seen.update(p.pid for p in psutil.Process(launcher.pid).children(recursive=True))
+        seen.update(p.pid for p in psutil.Process(launcher.pid).children(recursive=True))
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
-        wait_for(lambda: gone(worker), what="the worker to die with its launcher")
+        wait_for(lambda: all(gone(pid) for pid in seen), timeout=5, what="every descendant gone")
+        # what started after the look (at start-up) is named in the pids file, removed when gone
+        wait_for(lambda: not (tmp_path / "worker.log.pids").exists(), timeout=5, what="cleanup")
+        assert all(gone(pid) for pid in _printed_pids(log))
     finally:
-        for pid in (launcher.pid, worker):
-            if pid and not gone(pid):
-                os.killpg(pid, signal.SIGKILL)
+        for pid in seen:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
+
+
+REAPER = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from sglang_dp.launcher.process import OwnedProcess, Reaper, become_subreaper
+
+async def main() -> None:
+    assert become_subreaper()
+    proc = await OwnedProcess.start([sys.executable, "-c", sys.argv[2]], os.environ,
+                                    Path(sys.argv[1]))
+    while "children" not in Path(sys.argv[1]).read_text():
+        await asyncio.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the shim dies first: its tree re-parents to us
+    await proc.terminate(0)  # kills what its pids file names
+    reaper = Reaper(lambda pid: pid == proc.pid)
+    while reaper.reap_once() or zombies():
+        await asyncio.sleep(0.02)
+    print("reaped", reaper.reaped, "zombies", len(zombies()))
+
+def zombies() -> list[int]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                found.append(int(name))
+    return found
+
+asyncio.run(main())
+"""
+
+
+def test_a_subreaper_launcher_kills_and_reaps_the_orphans_of_a_killed_shim(
+    tmp_path: Path,
+) -> None:
+    argv = [sys.executable, "-c", REAPER, str(tmp_path / "w.log"), TREE]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    reaped, zombies = done.stdout.split()[1::2]
+    assert int(reaped) >= 4 and zombies == "0"  # worker, 3 children, the daemon: all reaped
+
+
+def test_leftovers_are_found_by_pid_and_start_time_and_killed(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                               start_new_session=True)  # fmt: skip
+    try:
+        start = shim.start_time(sleeper.pid)
+        record = {"launcher": 1, "pgid": sleeper.pid, "processes": [[sleeper.pid, start]]}
+        shim.write_pids(tmp_path / "worker-0.log.pids", record)
+        reused = {"launcher": 1, "pgid": 1 << 22, "processes": [[sleeper.pid, 1]]}  # pid reused
+        shim.write_pids(tmp_path / "worker-1.log.pids", reused)
+        found = find_leftovers(tmp_path)
+        assert [(f.pids_path.name, f.pids) for f in found] == [
+            ("worker-0.log.pids", (sleeper.pid,))
+        ]
+        assert not (tmp_path / "worker-1.log.pids").exists()  # stale: removed
+        assert kill_leftovers(found[0].pids_path) == []
+        assert sleeper.wait(timeout=10) == -signal.SIGKILL
+        assert find_leftovers(tmp_path) == [] and not list(tmp_path.glob("*.pids"))
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
 
 
 # --- pre-flight checks -----------------------------------------------------------------------
@@ -261,6 +447,11 @@ def test_busy_ports() -> None:
         free = next(p for p in range(busy + 1, 65535) if p != held and not busy_ports([p]))
         assert busy_ports([busy, free, held]) == [busy, held]
     assert busy_ports([]) == []
+
+
+def test_is_local_address() -> None:
+    assert is_local_address("127.0.0.1") and is_local_address("0.0.0.0")
+    assert not is_local_address("192.0.2.1")  # TEST-NET-1: nobody's
 
 
 def test_read_tail(tmp_path: Path) -> None:

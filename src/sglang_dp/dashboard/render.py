@@ -50,6 +50,7 @@ class ProcessFacts:
     restarts: int
     cpu_percent: float
     rss_bytes: int
+    retry_in_s: float | None = None  # failed: tried again in this many seconds
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class WorkerRow:
     restarts: int
     cpu_percent: float | None
     rss_bytes: int | None
+    retry_in_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,8 @@ def _row(index: int, worker: Mapping[str, Any], facts: ProcessFacts | None) -> W
         index=facts.index if facts else index,
         url=worker["url"],
         gpus=facts.gpus if facts else "-",
-        state=facts.state if facts and facts.state != "healthy" else worker.get("state", "?"),
+        # the launcher's state follows the router's health checks; it also knows the process
+        state=facts.state if facts else worker.get("state", "?"),
         in_flight=int(worker.get("in_flight", 0)),
         routed=int(worker.get("routed", 0)),
         predicted_rate=float(worker.get("predicted_rate", 0.0)),
@@ -142,6 +145,7 @@ def _row(index: int, worker: Mapping[str, Any], facts: ProcessFacts | None) -> W
         restarts=facts.restarts if facts else int(worker.get("resets", 0)),
         cpu_percent=facts.cpu_percent if facts else None,
         rss_bytes=facts.rss_bytes if facts else None,
+        retry_in_s=facts.retry_in_s if facts else None,
     )
 
 
@@ -149,8 +153,16 @@ def _process_only_row(facts: ProcessFacts) -> WorkerRow:
     """A worker the router does not know (yet): starting, or restarting on a new port."""
     return WorkerRow(
         facts.index, facts.url, facts.gpus, facts.state, 0, 0, 0.0, 0.0, 0,
-        facts.restarts, facts.cpu_percent, facts.rss_bytes,
+        facts.restarts, facts.cpu_percent, facts.rss_bytes, facts.retry_in_s,
     )  # fmt: skip
+
+
+def state_text(state: str, retry_in_s: float | None) -> str:
+    """'failed' → 'failed, retry in 4:05' while a retry is planned."""
+    if retry_in_s is None:
+        return state
+    minutes, seconds = divmod(max(0, round(retry_in_s)), 60)
+    return f"{state}, retry in {minutes}:{seconds:02d}"
 
 
 def human(n: float) -> str:
@@ -205,7 +217,7 @@ def worker_table(f: Frame) -> Table:
             str(w.index),
             w.gpus,
             w.url.rsplit(":", 1)[-1],
-            Text(w.state, style=STATE_STYLES.get(w.state, "")),
+            Text(state_text(w.state, w.retry_in_s), style=STATE_STYLES.get(w.state, "")),
             Text(f"{w.in_flight:>4} ") + Text(bar(w.in_flight, scale), style="cyan"),
             f"{w.routed:,}",
             percent(w.predicted_rate),

@@ -9,7 +9,8 @@ the workers' own start-up hides), and the router listens while they load — `/r
 until the first one is healthy. The supervisor tells the router when a worker is up
 (`add_worker`) or down (`on_down(url, restarting)`: a worker that will come back at the same URL
 leaves routing at once and loses its tree share; one that is gone for good — failed, moved to
-another port, stopped — is removed).
+another port, stopped — is removed). The router's health monitor is the one health checker: the
+supervisor reads it (`health_of`) to restart a worker unhealthy for --unhealthy-restart-secs.
 """
 
 from __future__ import annotations
@@ -18,17 +19,27 @@ import asyncio
 import dataclasses
 import os
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
-from sglang_dp.launcher.process import busy_ports, sglang_accepts_nccl_port, sglang_importable
+from sglang_dp.launcher.process import (
+    LogRotation,
+    busy_ports,
+    find_leftovers,
+    kill_leftovers,
+    sglang_accepts_nccl_port,
+    sglang_importable,
+    spawn_worker,
+)
 from sglang_dp.launcher.register import Registrar
 from sglang_dp.launcher.supervisor import Supervisor
 
 if TYPE_CHECKING:
+    from sglang_dp.router.health import WorkerHealth
     from sglang_dp.router.server import RouterServer
 
 
@@ -70,6 +81,42 @@ def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
     return specs
 
 
+def clear_leftovers(config: LaunchConfig) -> list[str]:
+    """Processes an earlier launch with this log folder left running (its pids files say
+    which): a LaunchError naming them, or with --kill-stale, killed (the lines say so)."""
+    found = find_leftovers(Path(config.log_dir))
+    if not found:
+        return []
+    pids = [pid for leftover in found for pid in leftover.pids]
+    launchers = sorted({f.launcher for f in found if f.launcher and _alive(f.launcher)})
+    running = (
+        f" (its launcher, pid {', '.join(map(str, launchers))}, still runs)" if launchers else ""
+    )
+    files = ", ".join(str(f.pids_path) for f in found)
+    if not config.kill_stale:
+        raise LaunchError(
+            f"{len(pids)} process(es) of an earlier launch with --log-dir {config.log_dir} still "
+            f"run{running}: pid(s) {' '.join(map(str, pids))} (recorded in {files}). They may hold "
+            "GPU memory and ports: stop them, or add --kill-stale to kill them."
+        )
+    survivors = [pid for f in found for pid in kill_leftovers(f.pids_path)]
+    if survivors:
+        raise LaunchError(
+            f"could not kill pid(s) {' '.join(map(str, survivors))} of an earlier launch"
+        )
+    return [f"killed {len(pids)} process(es) left by an earlier launch: {' '.join(map(str, pids))}"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_ports(config: LaunchConfig, specs: list[WorkerSpec]) -> None:
     wanted = [] if config.no_router else [config.router.port]
     for spec in specs:
@@ -97,6 +144,10 @@ class Cluster:
             on_event=self._event,
             on_up=self._worker_up,
             on_down=self._worker_down,
+            spawner=spawn_worker(LogRotation(config.log_rotation_bytes, config.log_keep)),
+            health=None if config.no_router else self,
+            unhealthy_restart=config.unhealthy_restart_secs,
+            retry_failed=config.retry_failed_secs,
         )
         self._supervising: asyncio.Task[None] | None = None
         self.registrar: Registrar | None = None
@@ -104,6 +155,7 @@ class Cluster:
             admin = config.router.admin_key
             self.registrar = Registrar(config.register_with, admin, self._event)
         self.events: list[str] = []  # without a router: what the screen shows
+        self._hurry = asyncio.Event()
 
     @property
     def has_router(self) -> bool:
@@ -113,6 +165,10 @@ class Cluster:
     def router(self) -> RouterServer:
         assert self._router is not None, "start_router() first"
         return self._router
+
+    def health_of(self, url: str) -> WorkerHealth | None:
+        """The router's health record of a worker: the supervisor's one source of health."""
+        return None if self._router is None else self._router.monitor.health_of(url)
 
     def _event(self, message: str) -> None:
         self.events = [*self.events[-49:], message]
@@ -171,12 +227,34 @@ class Cluster:
         return self._supervising
 
     async def stop(self, grace: float) -> None:
-        """Drain the router for up to `grace` s, then stop every worker. Idempotent."""
+        """Drain the router for up to `grace` s, then stop every worker. Idempotent.
+
+        After hurry(), what is left of the grace is skipped (the drain, the workers' SIGTERM)."""
         if self._supervising is not None:
             self._supervising.cancel()
             await asyncio.gather(self._supervising, return_exceptions=True)
-        if self._router is not None:
-            await self._router.stop(grace)
+        router = self._router
+        if router is not None:
+            await self._unless_hurried(router.stop(grace), lambda: router.stop(0.0))
         if self.registrar is not None:
             await self.registrar.close()  # before the workers stop: no request is sent to them
-        await self.supervisor.stop(min(grace, 10.0))
+        supervisor = self.supervisor
+        await self._unless_hurried(supervisor.stop(min(grace, 10.0)), lambda: supervisor.stop(0))
+
+    def hurry(self) -> None:
+        """Skip what is left of the shutdown's grace (a second Ctrl-C)."""
+        self._hurry.set()
+
+    async def _unless_hurried(
+        self, slow: Coroutine[Any, Any, None], fast: Callable[[], Awaitable[None]]
+    ) -> None:
+        task = asyncio.ensure_future(slow)
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({task, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await fast()
+        else:
+            task.result()

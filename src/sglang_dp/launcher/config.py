@@ -38,7 +38,28 @@ class LaunchConfig:
     allow_partial: bool = option(
         False, "Start routing with the workers that are healthy; add the rest as they come."
     )
-    max_restarts: int = option(5, "Restarts per worker before giving up on it.")
+    max_restarts: int = option(
+        5,
+        "Restarts in a row before a worker is given up on; it is then retried every "
+        "--retry-failed-secs.",
+    )
+    retry_failed_secs: float = option(
+        300.0, "How often a worker that exhausted --max-restarts is tried again (0 = never)."
+    )
+    unhealthy_restart_secs: float = option(
+        60.0,
+        "Restart a worker that runs but has failed its health checks for this long (a hung "
+        "collective, a wedged scheduler); 0 = never.",
+    )
+    kill_stale: bool = option(
+        False,
+        "Kill processes that an earlier launch with this --log-dir left running (recorded in "
+        "DIR/worker-<i>.log.pids) instead of refusing to start.",
+    )
+    log_max_mb: float = option(
+        1024.0, "Rotate each worker's log and router.log past this size in MB (0 = never)."
+    )
+    log_keep: int = option(3, "Rotated logs kept per file (worker-0.log.1 … .N).")
     shutdown_grace_secs: float = option(
         10.0, "On Ctrl-C / SIGTERM, how long requests in flight may take to finish."
     )
@@ -69,6 +90,12 @@ class LaunchConfig:
             raise ValueError("--register-with goes with --no-router (this node runs no router)")
         if self.max_restarts < 0 or self.startup_timeout_secs <= 0:
             raise ValueError("--max-restarts must be >= 0 and --startup-timeout-secs positive")
+        if min(self.retry_failed_secs, self.unhealthy_restart_secs, self.log_max_mb) < 0:
+            raise ValueError(
+                "--retry-failed-secs, --unhealthy-restart-secs and --log-max-mb must be >= 0"
+            )
+        if self.log_keep < 0:
+            raise ValueError("--log-keep must be >= 0")
 
     @property
     def model(self) -> str:
@@ -77,3 +104,7 @@ class LaunchConfig:
     @property
     def base_port(self) -> int:
         return self.worker_base_port or self.router.port + 1000
+
+    @property
+    def log_rotation_bytes(self) -> int:
+        return int(self.log_max_mb * 1024 * 1024)

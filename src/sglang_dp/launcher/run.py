@@ -1,18 +1,27 @@
 """`sglang-dp launch`: the cluster (`cluster.Cluster`) with a screen and signal handling.
 
-    make_plan → start workers → progress table until healthy → router → dashboard … Ctrl-C
+    leftovers of an earlier launch? → make_plan → start workers → progress table until healthy
+      → router → dashboard … Ctrl-C / SIGTERM / SIGHUP
       → router drains for --shutdown-grace-secs → workers SIGTERM → SIGKILL what remains
 
-Signal handlers only set an event; a second Ctrl-C forces the shutdown (no grace). While the
-dashboard is drawn, logging goes to `DIR/router.log` (events also appear on the dashboard). The
-exit code is 0 after a requested shutdown, 1 when workers could not start or all failed for good,
-2 for a bad plan (nothing was started).
+The launcher is the child subreaper of everything it starts (each worker's shim already is of its
+worker's tree; should a shim be killed, its orphans come here) and reaps what re-parents to it, so
+no zombie stays behind even as PID 1 in a container. Leftovers of an earlier launch with the same
+--log-dir (the pids files its shims left: a launcher killed while a shim was killed too) stop the
+launch with their pids, unless --kill-stale kills them.
+
+Signal handlers only set events: the first SIGINT, SIGTERM or SIGHUP (the terminal closed) starts
+the shutdown, a second one skips what is left of the grace (the drain and the workers' SIGTERM
+wait). While the dashboard is drawn, logging goes to `DIR/router.log`, rotated past --log-max-mb
+(events also appear on the dashboard). The exit code is 0 after a requested shutdown, 1 when
+workers could not start or all failed for good, 2 for a bad plan or leftovers (nothing started).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import logging.handlers
 import signal
 import time
 from collections.abc import Mapping
@@ -24,9 +33,10 @@ from rich.live import Live
 
 from sglang_dp.dashboard.live import FrameSource, run_dashboard
 from sglang_dp.dashboard.render import ProcessFacts, StartupRow, startup_table
-from sglang_dp.launcher.cluster import Cluster, LaunchError, make_plan
+from sglang_dp.launcher.cluster import Cluster, LaunchError, clear_leftovers, make_plan
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.plan import WorkerSpec
+from sglang_dp.launcher.process import Reaper, become_subreaper
 from sglang_dp.launcher.supervisor import AllWorkersFailed, StartupFailed, WorkerStatus
 
 
@@ -42,11 +52,17 @@ def _startup_rows(statuses: tuple[WorkerStatus, ...], now: float) -> list[Startu
     ]
 
 
-def _process_facts(statuses: tuple[WorkerStatus, ...]) -> list[ProcessFacts]:
+def _process_facts(statuses: tuple[WorkerStatus, ...], now: float) -> list[ProcessFacts]:
     return [
-        ProcessFacts(s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes)
+        ProcessFacts(
+            s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes,
+            None if s.retry_at is None else s.retry_at - now,
+        )
         for s in statuses
-    ]
+    ]  # fmt: skip
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Launch:
@@ -62,12 +78,14 @@ class Launch:
     def _on_signal(self) -> None:
         if self.stopping.is_set():
             self.forced = True
+            self.cluster.hurry()
         self.stopping.set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal)
+        reaping = asyncio.ensure_future(Reaper(self.cluster.supervisor.owns).run())
         try:
             await self.cluster.start_workers()
             await self.cluster.start_router()
@@ -79,8 +97,12 @@ class Launch:
             self._show_failure(failure)
             return 1
         finally:
-            self.console.print("stopping: draining requests in flight, then the workers")
+            self.console.print(
+                "stopping: draining requests in flight, then the workers (Ctrl-C again: now)"
+            )
             await self.cluster.stop(0.0 if self.forced else self.config.shutdown_grace_secs)
+            reaping.cancel()
+            await asyncio.gather(reaping, return_exceptions=True)
 
     async def _wait_ready(self) -> bool:
         supervisor = self.cluster.supervisor
@@ -140,7 +162,7 @@ class Launch:
 
     def _frames(self) -> FrameSource:
         supervisor = self.cluster.supervisor
-        processes = lambda: _process_facts(supervisor.snapshot())  # noqa: E731
+        processes = lambda: _process_facts(supervisor.snapshot(), time.monotonic())  # noqa: E731
         if not self.cluster.has_router:
 
             async def node_only() -> Mapping[str, Any]:
@@ -149,7 +171,7 @@ class Launch:
 
             target = self.config.register_with or "-"
             return FrameSource(node_only, title=self.config.model, url=target, processes=processes)
-        from sglang_dp.router.app import stats_payload
+        from sglang_dp.router.stats import stats_payload
 
         router = self.cluster.router
 
@@ -182,7 +204,11 @@ class Launch:
 
 def _setup_logging(config: LaunchConfig) -> None:
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(Path(config.log_dir) / "router.log")
+    handler = logging.handlers.RotatingFileHandler(
+        Path(config.log_dir) / "router.log",
+        maxBytes=config.log_rotation_bytes,
+        backupCount=config.log_keep,
+    )
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -194,7 +220,10 @@ def run_launch(config: LaunchConfig) -> int:
     import uvloop
 
     console = Console()
+    become_subreaper()
     try:
+        for line in clear_leftovers(config):
+            console.print(line, highlight=False)
         specs = make_plan(config)
     except LaunchError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)

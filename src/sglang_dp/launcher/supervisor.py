@@ -11,21 +11,31 @@ One task per worker runs its life cycle; the caller sees states, events and two 
                             ▼
          restarting: sleep backoff_base × 2^n (cap backoff_cap), n = restarts in a row
                             │ n < max_restarts                   n = max_restarts ─▶ failed
-                            └─▶ spawn again (on the next free port band when its log says
-                                "address already in use": its url changes)
+                            └─▶ spawn again (on the next free port band when its log says      │
+                                "address already in use": its url changes)   retry_failed s ◀─┘
+                                                                             later (0: never)
 
 - Readiness: GET /health == 200 and GET /get_model_info == 200, polled every
   `startup_poll_interval` (0.1 s: readiness is seen at once), with the worker's `--api-key` if
   its argv has one. A worker not ready `startup_timeout` s after its spawn is terminated
   (`kill_grace`, 5 s) and counts as exited. Every probe (timeout `probe_timeout`, 5 s) is
   abandoned the moment the process exits, so an exit is seen at once.
-- While healthy: GET /health every `health_interval` (0.5 s); two failures in a row mark it
-  unhealthy (it stays in routing: the router's own health checks decide that; the supervisor acts
-  on process exits only), one success marks it healthy again.
+- While it runs: the supervisor does not probe it. One health checker watches each worker, the
+  router's (router.health.WorkerMonitor, `health`, read every `health_interval`, 0.5 s); without
+  one the supervisor runs its own WorkerMonitor (checks every `check_interval`, 5 s). The state
+  shown follows the monitor's (unhealthy / healthy again). A worker unhealthy and failing its
+  checks for `unhealthy_restart` s in a row (0: never) is restarted like a crash, without a
+  backoff (a hung collective, a wedged scheduler): its tree is stopped (SIGKILL after
+  HUNG_KILL_GRACE_S, 1 s) and on_down(url, True) fails its requests over.
 - on_up(url) / on_down(url, restarted) come in pairs: on_down only follows an on_up. `restarted`
   is True when the same url will come back (with an empty cache), False when this url is gone
   (failed for good, moved to another port, or stop()). on_up may come before wait_ready returns.
+- Every run ends with nothing of it left: its shim reports the exit only once the whole tree is
+  gone (terminate() again kills what a killed shim left), and the next run starts only once its
+  ports are free (a port still taken after `ports_free_wait` s is another program's: it moves).
 - Backoff: `backoff_base` (0.5 s) × 2^n, capped at `backoff_cap` (30 s), n = restarts in a row.
+  After `max_restarts` in a row a worker is failed; with `retry_failed` > 0 it is tried again
+  every `retry_failed` s (its status says when: `retry_at`), and supervise() never gives up.
   A worker that had been healthy for `stable_after` s (60) when it exited starts a new row: its
   budget of `max_restarts` and its backoff come back. `restarts` in the status counts them all.
 - First start: start() spawns every worker; a program that cannot be executed at all is a
@@ -39,7 +49,8 @@ One task per worker runs its life cycle; the caller sees states, events and two 
   SIGTERM every process group at once, wait up to `grace`, SIGKILL what remains. Idempotent; a
   second call with a shorter grace escalates sooner.
 - CPU and memory: of each worker's whole process tree (psutil), sampled when `snapshot()` is
-  called, at most once a second; tree membership is re-read every 5 s (it rarely changes).
+  called, at most once a second; tree membership is re-read every 5 s from the record its shim
+  keeps (no scan of /proc on the loop).
   Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
 - Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
 
@@ -54,30 +65,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
 from sglang_dp.launcher.plan import WorkerSpec, api_key_from_args, spare_ports, with_ports
-from sglang_dp.launcher.process import WorkerProcess, busy_ports
+from sglang_dp.launcher.process import (
+    Spawner,
+    WorkerHandle,
+    busy_ports,
+    is_local_address,
+    read_record,
+    spawn_worker,
+)
+from sglang_dp.router.health import WorkerHealth, WorkerMonitor, probe
 
 if TYPE_CHECKING:
     import aiohttp
 
 STATES = ("starting", "loading", "healthy", "unhealthy", "restarting", "stopped", "failed")
-FAILURES_BEFORE_UNHEALTHY = 2
 TAIL_LINES = 20
 ADDRESS_IN_USE = ("address already in use", "eaddrinuse", "errno 98")
 SAMPLE_INTERVAL_S = 1.0
+HUNG = "failing health checks for"
+HUNG_KILL_GRACE_S = 1.0  # a worker unresponsive for long gets little time to obey SIGTERM
+PORTS_FREE_WAIT_S = 5.0  # after a worker's tree is gone, how long its ports may stay taken
+PORTS_POLL_S = 0.1
 TREE_RESCAN_S = 5.0
 
 # probe results
 DOWN, LOADING, READY = "down", "loading", "ready"
+
+
+class HealthReader(Protocol):
+    """Where the supervisor reads a worker's health: the router's WorkerMonitor."""
+
+    def health_of(self, url: str) -> WorkerHealth | None: ...
 
 
 class SupervisorError(Exception):
@@ -116,6 +145,7 @@ class WorkerStatus:
     rss_bytes: int
     simulated: bool = False
     log_path: Path | None = None
+    retry_at: float | None = None  # failed, tried again at this time
 
 
 @dataclass
@@ -123,7 +153,7 @@ class _Worker:
     """The supervisor's mutable record of one worker."""
 
     spec: WorkerSpec
-    proc: WorkerProcess | None = None
+    proc: WorkerHandle | None = None
     exited: asyncio.Future[int] | None = None  # the current process's wait()
     state: str = "starting"
     restarts: int = 0
@@ -137,6 +167,7 @@ class _Worker:
     rss_bytes: int = 0
     tree: dict[int, psutil.Process] = field(default_factory=dict)
     tree_read_at: float = float("-inf")
+    retry_at: float | None = None
 
     @property
     def headers(self) -> dict[str, str]:
@@ -151,6 +182,7 @@ class _Ended:
     reason: str
     log_tail: list[str]
     port_in_use: bool
+    hung: bool = False  # stopped for staying unhealthy: restarted without a backoff
 
 
 class Supervisor:
@@ -167,14 +199,22 @@ class Supervisor:
         on_down: Callable[[str, bool], None],
         clock: Callable[[], float] = time.monotonic,
         health_interval: float = 0.5,
+        check_interval: float = 5.0,
+        health: HealthReader | None = None,
+        unhealthy_restart: float = 0.0,
+        retry_failed: float = 0.0,
         startup_poll_interval: float = 0.1,
         probe_timeout: float = 5.0,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         stable_after: float = 60.0,
         kill_grace: float = 5.0,
+        spawner: Spawner | None = None,
+        ports_free_wait: float = PORTS_FREE_WAIT_S,
     ) -> None:
         self._workers = [_Worker(spec) for spec in specs]
+        self._spawner = spawner or spawn_worker()
+        self._ports_free_wait = ports_free_wait
         self._startup_timeout = startup_timeout
         self._max_restarts = max_restarts
         self._on_event = on_event
@@ -182,6 +222,19 @@ class Supervisor:
         self._on_down = on_down
         self._clock = clock
         self._health_interval = health_interval
+        self._unhealthy_restart = unhealthy_restart
+        self._retry_failed = retry_failed
+        self._own_monitor: WorkerMonitor | None = None
+        if health is None:
+            from sglang_dp.router.engine import RoutingEngine
+
+            self._own_monitor = WorkerMonitor(
+                RoutingEngine(),
+                interval=check_interval,
+                timeout=probe_timeout,
+                api_key=api_key_from_args(specs[0].argv) if specs else None,
+            )
+        self._health: HealthReader = health or self._own_monitor  # type: ignore[assignment]
         self._startup_poll = startup_poll_interval
         self._probe_timeout = probe_timeout
         self._backoff_base = backoff_base
@@ -212,6 +265,8 @@ class Supervisor:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._probe_timeout)
         )
+        if self._own_monitor is not None:
+            await self._own_monitor.start()
         spawned = await asyncio.gather(
             *(self._spawn(w) for w in self._workers), return_exceptions=True
         )
@@ -261,7 +316,7 @@ class Supervisor:
             self._raise_if_crashed()
             if self._stopping:
                 return
-            if self._all_failed():
+            if self._all_failed() and not self._retry_failed:
                 raise AllWorkersFailed(f"all {len(self._workers)} workers have failed")
             await self._changed.wait()
 
@@ -278,6 +333,12 @@ class Supervisor:
         await asyncio.gather(*(self._stop_worker(w, grace) for w in self._workers))
         if self._session is not None:
             await self._session.close()
+        if self._own_monitor is not None:
+            await self._own_monitor.stop()
+
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is one of the worker processes (whose exit the supervisor awaits)."""
+        return any(w.proc is not None and w.proc.pid == pid for w in self._workers)
 
     def snapshot(self) -> tuple[WorkerStatus, ...]:
         """Every worker's status (CPU and memory refreshed at most once a second)."""
@@ -293,9 +354,13 @@ class Supervisor:
     async def _lifecycle(self, w: _Worker) -> None:
         while True:
             ended = await self._run(w)
-            if not await self._restart_decided(w, ended):
+            ended = await self._nothing_left(w, ended)
+            if await self._restart_decided(w, ended):
+                await self._backoff(w, ended)
+            elif self._retry_failed and (w.ever_ready or self._partial) and not self._stopping:
+                await self._retry_later(w)
+            else:
                 return
-            await self._backoff(w, ended)
             if ended.port_in_use:
                 self._move(w)
             w.restarts += 1
@@ -319,10 +384,30 @@ class Supervisor:
         w.last_error = reason
         # Ports are bound while starting: a worker that served had its ports.
         in_use = not served and any(m in line.lower() for line in tail for m in ADDRESS_IN_USE)
-        return _Ended(reason, tail, port_in_use=in_use)
+        return _Ended(reason, tail, port_in_use=in_use, hung=reason.startswith(HUNG))
+
+    async def _nothing_left(self, w: _Worker, ended: _Ended) -> _Ended:
+        """Make sure nothing of the run is left and its ports are free before anything else:
+        a port still taken after that is another program's, so the worker moves."""
+        if w.proc is not None:
+            await w.proc.terminate(self._kill_grace)  # at once: it has exited; kills leftovers
+        if ended.port_in_use or await self._ports_freed(w.spec):
+            return ended
+        return dataclasses.replace(ended, port_in_use=True)
+
+    async def _ports_freed(self, spec: WorkerSpec) -> bool:
+        ports = [p for p in (spec.port, spec.nccl_port) if p]
+        if not ports or not is_local_address(spec.host):
+            return True  # another node's ports (a remote spawner's): its own business
+        deadline = self._clock() + self._ports_free_wait
+        while busy_ports(ports, spec.host):
+            if self._clock() >= deadline:
+                return False
+            await asyncio.sleep(PORTS_POLL_S)
+        return True
 
     async def _spawn(self, w: _Worker) -> None:
-        w.proc = await WorkerProcess.spawn(w.spec)
+        w.proc = await self._spawner(w.spec)
         w.exited = asyncio.ensure_future(w.proc.wait())
         w.started_at, w.ready_at = self._clock(), None
         w.tree, w.tree_read_at = {}, float("-inf")
@@ -345,33 +430,38 @@ class Supervisor:
         return f"{_describe_exit(w.exited.result())} while {w.state}"
 
     async def _watch(self, w: _Worker) -> str:
-        """Health-check a ready worker until its process exits; why it exited."""
-        assert w.exited is not None
-        failures = 0
+        """Follow a ready worker's health (the monitor's) until its process exits, or until it
+        has been unhealthy for `unhealthy_restart` s (it is stopped then); why it ended."""
+        assert w.exited is not None and w.proc is not None and w.ready_at is not None
         while True:
             await asyncio.wait([w.exited], timeout=self._health_interval)
             if w.exited.done():
                 return _describe_exit(w.exited.result())
-            probed = await self._probe_while_alive(w, full=False)
-            if probed is not None:
-                failures = 0 if probed[0] == READY else failures + 1
-                self._health_changed(w, failures, probed[1])
-
-    def _health_changed(self, w: _Worker, failures: int, error: str) -> None:
-        if failures == 0:
-            if w.state == "unhealthy":
+            view = self._health.health_of(w.spec.url)
+            if view is None or view.since < w.ready_at:
+                continue  # not checked since this run became ready: it says nothing of it
+            if view.state == "healthy" and w.state == "unhealthy":
                 self._event(w, "healthy again")
-            self._set_state(w, "healthy")
-        elif failures >= FAILURES_BEFORE_UNHEALTHY and w.state != "unhealthy":
-            w.last_error = error
-            self._set_state(w, "unhealthy")
-            self._event(w, f"unhealthy: {error}")
+                self._set_state(w, "healthy")
+            elif view.state == "unhealthy":
+                if w.state != "unhealthy":
+                    w.last_error = view.last_error
+                    self._set_state(w, "unhealthy")
+                    self._event(w, f"unhealthy: {view.last_error}")
+                for_s = self._clock() - max(view.failing_since or view.since, w.ready_at)
+                if self._unhealthy_restart and for_s >= self._unhealthy_restart:
+                    reason = f"{HUNG} {for_s:.0f} s ({view.last_error})"
+                    self._event(w, f"{reason}: stopping it to restart it")
+                    await w.proc.terminate(min(self._kill_grace, HUNG_KILL_GRACE_S))
+                    return reason
 
     def _became_ready(self, w: _Worker) -> None:
         w.ready_at = self._clock()
         w.ever_ready = w.up = True
         self._set_state(w, "healthy")
         self._event(w, f"healthy on {w.spec.url} after {w.ready_at - w.started_at:.1f} s")
+        if self._own_monitor is not None:
+            self._own_monitor.add(w.spec.url)
         self._on_up(w.spec.url)
 
     async def _restart_decided(self, w: _Worker, ended: _Ended) -> bool:
@@ -389,6 +479,16 @@ class Supervisor:
             self._fail(w, ended, f"{ended.reason}; gave up after {w.streak} restarts in a row")
         return again
 
+    async def _retry_later(self, w: _Worker) -> None:
+        """A failed worker waits `retry_failed` s, then is tried once more."""
+        w.retry_at = self._clock() + self._retry_failed
+        self._event(w, f"trying it again in {self._retry_failed:g} s")
+        self._notify()
+        try:
+            await asyncio.sleep(self._retry_failed)
+        finally:
+            w.retry_at = None
+
     def _fail(self, w: _Worker, ended: _Ended, reason: str) -> None:
         w.last_error = reason
         self._failures.append(StartupFailed(w.spec.index, reason, ended.log_tail))
@@ -396,7 +496,8 @@ class Supervisor:
         self._event(w, f"failed: {reason}")
 
     async def _backoff(self, w: _Worker, ended: _Ended) -> None:
-        delay = min(self._backoff_base * 2**w.streak, self._backoff_cap)
+        # A hung worker was given `unhealthy_restart` s already: no crash loop to slow down.
+        delay = 0.0 if ended.hung else min(self._backoff_base * 2**w.streak, self._backoff_cap)
         self._set_state(w, "restarting")
         self._event(
             w,
@@ -419,6 +520,8 @@ class Supervisor:
     def _down(self, w: _Worker, restarted: bool) -> None:
         if w.up:
             w.up = False
+            if self._own_monitor is not None:
+                self._own_monitor.remove(w.spec.url)
             self._on_down(w.spec.url, restarted)
 
     async def _stop_worker(self, w: _Worker, grace: float) -> None:
@@ -446,20 +549,11 @@ class Supervisor:
 
     async def _probe(self, w: _Worker, full: bool) -> tuple[str, str]:
         """(DOWN | LOADING | READY, what went wrong): /health, and /get_model_info if full."""
-        import aiohttp
-
         assert self._session is not None
-        paths = ("/health", "/get_model_info") if full else ("/health",)
-        try:
-            for path in paths:
-                async with self._session.get(w.spec.url + path, headers=w.headers) as reply:
-                    await reply.read()
-                    if reply.status != 200:
-                        return LOADING, f"{path} answered {reply.status}"
-        except aiohttp.ClientConnectorError as exc:
-            return DOWN, f"connection refused ({exc.os_error})"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            return LOADING, f"{path} failed: {type(exc).__name__} {exc}".strip()
+        for path in ("/health", "/get_model_info") if full else ("/health",):
+            result = await probe(self._session, w.spec.url, path, w.headers)
+            if not result.ok:
+                return (DOWN if result.refused else LOADING), result.error
         return READY, ""
 
     def _set_state(self, w: _Worker, state: str) -> None:
@@ -512,16 +606,24 @@ def _status(w: _Worker) -> WorkerStatus:
         rss_bytes=w.rss_bytes if running else 0,
         simulated=w.spec.simulated,
         log_path=w.spec.log_path,
+        retry_at=w.retry_at,
     )
 
 
 def _sample_usage(w: _Worker, now: float) -> None:
-    """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %)."""
-    if w.proc is None or w.proc.returncode is not None:
+    """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %).
+
+    The tree is the one its shim records (no scan of /proc here); a worker without such a record
+    (started elsewhere, by another spawner) is not sampled."""
+    pids_path = getattr(w.proc, "pids_path", None)
+    if w.proc is None or w.proc.returncode is not None or not isinstance(pids_path, Path):
         return
     if now - w.tree_read_at >= TREE_RESCAN_S:
-        w.tree_read_at = now
-        w.tree = _read_tree(w.proc.pid, w.tree)
+        w.tree = _read_tree(pids_path, w.tree)
+        if w.tree:
+            w.tree_read_at = now
+        else:  # no record yet (its shim has just started): the shim alone, and look again soon
+            w.tree = _read_tree_of(w.proc.pid)
     cpu, rss = 0.0, 0
     for pid, proc in list(w.tree.items()):
         try:
@@ -533,11 +635,17 @@ def _sample_usage(w: _Worker, now: float) -> None:
     w.cpu_percent, w.rss_bytes = cpu, rss
 
 
-def _read_tree(root: int, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
-    """The root and all its descendants, reusing known Process objects (they hold cpu times)."""
+def _read_tree_of(pid: int) -> dict[int, psutil.Process]:
     try:
-        top = known.get(root) or psutil.Process(root)
-        members = [top, *top.children(recursive=True)]
+        return {pid: psutil.Process(pid)}
     except psutil.Error:
         return {}
-    return {p.pid: known.get(p.pid, p) for p in members}
+
+
+def _read_tree(pids_path: Path, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
+    """The processes the shim recorded, reusing known Process objects (they hold cpu times)."""
+    tree: dict[int, psutil.Process] = {}
+    for pid, _ in read_record(pids_path).get("processes", []):
+        with contextlib.suppress(psutil.Error):
+            tree[pid] = known.get(pid) or psutil.Process(pid)
+    return tree

@@ -22,7 +22,6 @@ import asyncio
 import collections
 import dataclasses
 import hmac
-import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine, WorkerStat
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import Encoder, InvalidRequest, route_request
 from sglang_dp.router.metrics import RouterMetrics
+from sglang_dp.router.stats import stats_payload, worker_stats_dict
 from sglang_dp.router.tree import Branch, preview
 
 if TYPE_CHECKING:
@@ -56,29 +56,6 @@ def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
     return json_response({"error": {"message": message, "type": kind, "code": status}}, status)
 
 
-class ImbalanceWatch:
-    """Turns the count of imbalanced decisions ("imbalanced", "imbalanced_hit"), read now and
-    then, into events: when cache_aware starts overriding the cache to balance load, and when it
-    stops."""
-
-    def __init__(self) -> None:
-        self.seen = 0
-        self.active = False
-
-    def update(self, count: int) -> str | None:
-        grew, self.seen = count - self.seen, count
-        if grew > 0 and not self.active:
-            self.active = True
-            return (
-                f"imbalance mode: loads drifted apart, {grew} request(s) sent away from the "
-                "overloaded worker holding their prefix"
-            )
-        if grew <= 0 and self.active:
-            self.active = False
-            return "balanced again: routing by cache match"
-        return None
-
-
 @dataclasses.dataclass
 class RouterState:
     """What the routes work with (no globals: one per router)."""
@@ -91,7 +68,6 @@ class RouterState:
     session: Callable[[], aiohttp.ClientSession]
     encode: Encoder | None = None
     started_at: float = 0.0
-    imbalance: ImbalanceWatch = dataclasses.field(default_factory=ImbalanceWatch)
     events: collections.deque[str] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=200)
     )
@@ -210,15 +186,7 @@ def _worker_record(state: RouterState, url: str, stats: WorkerStats | None) -> d
     if health is not None and health.last_error:
         record["last_error"] = health.last_error
     if stats is not None:
-        record.update(_stats_dict(stats))
-    return record
-
-
-def _stats_dict(stats: WorkerStats) -> dict[str, Any]:
-    record = dataclasses.asdict(stats)
-    record["budget"] = None if math.isinf(stats.budget) else int(stats.budget)
-    record["hit_rate"] = round(stats.hit_rate, 4)
-    record["predicted_rate"] = round(stats.predicted_rate, 4)
+        record.update(worker_stats_dict(stats))
     return record
 
 
@@ -388,37 +356,8 @@ def _guess_path(raw: bytes) -> str:
     return "/generate"
 
 
-def stats_payload(state: RouterState) -> dict[str, Any]:
-    """The engine snapshot with worker health: `/debug/stats`, and what dashboards draw."""
-    snap = state.engine.snapshot(state.clock())
-    reasons = dict(snap.reasons)
-    imbalanced = reasons.get("imbalanced", 0) + reasons.get("imbalanced_hit", 0)
-    message = state.imbalance.update(imbalanced)
-    if message:
-        state.events.append(message)
-    return {
-        "policy": snap.policy,
-        "now": snap.now,
-        "uptime_s": round(snap.now - state.started_at, 3),
-        "routed": snap.routed,
-        "hit_rate": round(snap.hit_rate, 4),
-        "tree_size": snap.tree_size,
-        "tree_nodes": snap.tree_nodes,
-        "max_tree_size": snap.max_tree_size,
-        "elements_per_token": round(snap.elements_per_token, 4),
-        "reasons": dict(snap.reasons),
-        "workers": [_stats_dict(w) | {"state": _state_of(state, w.url)} for w in snap.workers],
-        "events": list(state.events)[-50:],
-    }
-
-
 def _debug_stats(state: RouterState) -> Endpoint:
     async def debug_stats(request: Request) -> Response:
         return json_response(stats_payload(state))
 
     return debug_stats
-
-
-def _state_of(state: RouterState, url: str) -> str:
-    health = state.monitor.workers.get(url)
-    return health.state if health else "unknown"

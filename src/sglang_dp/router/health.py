@@ -1,7 +1,14 @@
 """Background health checks: workers join routing when healthy and leave it when they are not.
 
-Every `health_check_interval_secs` each registered worker gets `GET /health` (timeout
-`health_check_timeout_secs`). States:
+This monitor is the one health checker of a worker: the router routes by it, and the launcher's
+supervisor reads it (`health_of(url)`: state, since when, last error) to restart a worker that
+stays unhealthy. `probe()` is the one HTTP health probe, also used by the supervisor while a
+worker starts (/health, then /get_model_info).
+
+Every `health_check_interval_secs` (5 s) each registered worker gets `GET /health` (timeout
+`health_check_timeout_secs`), as SGLang's own router does. On SGLang an idle worker answers
+/health by generating one token: at one check per 5 s that costs nothing worth counting
+(`/health_generate`, which always generates, is not used). States:
 
     starting ──ok──▶ healthy ──fail×2 / refused──▶ unhealthy ──ok──▶ healthy
                                                      (was refused: restarted → empty tree share)
@@ -14,6 +21,8 @@ Every `health_check_interval_secs` each registered worker gets `GET /health` (ti
 - On becoming healthy the worker's KV capacity is read from `/get_server_info`
   (`max_total_num_tokens`) and bounds its share of the tree.
 Load counters are never touched by health checks (sgl-router reset them there, and leaked).
+`since` is the time (the injected `clock`) of a worker's last change of state, `failing_since`
+that of the first of the failed checks in a row (None while it passes).
 """
 
 from __future__ import annotations
@@ -21,7 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +53,36 @@ class WorkerHealth:
     refused: bool = False  # the last failure was a refused connection: the process is gone
     last_error: str = ""
     capacity_known: bool = False
+    since: float = 0.0  # when it entered its state
+    failing_since: float | None = None  # the first of the failures in a row; None when passing
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe's outcome: `refused` means nothing listens (the process is gone or not yet up);
+    `status` is the HTTP status, 0 when none came back."""
+
+    ok: bool
+    refused: bool
+    status: int
+    error: str
+
+
+async def probe(
+    session: aiohttp.ClientSession, base: str, path: str, headers: Mapping[str, str] | None = None
+) -> Probe:
+    """GET `base + path`: ok on 200 (the session's timeout bounds it)."""
+    import aiohttp
+
+    try:
+        async with session.get(base + path, headers=dict(headers or {})) as reply:
+            await reply.read()
+            status = reply.status
+    except aiohttp.ClientConnectorError as exc:
+        return Probe(False, True, 0, f"connection refused ({exc.os_error})")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return Probe(False, False, 0, f"{path} failed: {type(exc).__name__} {exc}".strip())
+    return Probe(status == 200, False, status, "" if status == 200 else f"{path} answered {status}")
 
 
 class WorkerMonitor:
@@ -56,8 +96,10 @@ class WorkerMonitor:
         timeout: float,
         api_key: str | None = None,
         on_event: Callable[[str], None] = lambda message: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
+        self._clock = clock
         self._interval = interval
         self._timeout = timeout
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -84,7 +126,7 @@ class WorkerMonitor:
     def add(self, url: str) -> None:
         """Register a worker; it takes requests once a health check passes."""
         if url not in self.workers:
-            self.workers[url] = WorkerHealth(url)
+            self.workers[url] = WorkerHealth(url, since=self._clock())
             self._engine.add_worker(url, healthy=False)
             self._wake.set()
 
@@ -98,6 +140,10 @@ class WorkerMonitor:
         if health is not None:
             self._fail(health, error, refused, immediately=True)
             self._wake.set()
+
+    def health_of(self, url: str) -> WorkerHealth | None:
+        """The worker's health record (None if not registered); do not modify it."""
+        return self.workers.get(url)
 
     def healthy_urls(self) -> list[str]:
         return [h.url for h in self.workers.values() if h.state == "healthy"]
@@ -115,24 +161,14 @@ class WorkerMonitor:
             await self.check_now()
 
     async def _check(self, health: WorkerHealth) -> None:
-        import aiohttp
-
         assert self._session is not None
-        try:
-            async with self._session.get(health.url + "/health", headers=self._headers) as reply:
-                await reply.read()
-                ok, error = reply.status == 200, f"/health answered {reply.status}"
-        except aiohttp.ClientConnectorError as exc:
-            self._fail(health, f"connection refused ({exc.os_error})", refused=True)
-            return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            ok, error = False, f"/health failed: {type(exc).__name__} {exc}".strip()
+        result = await probe(self._session, health.url, "/health", self._headers)
         if health.url not in self.workers:
             return  # removed while checking
-        if ok:
+        if result.ok:
             await self._succeed(health)
         else:
-            self._fail(health, error, refused=False)
+            self._fail(health, result.error, refused=result.refused)
 
     async def _succeed(self, health: WorkerHealth) -> None:
         if health.state != "healthy":
@@ -142,8 +178,10 @@ class WorkerMonitor:
             else:
                 self._on_event(f"{health.url} is healthy")
             health.state, health.failures, health.refused = "healthy", 0, False
+            health.since = self._clock()
             self._engine.set_healthy(health.url, True)
         health.failures = 0
+        health.failing_since = None
         if not health.capacity_known:
             await self._read_capacity(health)
 
@@ -151,6 +189,8 @@ class WorkerMonitor:
         self, health: WorkerHealth, error: str, refused: bool, immediately: bool = False
     ) -> None:
         health.failures += 1
+        if health.failing_since is None:
+            health.failing_since = self._clock()
         health.last_error = error
         health.refused = health.refused or refused
         down = refused or immediately or health.failures >= FAILURES_BEFORE_DOWN
@@ -158,6 +198,7 @@ class WorkerMonitor:
             self._on_event(f"{health.url} left routing: {error}")
         if down and health.state != "unhealthy":
             health.state = "unhealthy"
+            health.since = self._clock()
             health.capacity_known = False
             self._engine.set_healthy(health.url, False)
 

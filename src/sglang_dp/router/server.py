@@ -28,6 +28,7 @@ from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import INFERENCE_PATHS, Encoder
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.proxy import Proxy, error_json
+from sglang_dp.router.stats import watch_imbalance
 from sglang_dp.router.upstream import UpstreamPool
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class RouterServer:
         )
         self._server: asyncio.Server | None = None
         self._bridged: set[asyncio.Task[None]] = set()
+        self._imbalance: asyncio.Task[None] | None = None  # events, whoever reads the stats
+        self._draining = False
         self.port = config.port
 
     @property
@@ -112,6 +115,9 @@ class RouterServer:
             add_worker(self.state, url)
         await self.monitor.start()
         await self.monitor.check_now()
+        self._imbalance = asyncio.get_running_loop().create_task(
+            watch_imbalance(self.engine, self.record_event, self.state.clock)
+        )
         self._server = await serve(
             self._handle, self.config.host, self.config.port, self.config.max_payload_size
         )
@@ -131,7 +137,9 @@ class RouterServer:
         self.record_event(f"{url} removed")
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting; wait up to `grace` s for requests in flight; close everything."""
+        """Stop accepting (new requests on open connections get 503); wait up to `grace` s for
+        requests in flight; close everything."""
+        self._draining = True
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace
@@ -139,12 +147,19 @@ class RouterServer:
             w.in_flight for w in self.engine.snapshot(0).workers
         ):
             await asyncio.sleep(0.02)
+        if self._imbalance is not None:
+            self._imbalance.cancel()
+            await asyncio.gather(self._imbalance, return_exceptions=True)
         await self.monitor.stop()
         await self.pool.close()
         if self._session is not None:
             await self._session.close()
 
     def _handle(self, request: HttpRequest, responder: Responder) -> None:
+        if request.path in INFERENCE_PATHS and self._draining:
+            # Kept-alive connections would keep the drain busy forever with new requests.
+            responder.send(503, error_json("the router is shutting down", "Unavailable", 503))
+            return
         if request.path in INFERENCE_PATHS:
             if request.method != "POST":
                 message = f"{request.path} takes POST, not {request.method}"
