@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hmac
 import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sglang_dp.httpserver import error_body
+from sglang_dp.router.auth import bearer_matches
 from sglang_dp.router.config import RouterConfig, check_worker_url
 from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine, WorkerStats
 from sglang_dp.router.health import WorkerMonitor
@@ -53,7 +54,7 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
-    return json_response({"error": {"message": message, "type": kind, "code": status}}, status)
+    return Response(error_body(message, kind, status), status, media_type="application/json")
 
 
 class ImbalanceWatch:
@@ -103,8 +104,7 @@ def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
     expected = key.encode()
 
     async def guarded(request: Request) -> Response:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode("latin-1", "replace"), expected):
+        if not bearer_matches(request.headers.get("authorization"), expected):
             return error("missing or wrong API key", 401, "Unauthorized")
         return await endpoint(request)
 

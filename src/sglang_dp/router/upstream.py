@@ -71,13 +71,17 @@ Exceptions (all from this module):
      │    └── ConnectTimeout
      ├── UpstreamClosed         the worker closed or reset the connection after the request was
      │                          sent (mid-response included), or the response was aborted
-     └── ProtocolError          the response could not be parsed as HTTP/1.1
+     ├── ProtocolError          the response could not be parsed as HTTP/1.1
+     └── LocalResourceError     the router itself ran out of something while connecting (file
+                                descriptors: EMFILE/ENFILE, buffers, memory): not the worker's
+                                failure, never a reason to mark it down
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar, cast
@@ -145,6 +149,15 @@ class UpstreamClosed(UpstreamError):
 @mypyc_attr(native_class=False)
 class ProtocolError(UpstreamError):
     """The worker's response could not be parsed as HTTP/1.1."""
+
+
+@mypyc_attr(native_class=False)
+class LocalResourceError(UpstreamError):
+    """The router ran out of a resource of its own (file descriptors, buffers, memory)."""
+
+
+# errors of the local machine, not of the worker, when connecting
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ResponseListener(Protocol):
@@ -765,6 +778,8 @@ class UpstreamPool:
         except asyncio.TimeoutError as exc:  # before OSError: on 3.11+ it is one
             raise ConnectTimeout(f"could not connect to {where} within {budget:.3g} s") from exc
         except OSError as error:  # (a differently typed name per clause: mypyc checks types)
+            if error.errno in LOCAL_ERRNOS:
+                raise LocalResourceError(f"connecting to {where}: {error}") from error
             raise ConnectError(f"could not connect to {where}: {error}") from error
         return conn
 
