@@ -213,6 +213,12 @@ class Responder:
             self._conn.write(self._head_pending + data)
             self._head_pending = b""
 
+    def write_unframed(self, data: bytes) -> None:
+        """Bytes as they are, outside any chunk framing (the simulator's --garble-rate)."""
+        self.started = True
+        self._conn.write(self._head_pending + data)
+        self._head_pending = b""
+
     def end(self, data: bytes = b"") -> None:
         """Last chunk (optional) and the end of a streamed response."""
         if self.done:
@@ -232,8 +238,10 @@ class Responder:
         closes WITHOUT the clean terminator, so the client cannot take it for a whole answer."""
         if self.done:
             return
-        if data:
-            self.write(data)
+        self.write(data)
+        if self._head_pending:  # a head without a body byte yet: it goes out first
+            self._conn.write(self._head_pending)
+            self._head_pending = b""
         self.done = self.started = True
         self._conn.close_now()
 

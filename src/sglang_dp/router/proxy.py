@@ -327,6 +327,8 @@ class Proxy:
         retries_left = self._config.retries - job.attempt
         verdict = decide(fault, status, job.responder.started, retries_left)
         reason = f"status_{status}" if fault is Fault.STATUS else fault.value
+        if verdict.action is not Action.BREAK:  # the worker produced nothing: no cache there
+            self._engine.retract(dispatch)
         if verdict.blame:
             self._engine.fail(dispatch, reason)
             if fault in (Fault.CONNECT, Fault.CLOSED, Fault.PROTOCOL):
