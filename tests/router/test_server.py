@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import uuid
 from collections import Counter
@@ -286,3 +287,37 @@ def test_metrics_and_info_routes(four: Cluster) -> None:
     assert four.router.get("/v1/models").json()["object"] == "list"
     workers = four.router.get("/workers").json()["workers"]
     assert {w["state"] for w in workers} == {"healthy"}
+
+
+def test_head_then_get_on_one_keep_alive_connection(four: Cluster) -> None:
+    """What load balancers do: the HEAD answer has no body, so the GET's answer parses."""
+    sock = socket.create_connection(("127.0.0.1", four.router.port), timeout=10)
+    try:
+        sock.sendall(
+            b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b'{"status":"ok"}'):
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 15" in head
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # no HEAD body before it
+    finally:
+        sock.close()
+
+
+def test_sigint_with_an_idle_keep_alive_connection_exits_at_once() -> None:
+    """An idle keep-alive connection is closed at shutdown instead of holding the router for
+    its whole grace (bench_faults measures the busy case: shutdown_s_under_load)."""
+    with sim_worker("--instant") as w, router_process([w.url]) as r:
+        sock = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        body = json.dumps({"text": "keep busy"}).encode()
+        request = (
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        r.proc.send_signal(signal.SIGINT)
+        r.proc.wait(timeout=5)  # (its grace is 10 s: an idle connection no longer holds it)
+        sock.close()

@@ -91,6 +91,8 @@ class RouterState:
     clock: Callable[[], float]
     session: Callable[[], aiohttp.ClientSession]
     encode: Encoder | None = None
+    # closes the pooled connections to a removed worker (the upstream pool's drop_host)
+    drop_connections: Callable[[str], None] = lambda url: None
     started_at: float = 0.0
     imbalance: ImbalanceWatch = dataclasses.field(default_factory=ImbalanceWatch)
     events: collections.deque[str] = dataclasses.field(
@@ -222,6 +224,13 @@ def _stats_dict(stats: WorkerStats) -> dict[str, Any]:
     return record
 
 
+def remove_worker(state: RouterState, url: str) -> None:
+    """Out of routing and of the tree; its pooled connections are closed."""
+    state.monitor.remove(url)
+    state.drop_connections(url)
+    state.events.append(f"{url} removed")
+
+
 def add_worker(state: RouterState, url: str) -> str:
     normal = check_worker_url(url)
     state.monitor.add(normal)
@@ -255,8 +264,7 @@ def _workers(state: RouterState) -> Endpoint:
             return json_response(_worker_records(state, [url])[0], 201)
         if url not in state.monitor.workers:
             return error(f"{url} is not a worker of this router", 404, "NotFound")
-        state.monitor.remove(url)
-        state.events.append(f"{url} removed")
+        remove_worker(state, url)
         return json_response({"removed": url})
 
     return workers
@@ -281,7 +289,7 @@ def _legacy_remove(state: RouterState) -> Endpoint:
             return error(str(exc), 400)
         if url not in state.monitor.workers:
             return error(f"{url} is not a worker of this router", 404, "NotFound")
-        state.monitor.remove(url)
+        remove_worker(state, url)
         return json_response({"removed": url})
 
     return legacy_remove

@@ -28,7 +28,7 @@ from sglang_dp.httpserver import (
     error_body,
     serve,
 )
-from sglang_dp.router.app import RouterState, add_worker, create_app
+from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import EngineConfig, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
@@ -89,6 +89,7 @@ class RouterServer:
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
         )
         self.state.events = self.events
+        self.state.drop_connections = self.pool.drop_host
         self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
         self.proxy = Proxy(
@@ -143,8 +144,8 @@ class RouterServer:
         self.engine.reset_worker(url)
 
     def remove_worker(self, url: str) -> None:
-        self.monitor.remove(url)
-        self.record_event(f"{url} removed")
+        remove_worker(self.state, url)
+        log.info("%s removed", url)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; let the responses in flight finish for up to `grace` s (requests

@@ -32,7 +32,9 @@ pool only when its response was read to the end, the worker answered HTTP/1.1 (a
 first response on the connection) and did not say `connection: close`; anything else (abort,
 error, timeout, cancellation, a close-delimited body) closes it. At most `max_idle_per_host`
 idle connections are kept per worker (default 256); the number of busy ones is the number of
-requests in flight. A connection idle for longer than `keepalive_expiry` (default 4 s, under
+requests in flight, and at most `max_per_host` connections (default 4096) are open to one worker
+at once: past it a request fails with `LocalResourceError` (the router's limit, not the
+worker's failure). A connection idle for longer than `keepalive_expiry` (default 4 s, under
 uvicorn's 5 s keep-alive timeout, which SGLang serves with) is closed instead of reused: the
 worker is about to close it anyway.
 
@@ -187,7 +189,7 @@ _IDLE, _HEAD, _BODY, _CLOSED = range(4)
 class _Host:
     """One worker's address and its idle connections (a LIFO stack)."""
 
-    __slots__ = ("generation", "head_middle", "host", "idle", "port", "starts")
+    __slots__ = ("generation", "head_middle", "host", "idle", "open", "port", "starts")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -197,6 +199,7 @@ class _Host:
         self.head_middle = b" HTTP/1.1\r\nhost: %s:%d\r\ncontent-length: " % (name.encode(), port)
         self.starts: dict[tuple[str, str], bytes] = {}  # (method, path) -> head up to the length
         self.idle: list[_Connection] = []
+        self.open = 0  # connections to this worker, idle and busy (and connecting)
         self.generation = 0  # bumped by drop_host: older connections are never pooled again
 
 
@@ -628,8 +631,10 @@ class UpstreamPool:
         connect_timeout: float = 5.0,
         max_idle_per_host: int = 256,
         keepalive_expiry: float = 4.0,
+        max_per_host: int = 4096,
     ) -> None:
         self._connect_timeout = connect_timeout
+        self._max_per_host = max_per_host
         self._max_idle = max_idle_per_host
         self._keepalive_expiry = keepalive_expiry
         self._hosts: dict[str, _Host] = {}
@@ -768,8 +773,19 @@ class UpstreamPool:
     ) -> _Connection:
         if self._closed:
             raise ConnectError("the upstream pool is closed")
-        budget = min(self._connect_timeout, deadline - loop.time())
         where = f"{host.host}:{host.port}"
+        if host.open >= self._max_per_host:  # the router's own limit, not the worker's fault
+            raise LocalResourceError(f"{host.open} connections to {where} open already")
+        host.open += 1  # counted from the start: connections being made count too
+        try:
+            return await self._open_connection(host, loop, deadline, where)
+        finally:
+            host.open -= 1  # (counted by `_opened` / `_lost` once it exists)
+
+    async def _open_connection(
+        self, host: _Host, loop: asyncio.AbstractEventLoop, deadline: float, where: str
+    ) -> _Connection:
+        budget = min(self._connect_timeout, deadline - loop.time())
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _Connection(self, host, loop), host.host, host.port),
@@ -800,11 +816,14 @@ class UpstreamPool:
 
     def _opened(self, conn: _Connection) -> None:
         self._open.add(conn)
+        conn.host.open += 1
         if self._closed:
             conn.abort()
 
     def _lost(self, conn: _Connection) -> None:
-        self._open.discard(conn)
+        if conn in self._open:
+            self._open.discard(conn)
+            conn.host.open -= 1
         if conn.pooled:  # closed by the worker while idle
             conn.pooled = False
             # not found: a fresh connection, or one drop_host already let go of
