@@ -228,3 +228,19 @@ def test_fault_beside_a_good_worker_with_retries(faults: Matrix, fault: str, str
     assert errors[bad.url] >= 1 and errors[good.url] == 0  # round robin tried the bad one
     if retried:
         assert faults.routers.tree_size(router, bad.url) == 0
+
+
+def test_clients_gone_in_the_same_turn_as_their_request_leak_nothing(faults: Matrix) -> None:
+    """A request and the client's close in one read: its task may be cancelled before its
+    first step; the attempt's in-flight count must be released all the same."""
+    router = faults.routers.start([faults.workers["good"].url], retries=0)
+    for i in range(20):
+        data = json.dumps(request(i % 2 == 0, f"gone {i}")).encode()
+        sock = socket.create_connection(("127.0.0.1", router.port), timeout=CLIENT_TIMEOUT_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(data), data)
+        )
+        sock.close()  # a reset right behind the request
+    wait_for(lambda: faults.routers.in_flight(router) == 0, what="in-flight back to 0")
