@@ -786,17 +786,25 @@ class UpstreamPool:
         self, host: _Host, loop: asyncio.AbstractEventLoop, deadline: float, where: str
     ) -> _Connection:
         budget = min(self._connect_timeout, deadline - loop.time())
+        # Shielded: a caller cancelled (its client went away) must not cancel a connect that
+        # is completing, as uvloop then closes the socket without `connection_lost` (the pool
+        # would count it open forever); the connection is closed once made instead.
+        connecting = loop.create_task(
+            loop.create_connection(lambda: _Connection(self, host, loop), host.host, host.port)
+        )
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, host, loop), host.host, host.port),
-                budget,
-            )
+            _, conn = await asyncio.wait_for(asyncio.shield(connecting), budget)
         except asyncio.TimeoutError as exc:  # before OSError: on 3.11+ it is one
+            connecting.cancel()  # not connected yet: nothing of it is left
+            connecting.add_done_callback(_close_unused)
             raise ConnectTimeout(f"could not connect to {where} within {budget:.3g} s") from exc
         except OSError as error:  # (a differently typed name per clause: mypyc checks types)
             if error.errno in LOCAL_ERRNOS:
                 raise LocalResourceError(f"connecting to {where}: {error}") from error
             raise ConnectError(f"could not connect to {where}: {error}") from error
+        except BaseException:  # cancelled
+            connecting.add_done_callback(_close_unused)
+            raise
         return conn
 
     def _release(self, conn: _Connection) -> None:
@@ -831,6 +839,14 @@ class UpstreamPool:
                 conn.host.idle.remove(conn)
         if not self._open and self._all_lost is not None and not self._all_lost.done():
             self._all_lost.set_result(None)
+
+
+def _close_unused(connecting: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]) -> None:
+    """A connect nobody waits for any more: close what it made (or take its error)."""
+    if connecting.cancelled():
+        return
+    if connecting.exception() is None:
+        connecting.result()[1].abort()
 
 
 def _encode_head(
