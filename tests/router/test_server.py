@@ -321,3 +321,32 @@ def test_sigint_with_an_idle_keep_alive_connection_exits_at_once() -> None:
         r.proc.send_signal(signal.SIGINT)
         r.proc.wait(timeout=5)  # (its grace is 10 s: an idle connection no longer holds it)
         sock.close()
+
+
+def test_running_out_of_file_descriptors_is_the_router_own_503() -> None:
+    """Under a low open-files limit, with idle client connections held: every answer is a 200
+    or the router's own 503, and the worker is neither marked down nor has its tree reset."""
+    with (
+        sim_worker("--instant") as w,
+        router_process([w.url], max_files=96) as r,
+    ):
+        held = []
+        for _ in range(73):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", r.port), timeout=10))
+            except OSError:
+                break
+        try:
+            statuses = []
+            for i in range(12):
+                try:
+                    statuses.append(r.post("/generate", {"text": f"limited {i}"}).status)
+                except OSError:
+                    statuses.append(0)  # refused outright by the kernel: no answer at all
+            assert set(statuses) <= {200, 503, 0}, statuses
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: r.post("/generate", {"text": "after"}).status == 200, what="a 200")
+        (worker,) = r.get("/debug/stats").json()["workers"]
+        assert worker["state"] == "healthy" and worker["errors"] == 0 and worker["resets"] == 0
