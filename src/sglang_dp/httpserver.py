@@ -61,7 +61,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 import orjson
@@ -600,7 +600,9 @@ class HttpServer:
         self._sweep_s = min(1.0, keepalive_timeout / 4)
         self._sweeps_idle = 4 if self._sweep_s < 1.0 else math.ceil(keepalive_timeout)
         self._sweeper: asyncio.TimerHandle | None = None
-        self._server: asyncio.Server | None = None
+        # Any: uvloop's server says `sockets` is a list where typeshed has a tuple, and compiled
+        # code would check the annotation
+        self._server: Any = None
         self._all_closed: asyncio.Future[None] | None = None
 
     async def listen(self, host: str, port: int) -> None:
@@ -611,8 +613,8 @@ class HttpServer:
         self._sweeper = loop.call_later(self._sweep_s, self._sweep)
 
     @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return tuple(self._server.sockets) if self._server is not None else ()
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server is not None else []
 
     @property
     def port(self) -> int:
