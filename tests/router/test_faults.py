@@ -244,3 +244,37 @@ def test_clients_gone_in_the_same_turn_as_their_request_leak_nothing(faults: Mat
         )
         sock.close()  # a reset right behind the request
     wait_for(lambda: faults.routers.in_flight(router) == 0, what="in-flight back to 0")
+
+
+def test_the_worker_headers_are_relayed_less_hop_by_hop_ones(faults: Matrix) -> None:
+    """A worker behind a middleware of its own (a scripted HTTP/1.1 server: the simulator sends
+    no extra headers): its end-to-end headers reach the client, hop-by-hop ones do not."""
+    body = b'{"text": "ok", "meta_info": {}}'
+    answer = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-worker-own: yes\r\n"
+        b"server: uvicorn\r\nkeep-alive: timeout=5\r\nconnection: keep-alive\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            writer.write(answer)
+
+    async def listen() -> asyncio.Server:
+        return await asyncio.start_server(worker, "127.0.0.1", 0)
+
+    server = faults.routers.run(listen())
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        router = faults.routers.start([url], retries=0)
+        reply = Worker(None, router.port).post("/generate", {"text": "headers"})  # type: ignore[arg-type]
+        assert reply.status == 200 and reply.body == body
+        assert reply.headers["x-worker-own"] == "yes" and reply.headers["server"] == "uvicorn"
+        assert "keep-alive" not in reply.headers and reply.headers["x-sglang-dp-worker"] == url
+    finally:
+        server.close()
