@@ -278,3 +278,24 @@ def test_the_worker_headers_are_relayed_less_hop_by_hop_ones(faults: Matrix) -> 
         assert "keep-alive" not in reply.headers and reply.headers["x-sglang-dp-worker"] == url
     finally:
         server.close()
+
+
+def test_a_removed_worker_pooled_connections_are_closed(faults: Matrix) -> None:
+    url = faults.workers["good"].url
+    router = faults.routers.start([url], retries=0)
+    assert exchange(router.port, request(False, "pool me")).status == 200
+
+    async def pooled() -> int:
+        return router.pool.idle_connections(url)
+
+    assert faults.routers.run(pooled()) == 1
+
+    async def remove() -> None:
+        router.remove_worker(url)
+
+    faults.routers.run(remove())
+    wait_for(lambda: faults.routers.run(open_sockets(router)) == 0, what="sockets closed")
+
+
+async def open_sockets(router: RouterServer) -> int:
+    return router.pool.open_connections()
