@@ -7,6 +7,16 @@ import itertools
 import pytest
 
 from sglang_dp.router.outcomes import RETRY_STATUSES, Action, Fault, Verdict, decide
+from sglang_dp.router.proxy import fault_of, relayed_headers
+from sglang_dp.router.upstream import (
+    ConnectError,
+    ConnectTimeout,
+    LocalResourceError,
+    ProtocolError,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamTimeout,
+)
 
 STATUSES = [0, 200, 400, 404, 408, 413, 429, 500, 501, 502, 503, 504]
 CASES = list(itertools.product(Fault, STATUSES, [False, True], [0, 1, 2]))
@@ -59,3 +69,35 @@ def test_an_answer_always_carries_an_error_status() -> None:
             assert verdict.status in (502, 503, 504)
         if verdict.action is Action.RELAY:
             assert verdict.status == status
+
+
+@pytest.mark.parametrize(
+    ("error", "fault"),
+    [
+        (ConnectError("refused"), Fault.CONNECT),
+        (ConnectTimeout("slow connect"), Fault.TIMEOUT),
+        (UpstreamTimeout("no head"), Fault.TIMEOUT),
+        (LocalResourceError("EMFILE"), Fault.LOCAL),
+        (UpstreamClosed("reset"), Fault.CLOSED),
+        (ProtocolError("garbage"), Fault.PROTOCOL),
+    ],
+)
+def test_every_upstream_error_has_its_fault(error: UpstreamError, fault: Fault) -> None:
+    assert fault_of(error) is fault
+
+
+def test_relayed_headers_drop_hop_by_hop_and_framing_ones() -> None:
+    content_type, lines = relayed_headers(
+        [
+            (b"content-type", b"text/event-stream"),
+            (b"x-own", b"1"),
+            (b"connection", b"keep-alive"),
+            (b"transfer-encoding", b"chunked"),
+            (b"content-length", b"5"),
+            (b"keep-alive", b"timeout=5"),
+            (b"x-request-id", b"theirs"),
+            (b"date", b"today"),
+        ]
+    )
+    assert content_type == b"text/event-stream"
+    assert lines == b"x-own: 1\r\ndate: today\r\n"

@@ -101,13 +101,16 @@ NOT_RELAYED = frozenset(
 
 def fault_of(error: UpstreamError) -> Fault:
     """The outcome table's name for an upstream error."""
-    if isinstance(error, LocalResourceError):
+    # The class's MRO, not isinstance: compiled by mypyc, isinstance missed the second base of
+    # ConnectTimeout (a ConnectError and an UpstreamTimeout) and called a timeout a reset.
+    kinds: tuple[type, ...] = type(error).__mro__
+    if LocalResourceError in kinds:
         return Fault.LOCAL
-    if isinstance(error, UpstreamTimeout):  # before ConnectError: a ConnectTimeout is both
+    if UpstreamTimeout in kinds:  # before ConnectError: a ConnectTimeout is both
         return Fault.TIMEOUT
-    if isinstance(error, ConnectError):
+    if ConnectError in kinds:
         return Fault.CONNECT
-    if isinstance(error, ProtocolError):
+    if ProtocolError in kinds:
         return Fault.PROTOCOL
     return Fault.CLOSED
 
