@@ -548,6 +548,16 @@ def test_http_1_0_stream_is_close_delimited_not_chunked() -> None:
         assert client.closed()
 
 
+def test_http_1_0_keep_alive_client_gets_a_close_delimited_stream_too() -> None:
+    with running(streamed) as server:
+        client = server.connect()
+        client.send(b"GET /s HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        head = client.read_until(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head and b"connection: close" in head
+        assert client.read_exactly(len(b"data: 1\n\ndata: 2\n\n")) == b"data: 1\n\ndata: 2\n\n"
+        assert client.closed()
+
+
 def test_a_broken_stream_closes_without_the_terminator() -> None:
     def broken(request: HttpRequest, responder: Responder) -> None:
         responder.start_stream(200)

@@ -406,8 +406,10 @@ class _Connection(asyncio.Protocol):
         method = parser.get_method().decode()
         request = HttpRequest(method, path, query, self._headers, b"".join(self._body))
         keep_alive = parser.should_keep_alive()
-        if not keep_alive and parser.get_http_version() == "1.0":
-            request.http10 = True  # (a keep-alive 1.0 client is rare: asked only without it)
+        # HTTP/1.0 keeps a connection only when told (`connection: keep-alive`): the version
+        # (a str built per call) is asked only then, or without keep-alive
+        if (not keep_alive or "connection" in self._headers) and parser.get_http_version() == "1.0":
+            request.http10 = True
         if self._active is None and not self._queue:
             self._dispatch(request, keep_alive)
             return
