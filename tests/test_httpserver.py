@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -68,6 +69,8 @@ def running(
     server = Server(handler or echo, **options)
     try:
         yield server
+        if server.server.shutting_down:  # (the test stopped it)
+            return
         # it still answers a fresh, well-formed request
         client = server.connect()
         client.send(b"GET %b HTTP/1.1\r\nhost: x\r\n\r\n" % ALIVE.encode())
@@ -150,6 +153,14 @@ def echo(request: HttpRequest, responder: Responder) -> None:
 def later(request: HttpRequest, responder: Responder) -> None:
     """Answers on the next loop iteration: pipelined requests queue up behind it."""
     asyncio.get_running_loop().call_soon(echo, request, responder)
+
+
+def wait_until(condition: Callable[[], object]) -> None:
+    """Poll a condition on the server's state with a deadline."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
@@ -499,3 +510,165 @@ def test_idle_keep_alive_connection_is_not_timed_out() -> None:
         assert ping.wait(TIMEOUT_S)
         client.send(post("/2", b""))
         assert client.response()[:3:2] == (200, b"POST /2 ")
+
+
+# --- HEAD, HTTP/1.0, broken streams
+
+
+def test_head_gets_the_head_only_and_the_next_answer_parses() -> None:
+    with running() as server:
+        client = server.connect()
+        client.send(b"HEAD /h HTTP/1.1\r\nhost: x\r\n\r\nGET /g HTTP/1.1\r\nhost: x\r\n\r\n")
+        head = client.read_until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 8\r\n" in head  # "HEAD /h "
+        assert client.response()[:3:2] == (200, b"GET /g ")
+
+
+def streamed(request: HttpRequest, responder: Responder) -> None:
+    responder.start_stream(200)
+    responder.write(b"data: 1\n\n")
+    responder.end(b"data: 2\n\n")
+
+
+def test_head_of_a_stream_has_no_body() -> None:
+    with running(streamed) as server:
+        client = server.connect()
+        client.send(b"HEAD /s HTTP/1.1\r\nhost: x\r\n\r\nGET /alive HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert b"transfer-encoding: chunked" in client.read_until(b"\r\n\r\n")
+        assert client.response()[:3:2] == (200, b"alive")
+
+
+def test_http_1_0_stream_is_close_delimited_not_chunked() -> None:
+    with running(streamed) as server:
+        client = server.connect()
+        client.send(b"GET /s HTTP/1.0\r\n\r\n")
+        head = client.read_until(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head and b"connection: close" in head
+        assert client.read_exactly(len(b"data: 1\n\ndata: 2\n\n")) == b"data: 1\n\ndata: 2\n\n"
+        assert client.closed()
+
+
+def test_http_1_0_keep_alive_client_gets_a_close_delimited_stream_too() -> None:
+    with running(streamed) as server:
+        client = server.connect()
+        client.send(b"GET /s HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        head = client.read_until(b"\r\n\r\n")
+        assert b"transfer-encoding" not in head and b"connection: close" in head
+        assert client.read_exactly(len(b"data: 1\n\ndata: 2\n\n")) == b"data: 1\n\ndata: 2\n\n"
+        assert client.closed()
+
+
+def test_a_broken_stream_closes_without_the_terminator() -> None:
+    def broken(request: HttpRequest, responder: Responder) -> None:
+        responder.start_stream(200)
+        responder.write(b"data: 1\n\n")
+        responder.abort_stream(b"data: error\n\n")
+        responder.send(504, b"too late")  # never a second response inside the first
+
+    with running(broken) as server:
+        client = server.connect()
+        client.send(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+        client.read_until(b"\r\n\r\n")
+        assert client.read_until(b"data: error\n\n\r\n").endswith(b"data: error\n\n\r\n")
+        assert client.closed()  # and no "0\r\n\r\n" came before the close
+
+
+# --- connection ownership: flow control, idle timeout, shutdown, cap
+
+
+def test_a_writer_that_awaits_drain_stops_while_the_client_does_not_read() -> None:
+    chunk = b"x" * 65536
+    total = 256  # 16 MiB if nothing held the writer back
+    state = {"written": 0, "waiting": False}
+
+    async def produce(responder: Responder) -> None:
+        responder.start_stream(200, b"application/octet-stream")
+        for _ in range(total):
+            responder.write(chunk)
+            state["written"] += 1
+            drained = responder.drain()
+            if drained is not None:
+                state["waiting"] = True
+                await drained
+                state["waiting"] = False
+        responder.end()
+
+    def handler(request: HttpRequest, responder: Responder) -> None:
+        asyncio.get_running_loop().create_task(produce(responder))
+
+    with running(handler) as server:
+        client = server.connect()
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.send(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not state["waiting"]:  # the writer blocks on the client's full buffer
+            assert time.monotonic() < deadline, "the writer never had to wait"
+            time.sleep(0.01)
+        assert state["written"] < total // 2
+        received = bytearray(client.buffer)
+        while not received.endswith(b"0\r\n\r\n"):  # reading lets it finish
+            received += client.sock.recv(1 << 20)
+        assert len(received) > total * len(chunk)
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout() -> None:
+    with running(keepalive_timeout=0.2) as server:
+        client = server.connect()
+        client.send(post("/1", b""))
+        assert client.response()[0] == 200
+        assert client.closed()  # (the socket timeout would fail a connection left open)
+
+
+def test_shutdown_finishes_in_flight_refuses_new_and_closes_idle() -> None:
+    held: dict[str, Responder] = {}
+
+    def hold(request: HttpRequest, responder: Responder) -> None:
+        if request.path == "/stream":  # under way: its head is out, keep-alive
+            responder.start_stream(200)
+            responder.write(b"data: 1\n\n")
+        if request.path in ("/stream", "/held"):
+            held[request.path] = responder
+        else:
+            echo(request, responder)
+
+    with running(hold) as server:
+        idle, streaming, waiting = server.connect(), server.connect(), server.connect()
+        idle.send(post("/1", b""))
+        assert idle.response()[0] == 200
+        streaming.send(post("/stream", b""))
+        streaming.read_until(b"data: 1\n\n")
+        waiting.send(post("/held", b""))
+        wait_until(lambda: len(held) == 2)
+        done = asyncio.run_coroutine_threadsafe(server.server.shutdown(TIMEOUT_S), server.loop)
+        assert idle.closed()
+        streaming.send(post("/after", b""))  # a new request on a busy connection
+        # (it was read, and waits behind the stream)
+        wait_until(lambda: any(c._queue for c in server.server.connections))
+
+        def finish() -> None:
+            held["/stream"].end(b"data: 2\n\n")
+            held["/held"].send(200, b"finished")
+
+        server.call(finish)
+        assert streaming.read_until(b"0\r\n\r\n").endswith(b"data: 2\n\n\r\n0\r\n\r\n")
+        status, headers, _ = streaming.response()
+        assert status == 503 and headers["connection"] == "close"
+        assert streaming.closed()
+        status, headers, body = waiting.response()  # its head was not out: it says close
+        assert (status, body, headers["connection"]) == (200, b"finished", "close")
+        assert waiting.closed()
+        done.result(TIMEOUT_S)
+
+
+def test_connections_over_the_cap_get_a_503() -> None:
+    with running(max_connections=2) as server:
+        first, second = server.connect(), server.connect()
+        for client in (first, second):  # both are registered once they were answered
+            client.send(post("/1", b""))
+            assert client.response()[0] == 200
+        third = server.connect()
+        status, headers, _ = third.response()
+        assert status == 503 and headers["connection"] == "close"
+        first.close()
+        second.close()
+        wait_until(lambda: len(server.server.connections) == 0)

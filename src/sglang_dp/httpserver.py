@@ -28,19 +28,43 @@ dropped for up to `LINGER_S`, so that closing does not reset the connection befo
 has read the answer (a 413 for a large upload). An `Upgrade` request without a body (curl's
 `h2c`, `CONNECT`) is answered as a plain HTTP/1.1 request: RFC 9110 lets a server ignore it.
 `expect: 100-continue` gets its interim answer when the request is next in line.
+
+HEAD gets the head a GET would get (its content-length included) and no body. An HTTP/1.0
+client gets no chunked encoding: a stream is close-delimited (its end closes the connection).
+
+Connection ownership (as uvicorn's protocols have it):
+- write flow control: when the transport's write buffer is over its high-water mark
+  (`pause_writing`), `Responder.drain()` gives a future the writer awaits until it drains
+  (`resume_writing`); the router's stream relay awaits it, so a client that stops reading stops
+  the reading of its worker, and memory per connection stays bounded;
+- keep-alive idle timeout: a connection with no request under way for `keepalive_timeout` s
+  (default 5, uvicorn's) is closed. One server-wide sweep timer, not a timer per request: a
+  connection notes the sweep's tick when it last saw traffic;
+- a registry of connections (`HttpServer.connections`): `shutdown(grace)` stops listening,
+  closes idle connections at once, lets the responses in flight finish (their connection closes
+  after them; a head not yet written says `connection: close`), answers requests that arrive on
+  busy connections meanwhile with 503 + `connection: close`, and aborts what is left after
+  `grace` s;
+- a connection cap (`max_connections`, default 10000): a connection over it gets a 503 and is
+  closed at once.
+- A broken stream (`Responder.abort_stream`) sends its last bytes and closes the connection
+  without the clean `0\r\n\r\n` terminator, so the client cannot mistake it for a whole answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
+import math
+import socket
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
+import orjson
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +75,29 @@ SSE = b"text/event-stream"
 MAX_HEAD = 64 * 1024  # request line + headers; httptools would buffer an endless header
 MAX_PIPELINE = 64  # requests parsed ahead of their answer before the socket stops being read
 REQUEST_TIMEOUT_S = 60.0  # a started request that sends nothing for this long gets a 408
+KEEPALIVE_TIMEOUT_S = 5.0  # an idle keep-alive connection is closed after this long
+MAX_CONNECTIONS = 10000  # client connections served at once; more get a 503 and are closed
 LINGER_S = 2.0  # after an error answer, what the client still sends is dropped this long
 
 _HEAD_TOO_LARGE = b"request line and headers larger than %d bytes" % MAX_HEAD
 _ERROR_KINDS = {
-    400: b"BadRequestError",
-    408: b"RequestTimeout",
-    413: b"PayloadTooLargeError",
-    431: b"RequestHeaderFieldsTooLarge",
-    500: b"InternalError",
+    400: "BadRequestError",
+    408: "RequestTimeout",
+    413: "PayloadTooLargeError",
+    431: "RequestHeaderFieldsTooLarge",
+    503: "ServiceUnavailable",
 }
+
+
+def error_body(message: str, kind: str, code: int) -> bytes:
+    """The JSON error envelope every error answer of the router carries (one copy)."""
+    return orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
 
 
 class HttpRequest:
     """A parsed request: method and path as str, header names lower-case, body as bytes."""
 
-    __slots__ = ("body", "headers", "method", "path", "query")
+    __slots__ = ("body", "headers", "http10", "method", "path", "query")
 
     def __init__(
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
@@ -76,6 +107,7 @@ class HttpRequest:
         self.query = query
         self.headers = headers
         self.body = body
+        self.http10 = False  # an HTTP/1.0 client: no chunked encoding
 
 
 Handler = Callable[[HttpRequest, "Responder"], None]
@@ -98,12 +130,27 @@ def _status_line(code: int) -> bytes:
 class Responder:
     """Writes one response on its connection (once), plain or streamed."""
 
-    __slots__ = ("_conn", "_head_pending", "_keep_alive", "done", "on_disconnect", "streaming")
+    __slots__ = (
+        "_chunked",
+        "_conn",
+        "_head_only",
+        "_head_pending",
+        "_keep_alive",
+        "done",
+        "on_disconnect",
+        "started",
+        "streaming",
+    )
 
-    def __init__(self, conn: _Connection, keep_alive: bool) -> None:
+    def __init__(
+        self, conn: _Connection, keep_alive: bool, head_only: bool = False, chunked: bool = True
+    ) -> None:
         self._conn = conn
         self._keep_alive = keep_alive
+        self._head_only = head_only  # a HEAD request: the head a GET gets, no body
+        self._chunked = chunked  # False for HTTP/1.0: a stream is close-delimited
         self.done = False
+        self.started = False  # bytes of this response were written to the client
         self.streaming = False
         self._head_pending = b""  # a stream's head goes out with its first chunk (one write)
         self.on_disconnect: Callable[[], object] | None = None
@@ -113,6 +160,11 @@ class Responder:
         """The client went away (or the response is over): writing is pointless."""
         return self.done or self._conn.closed
 
+    def drain(self) -> asyncio.Future[None] | None:
+        """None when the client keeps up; else a future done once its buffer drained (or it
+        went away). A writer awaits it between chunks: see flow control in the docstring."""
+        return self._conn.drain()
+
     def _head(self, code: int, content_type: bytes, extra: bytes) -> bytes:
         conn = b"" if self._keep_alive else b"connection: close\r\n"
         return _status_line(code) + b"content-type: " + content_type + b"\r\n" + conn + extra
@@ -120,39 +172,78 @@ class Responder:
     def send(
         self, code: int, body: bytes, content_type: bytes = JSON, headers: bytes = b""
     ) -> None:
-        """The whole response at once."""
-        if self.done:
+        """The whole response at once (never a second head: a stream under way is broken)."""
+        if self.started:
+            self.abort_stream()
             return
-        self.done = True
+        self.done = self.started = True
+        self.streaming = False  # a stream whose head never went out can still become this
+        self._head_pending = b""
         length = b"content-length: %d\r\n\r\n" % len(body)
-        self._conn.write(self._head(code, content_type, headers + length) + body)
+        head = self._head(code, content_type, headers + length)
+        self._conn.write(head if self._head_only else head + body)
         self._conn.response_done(self._keep_alive)
 
     def start_stream(
         self, code: int = 200, content_type: bytes = SSE, headers: bytes = b""
     ) -> None:
-        """Start a chunked response (its head leaves with the first chunk); `write`, then `end`.
+        """Start a streamed response (its head leaves with the first chunk); `write`, then
+        `end`. Chunked for HTTP/1.1; close-delimited for HTTP/1.0.
 
         `headers`: extra header lines, each ending with CRLF.
         """
         self.streaming = True
-        extra = headers + b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
-        self._head_pending = self._head(code, content_type, extra)
+        if self._chunked:
+            framing = b"transfer-encoding: chunked\r\n\r\n"
+        else:
+            self._keep_alive = False  # the end of the body is the end of the connection
+            framing = b"\r\n"
+        self._head_pending = self._head(
+            code, content_type, headers + b"cache-control: no-cache\r\n" + framing
+        )
 
     def write(self, data: bytes) -> None:
         """One chunk of a streamed response."""
         if data and not self.done:
-            self._conn.write(self._head_pending + b"%x\r\n%b\r\n" % (len(data), data))
+            self.started = True
+            if self._head_only:
+                data = b""
+            elif self._chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            self._conn.write(self._head_pending + data)
             self._head_pending = b""
+
+    def write_unframed(self, data: bytes) -> None:
+        """Bytes as they are, outside any chunk framing (the simulator's --garble-rate)."""
+        self.started = True
+        self._conn.write(self._head_pending + data)
+        self._head_pending = b""
 
     def end(self, data: bytes = b"") -> None:
         """Last chunk (optional) and the end of a streamed response."""
         if self.done:
             return
-        self.done = True
-        chunk = b"%x\r\n%b\r\n" % (len(data), data) if data else b""
-        self._conn.write(self._head_pending + chunk + b"0\r\n\r\n")
+        self.done = self.started = True
+        if self._head_only:
+            tail = b""
+        elif self._chunked:
+            tail = (b"%x\r\n%b\r\n" % (len(data), data) if data else b"") + b"0\r\n\r\n"
+        else:
+            tail = data
+        self._conn.write(self._head_pending + tail)
         self._conn.response_done(self._keep_alive)
+
+    def abort_stream(self, data: bytes = b"") -> None:
+        """A broken stream: `data` (say an error event) as its last chunk, then the connection
+        closes WITHOUT the clean terminator, so the client cannot take it for a whole answer."""
+        if self.done:
+            return
+        self.write(data)
+        if self._head_pending:  # a head without a body byte yet: it goes out first
+            self._conn.write(self._head_pending)
+            self._head_pending = b""
+        self.done = self.started = True
+        self._conn.close_now()
 
 
 class _Reject(Exception):
@@ -167,15 +258,11 @@ class _Reject(Exception):
 class _Connection(asyncio.Protocol):
     """One client connection: parse, dispatch in order, track the open response."""
 
-    def __init__(
-        self,
-        handler: Handler,
-        max_body: int | None = None,
-        request_timeout: float = REQUEST_TIMEOUT_S,
-    ) -> None:
-        self._handler = handler
-        self._max_body = max_body
-        self._request_timeout = request_timeout
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._handler = server.handler
+        self._max_body = server.max_body
+        self._request_timeout = server.request_timeout
         self._body_size = 0
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -193,14 +280,45 @@ class _Connection(asyncio.Protocol):
         self._failure: tuple[int, bytes] | None = None  # the error answer due after the others
         self._timer: asyncio.TimerHandle | None = None
         self._last_data = 0.0
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None  # what a writer awaits while paused
+        self.tick = server.tick  # the idle sweep's tick when this connection last had traffic
         self.closed = False
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self._transport = cast(asyncio.Transport, transport)
+        server = self._server
+        if len(server.connections) >= server.max_connections or server.shutting_down:
+            why = b"shutting down" if server.shutting_down else b"too many connections"
+            self._failure = (503, b"the server is %b: try again later" % why)
+            self._send_failure()
+            return
+        server.connections.add(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_writer()
+
+    def drain(self) -> asyncio.Future[None] | None:
+        """See `Responder.drain`."""
+        if not self._write_paused or self.closed:
+            return None
+        if self._drained is None:
+            self._drained = asyncio.get_running_loop().create_future()
+        return self._drained
+
+    def _wake_writer(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        self.tick = self._server.tick
         if self._failure is not None:
             return  # after an error nothing more is parsed: the bytes are dropped
         if self._in_head:
@@ -229,6 +347,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
+        self._wake_writer()
+        self._server.forget(self)
         active, self._active = self._active, None
         self._queue.clear()
         if active is not None and not active.done and active.on_disconnect is not None:
@@ -281,10 +401,15 @@ class _Connection(asyncio.Protocol):
             self._stop_timer()
         if self.closed:
             return
+        parser = self._parser
         path, _, query = self._url.decode("latin-1").partition("?")
-        method = self._parser.get_method().decode()
+        method = parser.get_method().decode()
         request = HttpRequest(method, path, query, self._headers, b"".join(self._body))
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keeps a connection only when told (`connection: keep-alive`): the version
+        # (a str built per call) is asked only then, or without keep-alive
+        if (not keep_alive or "connection" in self._headers) and parser.get_http_version() == "1.0":
+            request.http10 = True
         if self._active is None and not self._queue:
             self._dispatch(request, keep_alive)
             return
@@ -307,18 +432,22 @@ class _Connection(asyncio.Protocol):
         self._dispatch(request, keep_alive)
 
     def _dispatch(self, request: HttpRequest, keep_alive: bool) -> None:
-        responder = Responder(self, keep_alive)
+        responder = Responder(self, keep_alive, request.method == "HEAD", not request.http10)
         self._active = responder
+        if self._server.shutting_down:  # a request that came in on a busy connection
+            responder._keep_alive = False
+            responder.send(
+                503, error_body("the server is shutting down", "ServiceUnavailable", 503)
+            )
+            return
         try:
             self._handler(request, responder)
         except Exception:  # a bug must not hang the client
             log.exception("handler failed on %s %s", request.method, request.path)
-            if responder.streaming:
-                responder.end()
+            if responder.started:  # a response under way cannot become a 500 any more
+                responder.abort_stream()
             else:
-                responder.send(
-                    500, b'{"error":{"message":"internal error","type":"InternalError"}}'
-                )
+                responder.send(500, error_body("internal error", "InternalError", 500))
 
     def _idle(self) -> None:
         """Every parsed request is answered: a due error answer or 100-continue goes out."""
@@ -359,9 +488,8 @@ class _Connection(asyncio.Protocol):
             return
         code, message = self._failure
         self.closed = True  # nothing more is dispatched or written on this connection
-        body = b'{"error":{"message":%b,"type":"%b"}}' % (
-            json.dumps(message.decode("latin-1")).encode(),
-            _ERROR_KINDS.get(code, b"BadRequestError"),
+        body = error_body(
+            message.decode("latin-1"), _ERROR_KINDS.get(code, "BadRequestError"), code
         )
         transport.write(
             _status_line(code) + b"content-type: application/json\r\n"
@@ -404,10 +532,43 @@ class _Connection(asyncio.Protocol):
         if not self.closed and self._transport is not None:
             self._transport.write(data)
 
+    def close_now(self) -> None:
+        """End the connection after what was written (a broken stream; an idle connection)."""
+        self._active = None
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    @property
+    def idle(self) -> bool:
+        """No request under way: nothing is lost by closing it."""
+        return (
+            self._active is None
+            and not self._queue
+            and not self._in_message
+            and self._failure is None
+            and not self.closed
+        )
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now if idle, else after the response in flight (whose
+        head, if not written yet, says so)."""
+        if self.idle:
+            self.close_now()
+        elif self._active is not None and not self._active.started:
+            self._active._keep_alive = False
+
+    def abort(self) -> None:
+        """Close at once, dropping what is unsent (the end of a shutdown's grace)."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
     def response_done(self, keep_alive: bool) -> None:
         """The active response ended: close, or answer the next pipelined request."""
         self._active = None
-        if not keep_alive:
+        self.tick = self._server.tick  # the idle time counts from the end of the response
+        if not keep_alive or (self._server.shutting_down and not self._queue):
             self.closed = True  # what the client pipelined after it is not answered
             if self._transport is not None:
                 self._transport.close()
@@ -418,6 +579,87 @@ class _Connection(asyncio.Protocol):
             self._idle()
 
 
+class HttpServer:
+    """A listening server and the registry of its connections (see the module docstring)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        max_body: int | None,
+        request_timeout: float,
+        keepalive_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_connections = max_connections
+        self.connections: set[_Connection] = set()
+        self.shutting_down = False
+        self.tick = 0  # counts idle sweeps; a connection notes it when it sees traffic
+        # a sweep every quarter of the timeout (at most 1 s): closed within 1.25 × the timeout
+        self._sweep_s = min(1.0, keepalive_timeout / 4)
+        self._sweeps_idle = 4 if self._sweep_s < 1.0 else math.ceil(keepalive_timeout)
+        self._sweeper: asyncio.TimerHandle | None = None
+        # Any: uvloop's server says `sockets` is a list where typeshed has a tuple, and compiled
+        # code would check the annotation
+        self._server: Any = None
+        self._all_closed: asyncio.Future[None] | None = None
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True, backlog=4096
+        )
+        self._sweeper = loop.call_later(self._sweep_s, self._sweep)
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server is not None else []
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        """Stop listening (connections stay: see `shutdown`)."""
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop listening; close idle connections now and busy ones after their response;
+        what is still open after `grace` s is aborted."""
+        self.shutting_down = True
+        self.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        if self.connections:
+            self._all_closed = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._all_closed), grace)
+        for conn in list(self.connections):
+            conn.abort()
+
+    def forget(self, conn: _Connection) -> None:
+        """A connection closed."""
+        self.connections.discard(conn)
+        done = self._all_closed
+        if not self.connections and done is not None and not done.done():
+            done.set_result(None)
+
+    def _sweep(self) -> None:
+        """Close keep-alive connections idle for longer than the timeout."""
+        self.tick += 1
+        oldest = self.tick - self._sweeps_idle
+        for conn in [c for c in self.connections if c.tick <= oldest and c.idle]:
+            conn.close_now()
+        self._sweeper = asyncio.get_running_loop().call_later(self._sweep_s, self._sweep)
+
+
 async def serve(
     handler: Handler,
     host: str,
@@ -425,17 +667,15 @@ async def serve(
     max_body: int | None = None,
     *,
     request_timeout: float = REQUEST_TIMEOUT_S,
-) -> asyncio.Server:
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+) -> HttpServer:
     """Listen on host:port; every connection's requests go to `handler`.
 
     Bodies over `max_body` bytes get a 413 and the connection is closed; a request that stalls
-    for `request_timeout` seconds before it is complete gets a 408.
+    for `request_timeout` seconds before it is complete gets a 408; a connection idle for
+    `keepalive_timeout` s is closed; over `max_connections` a new connection gets a 503.
     """
-    loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: _Connection(handler, max_body, request_timeout),
-        host,
-        port,
-        reuse_address=True,
-        backlog=4096,
-    )
+    server = HttpServer(handler, max_body, request_timeout, keepalive_timeout, max_connections)
+    await server.listen(host, port)
+    return server

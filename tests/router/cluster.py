@@ -6,6 +6,7 @@ readiness is polled with a deadline.
 
 from __future__ import annotations
 
+import resource
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -43,9 +44,15 @@ def _ready(router: Worker, count: int) -> bool:
 
 @contextmanager
 def router_process(
-    urls: list[str], *args: str, ready_workers: int | None = None
+    urls: list[str], *args: str, ready_workers: int | None = None, max_files: int | None = None
 ) -> Iterator[Worker]:
+    """`max_files`: the router's hard limit of open files (it cannot raise it past that)."""
     port = free_port()
+
+    def limit() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     proc = subprocess.Popen(
         [
             SGLANG_DP,
@@ -62,6 +69,7 @@ def router_process(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=limit if max_files is not None else None,  # noqa: PLW1509 (no threads here)
     )
     router = Worker(proc, port)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import uuid
 from collections import Counter
@@ -286,3 +287,66 @@ def test_metrics_and_info_routes(four: Cluster) -> None:
     assert four.router.get("/v1/models").json()["object"] == "list"
     workers = four.router.get("/workers").json()["workers"]
     assert {w["state"] for w in workers} == {"healthy"}
+
+
+def test_head_then_get_on_one_keep_alive_connection(four: Cluster) -> None:
+    """What load balancers do: the HEAD answer has no body, so the GET's answer parses."""
+    sock = socket.create_connection(("127.0.0.1", four.router.port), timeout=10)
+    try:
+        sock.sendall(
+            b"HEAD /health HTTP/1.1\r\nhost: x\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+        )
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b'{"status":"ok"}'):
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 15" in head
+        assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # no HEAD body before it
+    finally:
+        sock.close()
+
+
+def test_sigint_with_an_idle_keep_alive_connection_exits_at_once() -> None:
+    """An idle keep-alive connection is closed at shutdown instead of holding the router for
+    its whole grace (bench_faults measures the busy case: shutdown_s_under_load)."""
+    with sim_worker("--instant") as w, router_process([w.url]) as r:
+        sock = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        body = json.dumps({"text": "keep busy"}).encode()
+        request = (
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        r.proc.send_signal(signal.SIGINT)
+        r.proc.wait(timeout=5)  # (its grace is 10 s: an idle connection no longer holds it)
+        sock.close()
+
+
+def test_running_out_of_file_descriptors_is_the_router_own_503() -> None:
+    """Under a low open-files limit, with idle client connections held: every answer is a 200
+    or the router's own 503, and the worker is neither marked down nor has its tree reset."""
+    with (
+        sim_worker("--instant") as w,
+        router_process([w.url], max_files=96) as r,
+    ):
+        held = []
+        for _ in range(73):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", r.port), timeout=10))
+            except OSError:
+                break
+        try:
+            statuses = []
+            for i in range(12):
+                try:
+                    statuses.append(r.post("/generate", {"text": f"limited {i}"}).status)
+                except OSError:
+                    statuses.append(0)  # refused outright by the kernel: no answer at all
+            assert set(statuses) <= {200, 503, 0}, statuses
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: r.post("/generate", {"text": "after"}).status == 200, what="a 200")
+        (worker,) = r.get("/debug/stats").json()["workers"]
+        assert worker["state"] == "healthy" and worker["errors"] == 0 and worker["resets"] == 0

@@ -196,3 +196,23 @@ def test_global_eviction_keeps_the_invariants(
 def test_common_length_is_the_common_prefix(a: str, b: str) -> None:
     for pos in range(len(a) + 1):
         assert common_length(a, pos, b) == prefix_length(a[pos:], b)
+
+
+def test_retract_undoes_a_speculative_insert_only() -> None:
+    tree = RadixTree()
+    tree.insert("hello world", "w0", 1.0)
+    tree.insert("hello there", "w0", 2.0)
+    before = tree.size("w0")
+    tree.insert("hello world, again", "w0", 3.0)
+    assert tree.retract("hello world, again", "w0", len("hello world")) == len(", again")
+    assert tree.size("w0") == before
+    assert tree.match("hello world, again") == {"w0": len("hello world")}
+    # a node another of its keys goes through is kept
+    tree.insert("abc", "w1", 1.0)
+    tree.insert("abcdef", "w1", 1.0)
+    assert tree.retract("abc", "w1", 0) == 0
+    assert tree.match("abcdef") == {"w1": 6}
+    # nothing held before: all of it goes, and a node nobody holds is freed
+    tree.insert("zzz", "w2", 1.0)
+    assert tree.retract("zzz", "w2", 0) == 3
+    assert tree.match("zzz") == {}

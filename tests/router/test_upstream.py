@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import re
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +26,7 @@ import pytest
 from sglang_dp.router.upstream import (
     HIGH_WATER,
     ConnectError,
+    LocalResourceError,
     ProtocolError,
     UpstreamClosed,
     UpstreamPool,
@@ -449,6 +452,40 @@ def test_connection_refused(run: Any) -> None:
             with pytest.raises(ConnectError, match="could not connect"):
                 await post(pool, f"http://127.0.0.1:{free_port()}")
             await all_closed(pool)
+
+    run(scenario)
+
+
+def test_running_out_of_file_descriptors_is_a_local_error(run: Any) -> None:
+    async def scenario() -> None:
+        async with answering(ok(b"{}")) as (url, _), pool_for_test() as pool:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            held: list[UpstreamResponse] = []
+            # a limit a few descriptors above what is open now (this process only)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 4, hard))
+            try:
+                with pytest.raises(LocalResourceError, match="Too many open files"):
+                    for _ in range(16):  # each held response keeps its connection busy
+                        held.append(await post(pool, url))
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert held  # some got through before the limit
+            for response in held:
+                response.abort()
+
+    run(scenario)
+
+
+def test_connections_per_worker_are_capped(run: Any) -> None:
+    async def scenario() -> None:
+        async with answering(ok(b"{}")) as (url, _), pool_for_test(max_per_host=2) as pool:
+            first, second = await post(pool, url), await post(pool, url)
+            with pytest.raises(LocalResourceError, match="2 connections"):
+                await post(pool, url)
+            await first.read()  # back in the pool: the next request reuses it
+            await (await post(pool, url)).read()
+            second.abort()
+            await (await post(pool, url)).read()  # a free place again
 
     run(scenario)
 

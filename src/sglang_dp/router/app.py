@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sglang_dp.httpserver import error_body
+from sglang_dp.router.auth import bearer_matches
 from sglang_dp.router.config import RouterConfig, check_worker_url
 from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine, WorkerStats
 from sglang_dp.router.health import WorkerMonitor
@@ -53,7 +54,7 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
-    return json_response({"error": {"message": message, "type": kind, "code": status}}, status)
+    return Response(error_body(message, kind, status), status, media_type="application/json")
 
 
 @dataclasses.dataclass
@@ -67,6 +68,8 @@ class RouterState:
     clock: Callable[[], float]
     session: Callable[[], aiohttp.ClientSession]
     encode: Encoder | None = None
+    # closes the pooled connections to a removed worker (the upstream pool's drop_host)
+    drop_connections: Callable[[str], None] = lambda url: None
     started_at: float = 0.0
     events: collections.deque[str] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=200)
@@ -79,8 +82,7 @@ def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
     expected = key.encode()
 
     async def guarded(request: Request) -> Response:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode("latin-1", "replace"), expected):
+        if not bearer_matches(request.headers.get("authorization"), expected):
             return error("missing or wrong API key", 401, "Unauthorized")
         return await endpoint(request)
 
@@ -190,6 +192,13 @@ def _worker_record(state: RouterState, url: str, stats: WorkerStats | None) -> d
     return record
 
 
+def remove_worker(state: RouterState, url: str) -> None:
+    """Out of routing and of the tree; its pooled connections are closed."""
+    state.monitor.remove(url)
+    state.drop_connections(url)
+    state.events.append(f"{url} removed")
+
+
 def add_worker(state: RouterState, url: str) -> str:
     normal = check_worker_url(url)
     state.monitor.add(normal)
@@ -223,8 +232,7 @@ def _workers(state: RouterState) -> Endpoint:
             return json_response(_worker_records(state, [url])[0], 201)
         if url not in state.monitor.workers:
             return error(f"{url} is not a worker of this router", 404, "NotFound")
-        state.monitor.remove(url)
-        state.events.append(f"{url} removed")
+        remove_worker(state, url)
         return json_response({"removed": url})
 
     return workers
@@ -249,7 +257,7 @@ def _legacy_remove(state: RouterState) -> Endpoint:
             return error(str(exc), 400)
         if url not in state.monitor.workers:
             return error(f"{url} is not a worker of this router", 404, "NotFound")
-        state.monitor.remove(url)
+        remove_worker(state, url)
         return json_response({"removed": url})
 
     return legacy_remove

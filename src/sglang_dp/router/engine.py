@@ -384,6 +384,13 @@ class RoutingEngine:
             self._reasons[error] = self._reasons.get(error, 0) + 1
         self.release(dispatch)
 
+    def retract(self, dispatch: Dispatch) -> None:
+        """The attempt never reached the worker's cache (it failed before any answer): undo its
+        speculation, so the worker holds in the tree only what it was predicted to hold."""
+        state = dispatch._state
+        if state is self._workers.get(state.url) and dispatch._generation == state.generation:
+            self._tree.retract(dispatch.key, state.url, dispatch.decision.matched)
+
     def release(self, dispatch: Dispatch) -> None:
         """End the request's in-flight accounting; only the first call has an effect."""
         if not dispatch.released:

@@ -5,12 +5,16 @@ For `/generate`, `/v1/completions` and `/v1/chat/completions` (POST):
 1. the body is validated and its routing key computed (`keys.route_request`; 400 on bad input);
 2. `engine.route` picks a worker and counts the request in flight (503 if none is healthy);
 3. the body is forwarded unchanged on a pooled keep-alive connection (`upstream.UpstreamPool`);
-4. if the worker fails before anything was sent to the client — connection refused or broken,
-   or a 408/429/5xx answer — the request is retried on another worker (`--retries`, backoff
-   10 ms × 2^n), never after a response started; a timeout waiting for the head is a 504;
-5. the answer is relayed: whole, or chunk by chunk as it arrives for streams (nothing is
-   buffered); `x-request-id` (the client's, or a new one: a random prefix per router and a
-   counter) and `x-sglang-dp-worker` headers name the request and the worker;
+4. if the attempt fails, `outcomes.decide` says what it becomes (one table, used by both ways
+   through below): retried on another worker (`--retries`, backoff 10 ms × 2^n) while no byte
+   reached the client, the router's own error (502, 503 for its own resource limits, 504 on a
+   timeout), the worker's own error answer, or — once a stream's bytes reached the client — an
+   SSE error event and a close WITHOUT the clean chunked terminator;
+5. the answer is relayed: whole, or chunk by chunk as it arrives for streams; the relay awaits
+   the client's drain (`Responder.drain`), so a client that stops reading stops the reading of
+   its worker. The worker's headers are relayed, less hop-by-hop and framing ones;
+   `x-request-id` (the client's, or a new one: a random prefix per router and a counter) and
+   `x-sglang-dp-worker` headers name the request and the worker;
 6. the worker's `cached_tokens` / `prompt_tokens` (the body's `meta_info` or `usage`; for
    streams, the last event) correct the tree (`engine.observe`).
 
@@ -19,20 +23,20 @@ an idle keep-alive connection — runs without a task or a coroutine: `handle` r
 `UpstreamPool.send` writes it at once, and the whole answer comes back to the request's `_Job`
 (`response_received` / `response_failed`) from the connection's callbacks. Everything else (a
 stream, a new connection, a retry after its backoff) runs as one task (`_forward`). Both relay
-answers with `_answer` and count failures the same way; on two shared cores a task, its
+answers with `_answer` and settle failures with `_settle`; on two shared cores a task, its
 coroutines and their futures were a fifth of the router's CPU per request.
 
-In-flight accounting cannot leak: every dispatch is released in a `finally` (or on the one
-callback that ends a task-less attempt), including when the client disconnects (the task is
-cancelled, or the task-less exchange dropped, which also aborts the upstream request so the
-worker frees its KV). OpenAI streams carry usage only if the client asked for it
-(`stream_options.include_usage`); without it there is nothing to correct from.
+In-flight accounting cannot leak: the attempt's dispatch is held by its `_Job` and released
+once (`_Job.release`), at the end of every attempt and by the task's done callback — which also
+runs for a task cancelled before its first step (a client gone in the same loop turn). A client
+that disconnects cancels the task, or drops the task-less exchange, which also aborts the
+upstream request so the worker frees its KV. OpenAI streams carry usage only if the client
+asked for it (`stream_options.include_usage`); without it there is nothing to correct from.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
@@ -41,8 +45,9 @@ from typing import Any
 
 import orjson
 
-from sglang_dp.httpserver import JSON, HttpRequest, Responder
+from sglang_dp.httpserver import JSON, HttpRequest, Responder, error_body
 from sglang_dp.router.answers import StreamTap, output_text, token_counts
+from sglang_dp.router.auth import bearer_matches
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, Outcome, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
@@ -55,9 +60,12 @@ from sglang_dp.router.keys import (
     route_request,
 )
 from sglang_dp.router.metrics import RouterMetrics
+from sglang_dp.router.outcomes import RETRY_STATUSES, Action, Fault, decide
 from sglang_dp.router.upstream import (
     ConnectError,
     Exchange,
+    LocalResourceError,
+    ProtocolError,
     UpstreamClosed,
     UpstreamError,
     UpstreamPool,
@@ -67,27 +75,61 @@ from sglang_dp.router.upstream import (
 
 log = logging.getLogger("sglang_dp.router")
 
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 BACKOFF_S = 0.01
 WORKER_HEADER = b"x-sglang-dp-worker"
+# Not relayed from the worker: hop-by-hop and framing headers (this connection's own), and
+# the ones the router writes itself.
+NOT_RELAYED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"content-type",
+        b"cache-control",
+        b"x-request-id",
+        WORKER_HEADER,
+    }
+)
 
 
-def error_json(message: str, kind: str, code: int) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "code": code}})
+def fault_of(error: UpstreamError) -> Fault:
+    """The outcome table's name for an upstream error."""
+    # The class's MRO, not isinstance: compiled by mypyc, isinstance missed the second base of
+    # ConnectTimeout (a ConnectError and an UpstreamTimeout) and called a timeout a reset.
+    kinds: tuple[type, ...] = type(error).__mro__
+    if LocalResourceError in kinds:
+        return Fault.LOCAL
+    if UpstreamTimeout in kinds:  # before ConnectError: a ConnectTimeout is both
+        return Fault.TIMEOUT
+    if ConnectError in kinds:
+        return Fault.CONNECT
+    if ProtocolError in kinds:
+        return Fault.PROTOCOL
+    return Fault.CLOSED
 
 
-class _Failed(Exception):
-    """This attempt failed before the client got anything: maybe retry elsewhere."""
-
-    def __init__(self, reason: str, response: tuple[int, bytes, bytes] | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.response = response  # the worker's own error answer, relayed if no retry is left
+def relayed_headers(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
+    """(content-type, the other header lines to relay) of a worker's response."""
+    content_type = JSON
+    lines = b""
+    for name, value in headers:
+        if name == b"content-type":
+            content_type = value
+        elif name not in NOT_RELAYED:
+            lines += name + b": " + value + b"\r\n"
+    return content_type, lines
 
 
 class _Job:
     """One inference request on its way: what every attempt needs, and the attempt in flight
-    while it runs without a task (then this is the `upstream.ResponseListener`)."""
+    (while it runs without a task, this is the `upstream.ResponseListener`)."""
 
     def __init__(
         self,
@@ -106,33 +148,38 @@ class _Job:
         self.responder = responder
         self.tried: list[str] = []
         self.attempt = 0  # attempts that failed so far
-        self.last: _Failed | None = None
-        # the task-less attempt in flight
-        self.dispatch: Dispatch | None = None
-        self.exchange: Exchange | None = None
+        self.last_reason = ""  # why the last failed attempt failed
+        self.last_answer: tuple[int, bytes, bytes] | None = None  # its worker's error answer
+        self.dispatch: Dispatch | None = None  # the attempt in flight, until released
+        self.exchange: Exchange | None = None  # the task-less attempt's exchange
         self.sent = 0.0
+        self.boundary = True  # the bytes relayed so far end at an SSE event boundary
+
+    def release(self, *_: object) -> None:
+        """End the attempt's in-flight accounting (once; also a task's done callback)."""
+        dispatch, self.dispatch = self.dispatch, None
+        if dispatch is not None:
+            self.proxy._engine.release(dispatch)
 
     def response_received(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
-        dispatch, self.dispatch, self.exchange = self.dispatch, None, None
+        dispatch, self.exchange = self.dispatch, None
         if dispatch is not None:
             self.proxy._received(self, dispatch, status, headers, body)
 
     def response_failed(self, error: UpstreamError, reached: bool, headed: bool) -> None:
-        dispatch, self.dispatch, self.exchange = self.dispatch, None, None
+        dispatch, self.exchange = self.dispatch, None
         if dispatch is not None:
-            self.proxy._send_failed(self, dispatch, error, reached, headed)
+            self.proxy._send_failed(self, dispatch, error, reached)
 
     def cancel(self) -> None:
         """The client went away during the task-less attempt: drop it (the worker sees the
         disconnect) and release its dispatch."""
         exchange, self.exchange = self.exchange, None
-        dispatch, self.dispatch = self.dispatch, None
         if exchange is not None:
             exchange.cancel()
-        if dispatch is not None:
-            self.proxy._engine.release(dispatch)
+        self.release()
 
 
 class Proxy:
@@ -173,7 +220,9 @@ class Proxy:
             self._ids += 1
             rid = self._id_prefix + str(self._ids).encode()
         rid_header = b"x-request-id: " + rid + b"\r\n"
-        if self._key is not None and not self._authorized(request):
+        if self._key is not None and not bearer_matches(
+            request.headers.get("authorization"), self._key
+        ):
             self._reject(responder, rid_header, 401, "missing or wrong API key", "Unauthorized")
             return
         try:
@@ -186,6 +235,7 @@ class Proxy:
         dispatch = self._route(job)
         if dispatch is None:
             return
+        job.dispatch = dispatch
         if not routed.stream:  # a whole answer: forwarded at once if a connection is idle
             job.sent = time.perf_counter()
             try:
@@ -199,20 +249,23 @@ class Proxy:
                     timeout=self._config.request_timeout_secs,
                 )
             except BaseException:  # (a header the worker cannot be sent): no leak
-                self._engine.release(dispatch)
+                job.release()
                 raise
             if exchange is not None:
-                job.dispatch, job.exchange = dispatch, exchange
+                job.exchange = exchange
                 responder.on_disconnect = job.cancel
                 return
         self._run(job, dispatch)
 
     def _run(self, job: _Job, dispatch: Dispatch | None) -> None:
-        """Go on in a task: attempt `dispatch`, or (None) the next retry after its backoff."""
+        """Go on in a task: attempt `dispatch` (held by the job), or (None) the next retry
+        after its backoff. The task's done callback releases whatever attempt it holds, even
+        when it is cancelled before its first step."""
         loop = self._loop
         if loop is None or not loop.is_running():  # asked once: it costs a system call (getpid)
             loop = self._loop = asyncio.get_running_loop()
         task = loop.create_task(self._forward(job, dispatch))
+        task.add_done_callback(job.release)
         job.responder.on_disconnect = task.cancel
 
     def _route(self, job: _Job) -> Dispatch | None:
@@ -228,59 +281,89 @@ class Proxy:
         return dispatch
 
     async def _forward(self, job: _Job, dispatch: Dispatch | None) -> None:
-        """Attempt, retrying elsewhere while nothing was sent to the client."""
+        """Attempt, and again elsewhere while the outcome table says retry."""
         while True:
             if dispatch is None:
-                if job.attempt > self._config.retries:
-                    self._give_up(job, "no attempt left")
-                    return
                 await asyncio.sleep(BACKOFF_S * 2 ** (job.attempt - 1))
                 dispatch = self._route(job)
                 if dispatch is None:
                     return
+                job.dispatch = dispatch
             try:
-                await self._attempt(job, dispatch)
-                return
-            except _Failed as failure:
-                self._engine.fail(dispatch, failure.reason)
-                job.last = failure
-            except UpstreamTimeout:
-                self._timed_out(job, dispatch)
-                return
+                if not await self._attempt(job, dispatch):
+                    return
             finally:
-                self._engine.release(dispatch)
+                job.release()
             dispatch = None
-            job.attempt += 1
-
-    def _authorized(self, request: HttpRequest) -> bool:
-        if self._key is None:
-            return True
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode("latin-1", "replace"), self._key)
 
     def _reject(
         self, responder: Responder, rid_header: bytes, code: int, message: str, kind: str
     ) -> None:
-        responder.send(code, error_json(message, kind, code), headers=rid_header)
+        responder.send(code, error_body(message, kind, code), headers=rid_header)
         self._metrics.count("", code)
 
     def _give_up(self, job: _Job, why: str) -> None:
-        last = job.last
-        if last is not None and last.response is not None:
-            code, payload, content_type = last.response
+        """No worker left to try: the last worker's own error answer, else the router's."""
+        last = job.last_answer
+        if last is not None:
+            code, payload, content_type = last
             job.responder.send(code, payload, content_type, job.rid_header)
             self._metrics.count("", code)
-        elif last is not None:
-            message = f"every worker tried failed (last: {last.reason}); {why}"
+        elif job.last_reason:
+            message = f"every worker tried failed (last: {job.last_reason}); {why}"
             self._reject(job.responder, job.rid_header, 502, message, "BadGateway")
         else:
             message = f"no worker available: {why}"
             self._reject(job.responder, job.rid_header, 503, message, "NoWorker")
 
-    def _timed_out(self, job: _Job, dispatch: Dispatch) -> None:
-        self._engine.fail(dispatch, "timeout")
-        message = f"{dispatch.worker} did not answer within the request timeout"
-        self._reject(job.responder, job.rid_header, 504, message, "GatewayTimeout")
+    def _settle(
+        self,
+        job: _Job,
+        dispatch: Dispatch,
+        fault: Fault,
+        message: str,
+        answer: tuple[int, bytes, bytes] | None = None,
+    ) -> bool:
+        """A failed attempt: do what `outcomes.decide` says. True: try another worker."""
+        worker = dispatch.worker
+        status = answer[0] if answer is not None else 0
+        retries_left = self._config.retries - job.attempt
+        verdict = decide(fault, status, job.responder.started, retries_left)
+        reason = f"status_{status}" if fault is Fault.STATUS else fault.value
+        if verdict.action is not Action.BREAK:  # the worker produced nothing: no cache there
+            self._engine.retract(dispatch)
+        if verdict.blame:
+            self._engine.fail(dispatch, reason)
+            if fault in (Fault.CONNECT, Fault.CLOSED, Fault.PROTOCOL):
+                self._monitor.report_failure(worker, message, refused=fault is Fault.CONNECT)
+        job.release()
+        if fault is Fault.LOCAL:
+            log.error("the router is out of a local resource (%s): answering 503", message)
+        action = verdict.action
+        if action is Action.RETRY:
+            job.attempt += 1
+            job.last_reason = reason
+            job.last_answer = answer
+            return True
+        if action is Action.RELAY and answer is not None:
+            code, payload, content_type = answer
+            job.responder.send(
+                code, payload, content_type, job.rid_header + self._worker_line(worker)
+            )
+            self._metrics.count(worker, code)
+        elif action is Action.BREAK:
+            text = f"{worker} failed mid-stream: {message}"
+            event = b"data: " + error_body(text, "StreamBroken", 502) + b"\n\n"
+            job.responder.abort_stream(event if job.boundary else b"\n\n" + event)
+            self._metrics.count(worker, 502)
+        else:
+            code = verdict.status
+            kind = {502: "BadGateway", 503: "ServiceUnavailable", 504: "GatewayTimeout"}[code]
+            text = f"{worker}: {message}" if code != 503 else message
+            if code == 502 and job.attempt:
+                text = f"every worker tried failed (last: {text})"
+            self._reject(job.responder, job.rid_header, code, text, kind)
+        return False
 
     def _worker_line(self, worker: str) -> bytes:
         """The `x-sglang-dp-worker` header line for a worker (built once per worker)."""
@@ -300,54 +383,24 @@ class Proxy:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
     ) -> None:
-        content_type = JSON
-        for name, value in headers:
-            if name == b"content-type":
-                content_type = value
-                break
-        failure: _Failed | None = None
-        try:
-            self._answer(job, dispatch, status, content_type, body)
-        except _Failed as failed:
-            self._engine.fail(dispatch, failed.reason)
-            failure = failed
-        finally:
-            self._engine.release(dispatch)
-        if failure is not None:
-            job.last = failure
-            self._retry(job)
+        if self._answer(job, dispatch, status, headers, body):
+            self._run(job, None)
 
     def _send_failed(
-        self, job: _Job, dispatch: Dispatch, error: UpstreamError, reached: bool, headed: bool
+        self, job: _Job, dispatch: Dispatch, error: UpstreamError, reached: bool
     ) -> None:
-        if isinstance(error, UpstreamTimeout):
-            self._timed_out(job, dispatch)
-            self._engine.release(dispatch)
-            return
         if isinstance(error, UpstreamClosed) and not reached:
             # The keep-alive race: the worker closed the idle socket before it saw the request.
             # Same attempt, in a task: `UpstreamPool.request` connects if it has to.
             self._run(job, dispatch)
             return
-        worker = dispatch.worker
-        if headed:
-            reason = "closed_mid_response"
-            self._monitor.report_failure(worker, "closed mid-response", refused=False)
-        else:
-            reason = "upstream_closed"
-            self._monitor.report_failure(worker, str(error), refused=False)
-        self._engine.fail(dispatch, reason)
-        self._engine.release(dispatch)
-        job.last = _Failed(reason)
-        self._retry(job)
-
-    def _retry(self, job: _Job) -> None:
-        job.attempt += 1
-        self._run(job, None)
+        if self._settle(job, dispatch, fault_of(error), str(error)):
+            self._run(job, None)
 
     # -- the task's attempt ------------------------------------------------------------------
 
-    async def _attempt(self, job: _Job, dispatch: Dispatch) -> None:
+    async def _attempt(self, job: _Job, dispatch: Dispatch) -> bool:
+        """One attempt in the task. True: try another worker."""
         worker = dispatch.worker
         routed = job.routed
         sent = time.perf_counter()
@@ -356,67 +409,67 @@ class Proxy:
             upstream = await self._pool.request(
                 worker, "POST", routed.path, job.headers, job.body, timeout=timeout
             )
-        except ConnectError as refused:
-            self._monitor.report_failure(worker, str(refused), refused=True)
-            raise _Failed("connect_error") from None
         except UpstreamError as error:
-            if isinstance(error, UpstreamTimeout):
-                raise
-            self._monitor.report_failure(worker, str(error), refused=False)
-            raise _Failed("upstream_closed") from None
-        status = upstream.status
+            return self._settle(job, dispatch, fault_of(error), str(error))
         job.sent = sent
         try:
-            content_type = upstream.header(b"content-type") or JSON
-            if routed.stream and status == 200:
-                extra = job.rid_header + self._worker_line(worker)
-                last_event = await self._relay_stream(upstream, job.responder, extra, content_type)
-                self._observe_stream(dispatch, routed, last_event)
-                self._metrics.count(worker, status)
-                self._metrics.upstream_latency.observe(time.perf_counter() - sent)
-            else:
-                payload = await upstream.read(timeout)
-                self._answer(job, dispatch, status, content_type, payload)
-        except UpstreamClosed:
-            self._monitor.report_failure(worker, "closed mid-response", refused=False)
-            self._engine.fail(dispatch, "closed_mid_response")
-            if not job.responder.streaming:
-                raise _Failed("closed_mid_response") from None
-            job.responder.end()  # the client has part of a stream: end it, no retry
+            if routed.stream and upstream.status == 200:
+                await self._relay_stream(job, dispatch, upstream)
+                return False
+            payload = await upstream.read(timeout)
+            return self._answer(job, dispatch, upstream.status, upstream.headers, payload)
+        except UpstreamError as error:
+            return self._settle(job, dispatch, fault_of(error), str(error))
         finally:
             upstream.abort()  # no-op when the body was read to the end (back in the pool)
 
     def _answer(
-        self, job: _Job, dispatch: Dispatch, status: int, content_type: bytes, payload: bytes
-    ) -> None:
+        self,
+        job: _Job,
+        dispatch: Dispatch,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        payload: bytes,
+    ) -> bool:
         """A whole answer from the worker: relayed to the client, or (a status worth another
-        worker) the attempt fails with it."""
+        worker) settled as a failure. True: try another worker."""
+        content_type, lines = relayed_headers(headers)
         if status in RETRY_STATUSES:
-            raise _Failed(f"status_{status}", (status, payload, content_type))
+            answer = (status, payload, content_type)
+            return self._settle(job, dispatch, Fault.STATUS, f"answered {status}", answer)
         worker = dispatch.worker
-        extra = job.rid_header + self._worker_line(worker)
+        extra = job.rid_header + self._worker_line(worker) + lines
         job.responder.send(status, payload, content_type, extra)
         if status == 200:
             self._observe_body(dispatch, job.routed, payload)
+        job.release()
         self._metrics.count(worker, status)
         self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
+        return False
 
     async def _relay_stream(
-        self,
-        upstream: UpstreamResponse,
-        responder: Responder,
-        extra: bytes,
-        content_type: bytes,
-    ) -> bytes:
-        """Pass every chunk on as it arrives; return the last complete SSE event's data."""
+        self, job: _Job, dispatch: Dispatch, upstream: UpstreamResponse
+    ) -> None:
+        """Pass every chunk on as it arrives, waiting while the client's buffer is full (so
+        the worker is not read meanwhile); then correct from the last complete SSE event."""
+        responder = job.responder
+        content_type, lines = relayed_headers(upstream.headers)
+        extra = job.rid_header + self._worker_line(dispatch.worker) + lines
         responder.start_stream(upstream.status, content_type, extra)
         tap = StreamTap()
         async for chunk in upstream:
             out = tap.feed(chunk)
             if out:
                 responder.write(out)
+                job.boundary = out.endswith(b"\n\n")
+                drained = responder.drain()
+                if drained is not None:
+                    await drained
         responder.end()
-        return tap.last_event()
+        self._observe_stream(dispatch, job.routed, tap.last_event())
+        job.release()
+        self._metrics.count(dispatch.worker, upstream.status)
+        self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
 
     def _observe_body(self, dispatch: Dispatch, routed: Routed, payload: bytes) -> None:
         try:

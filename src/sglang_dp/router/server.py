@@ -20,14 +20,21 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sglang_dp.httpserver import HttpRequest, Responder, serve
-from sglang_dp.router.app import RouterState, add_worker, create_app
+from sglang_dp.httpserver import (
+    MAX_CONNECTIONS,
+    HttpRequest,
+    HttpServer,
+    Responder,
+    error_body,
+    serve,
+)
+from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import EngineConfig, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import INFERENCE_PATHS, Encoder
 from sglang_dp.router.metrics import RouterMetrics
-from sglang_dp.router.proxy import Proxy, error_json
+from sglang_dp.router.proxy import Proxy
 from sglang_dp.router.stats import watch_imbalance
 from sglang_dp.router.upstream import UpstreamPool
 
@@ -36,6 +43,8 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
 log = logging.getLogger("sglang_dp.router")
+
+FILES_RESERVED = 64  # file descriptors kept for the router's own use (logs, health checks, ...)
 
 
 def load_encoder(tokenizer_path: str) -> Encoder:
@@ -81,15 +90,15 @@ class RouterServer:
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
         )
         self.state.events = self.events
+        self.state.drop_connections = self.pool.drop_host
         self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
         self.proxy = Proxy(
             config, self.engine, self.pool, self.monitor, self.metrics, clock, encode
         )
-        self._server: asyncio.Server | None = None
+        self._server: HttpServer | None = None
         self._bridged: set[asyncio.Task[None]] = set()
         self._imbalance: asyncio.Task[None] | None = None  # events, whoever reads the stats
-        self._draining = False
         self.port = config.port
 
     @property
@@ -118,10 +127,17 @@ class RouterServer:
         self._imbalance = asyncio.get_running_loop().create_task(
             watch_imbalance(self.engine, self.record_event, self.state.clock)
         )
+        files = raise_open_files_limit()
+        # every client connection may need one to a worker, and the router some of its own
+        connections = max(16, min(MAX_CONNECTIONS, (files - FILES_RESERVED) // 2))
         self._server = await serve(
-            self._handle, self.config.host, self.config.port, self.config.max_payload_size
+            self._handle,
+            self.config.host,
+            self.config.port,
+            self.config.max_payload_size,
+            max_connections=connections,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._server.port
 
     def add_worker(self, url: str) -> str:
         """Register a worker; it takes requests once a health check passes."""
@@ -133,20 +149,17 @@ class RouterServer:
         self.engine.reset_worker(url)
 
     def remove_worker(self, url: str) -> None:
-        self.monitor.remove(url)
-        self.record_event(f"{url} removed")
+        remove_worker(self.state, url)
+        log.info("%s removed", url)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting (new requests on open connections get 503); wait up to `grace` s for
-        requests in flight; close everything."""
-        self._draining = True
+        """Stop accepting; let the responses in flight finish for up to `grace` s (requests
+        arriving meanwhile on open connections get a 503 + close; idle connections close at
+        once); close everything."""
         if self._server is not None:
-            self._server.close()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(
-            w.in_flight for w in self.engine.snapshot(0).workers
-        ):
-            await asyncio.sleep(0.02)
+            await self._server.shutdown(grace)
+        for task in list(self._bridged):
+            task.cancel()
         if self._imbalance is not None:
             self._imbalance.cancel()
             await asyncio.gather(self._imbalance, return_exceptions=True)
@@ -156,14 +169,10 @@ class RouterServer:
             await self._session.close()
 
     def _handle(self, request: HttpRequest, responder: Responder) -> None:
-        if request.path in INFERENCE_PATHS and self._draining:
-            # Kept-alive connections would keep the drain busy forever with new requests.
-            responder.send(503, error_json("the router is shutting down", "Unavailable", 503))
-            return
         if request.path in INFERENCE_PATHS:
             if request.method != "POST":
                 message = f"{request.path} takes POST, not {request.method}"
-                responder.send(405, error_json(message, "MethodNotAllowed", 405))
+                responder.send(405, error_body(message, "MethodNotAllowed", 405))
                 return
             self.proxy.handle(request, responder)
             return
@@ -211,7 +220,7 @@ async def call_asgi(app: Any, request: HttpRequest, responder: Responder) -> Non
         await app(scope, receive, send)
     except Exception:  # a bug in a route must not leave the client hanging
         log.exception("%s %s failed", request.method, request.path)
-        responder.send(500, error_json("internal error in the router", "InternalError", 500))
+        responder.send(500, error_body("internal error in the router", "InternalError", 500))
         return
     content_type = b"application/json"
     extra = b""
@@ -222,6 +231,21 @@ async def call_asgi(app: Any, request: HttpRequest, responder: Responder) -> Non
         elif lowered != b"content-length":
             extra += lowered + b": " + value + b"\r\n"
     responder.send(status, b"".join(chunks), content_type, extra)
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one (as SGLang does): a router holds two
+    sockets per request in flight. Returns the limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # pragma: no cover - a platform that refuses
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+    return soft if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS * 2 + FILES_RESERVED
 
 
 def run_router(config: RouterConfig) -> None:

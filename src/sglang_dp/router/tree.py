@@ -219,6 +219,23 @@ class RadixTree:
             self._attach(node, path.key[pos:], tenant, now)
         return prior
 
+    def retract(self, key: KeyLike, tenant: str, keep: int) -> int:
+        """Undo a speculative `insert` of `key` for `tenant` (its request failed): `tenant` stops
+        holding the nodes on `key`'s path that begin at or after position `keep` (what it held
+        before), deepest first, as long as it holds none of their children (another of its keys
+        goes on through them). Touch times are not restored. Returns the elements dropped."""
+        path = self.walk(key)
+        before = self._sizes.get(tenant, 0)
+        starts = [0, *path.ends[:-1]]
+        for node, start, end in reversed(list(zip(path.nodes, starts, path.ends))):
+            whole = end - start == len(node.label)  # the key runs through the whole label
+            if start < keep or not whole or tenant not in node.tenants:
+                break
+            if self._holds_a_child(node, tenant):
+                break
+            self._drop(node, tenant)
+        return before - self._sizes.get(tenant, 0)
+
     def remove_tenant(self, tenant: str) -> int:
         """Forget everything `tenant` holds; returns the key elements it held."""
         held = self._sizes.get(tenant, 0)

@@ -32,7 +32,9 @@ pool only when its response was read to the end, the worker answered HTTP/1.1 (a
 first response on the connection) and did not say `connection: close`; anything else (abort,
 error, timeout, cancellation, a close-delimited body) closes it. At most `max_idle_per_host`
 idle connections are kept per worker (default 256); the number of busy ones is the number of
-requests in flight. A connection idle for longer than `keepalive_expiry` (default 4 s, under
+requests in flight, and at most `max_per_host` connections (default 4096) are open to one worker
+at once: past it a request fails with `LocalResourceError` (the router's limit, not the
+worker's failure). A connection idle for longer than `keepalive_expiry` (default 4 s, under
 uvicorn's 5 s keep-alive timeout, which SGLang serves with) is closed instead of reused: the
 worker is about to close it anyway.
 
@@ -71,13 +73,17 @@ Exceptions (all from this module):
      │    └── ConnectTimeout
      ├── UpstreamClosed         the worker closed or reset the connection after the request was
      │                          sent (mid-response included), or the response was aborted
-     └── ProtocolError          the response could not be parsed as HTTP/1.1
+     ├── ProtocolError          the response could not be parsed as HTTP/1.1
+     └── LocalResourceError     the router itself ran out of something while connecting (file
+                                descriptors: EMFILE/ENFILE, buffers, memory): not the worker's
+                                failure, never a reason to mark it down
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar, cast
@@ -147,6 +153,15 @@ class ProtocolError(UpstreamError):
     """The worker's response could not be parsed as HTTP/1.1."""
 
 
+@mypyc_attr(native_class=False)
+class LocalResourceError(UpstreamError):
+    """The router ran out of a resource of its own (file descriptors, buffers, memory)."""
+
+
+# errors of the local machine, not of the worker, when connecting
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 class ResponseListener(Protocol):
     """Told the outcome of `UpstreamPool.send`, once (from the connection's callbacks)."""
 
@@ -174,7 +189,7 @@ _IDLE, _HEAD, _BODY, _CLOSED = range(4)
 class _Host:
     """One worker's address and its idle connections (a LIFO stack)."""
 
-    __slots__ = ("generation", "head_middle", "host", "idle", "port", "starts")
+    __slots__ = ("generation", "head_middle", "host", "idle", "open", "port", "starts")
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -184,6 +199,7 @@ class _Host:
         self.head_middle = b" HTTP/1.1\r\nhost: %s:%d\r\ncontent-length: " % (name.encode(), port)
         self.starts: dict[tuple[str, str], bytes] = {}  # (method, path) -> head up to the length
         self.idle: list[_Connection] = []
+        self.open = 0  # connections to this worker, idle and busy (and connecting)
         self.generation = 0  # bumped by drop_host: older connections are never pooled again
 
 
@@ -615,8 +631,10 @@ class UpstreamPool:
         connect_timeout: float = 5.0,
         max_idle_per_host: int = 256,
         keepalive_expiry: float = 4.0,
+        max_per_host: int = 4096,
     ) -> None:
         self._connect_timeout = connect_timeout
+        self._max_per_host = max_per_host
         self._max_idle = max_idle_per_host
         self._keepalive_expiry = keepalive_expiry
         self._hosts: dict[str, _Host] = {}
@@ -755,17 +773,38 @@ class UpstreamPool:
     ) -> _Connection:
         if self._closed:
             raise ConnectError("the upstream pool is closed")
-        budget = min(self._connect_timeout, deadline - loop.time())
         where = f"{host.host}:{host.port}"
+        if host.open >= self._max_per_host:  # the router's own limit, not the worker's fault
+            raise LocalResourceError(f"{host.open} connections to {where} open already")
+        host.open += 1  # counted from the start: connections being made count too
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, host, loop), host.host, host.port),
-                budget,
-            )
+            return await self._open_connection(host, loop, deadline, where)
+        finally:
+            host.open -= 1  # (counted by `_opened` / `_lost` once it exists)
+
+    async def _open_connection(
+        self, host: _Host, loop: asyncio.AbstractEventLoop, deadline: float, where: str
+    ) -> _Connection:
+        budget = min(self._connect_timeout, deadline - loop.time())
+        # Shielded: a caller cancelled (its client went away) must not cancel a connect that
+        # is completing, as uvloop then closes the socket without `connection_lost` (the pool
+        # would count it open forever); the connection is closed once made instead.
+        connecting = loop.create_task(
+            loop.create_connection(lambda: _Connection(self, host, loop), host.host, host.port)
+        )
+        try:
+            _, conn = await asyncio.wait_for(asyncio.shield(connecting), budget)
         except asyncio.TimeoutError as exc:  # before OSError: on 3.11+ it is one
+            connecting.cancel()  # not connected yet: nothing of it is left
+            connecting.add_done_callback(_close_unused)
             raise ConnectTimeout(f"could not connect to {where} within {budget:.3g} s") from exc
         except OSError as error:  # (a differently typed name per clause: mypyc checks types)
+            if error.errno in LOCAL_ERRNOS:
+                raise LocalResourceError(f"connecting to {where}: {error}") from error
             raise ConnectError(f"could not connect to {where}: {error}") from error
+        except BaseException:  # cancelled
+            connecting.add_done_callback(_close_unused)
+            raise
         return conn
 
     def _release(self, conn: _Connection) -> None:
@@ -785,11 +824,14 @@ class UpstreamPool:
 
     def _opened(self, conn: _Connection) -> None:
         self._open.add(conn)
+        conn.host.open += 1
         if self._closed:
             conn.abort()
 
     def _lost(self, conn: _Connection) -> None:
-        self._open.discard(conn)
+        if conn in self._open:
+            self._open.discard(conn)
+            conn.host.open -= 1
         if conn.pooled:  # closed by the worker while idle
             conn.pooled = False
             # not found: a fresh connection, or one drop_host already let go of
@@ -797,6 +839,14 @@ class UpstreamPool:
                 conn.host.idle.remove(conn)
         if not self._open and self._all_lost is not None and not self._all_lost.done():
             self._all_lost.set_result(None)
+
+
+def _close_unused(connecting: asyncio.Task[tuple[asyncio.BaseTransport, _Connection]]) -> None:
+    """A connect nobody waits for any more: close what it made (or take its error)."""
+    if connecting.cancelled():
+        return
+    if connecting.exception() is None:
+        connecting.result()[1].abort()
 
 
 def _encode_head(

@@ -129,6 +129,21 @@ class SimConfig:
         type=int,
     )
     hang_rate: float = option(0.0, "Fraction of generation requests never answered.")
+    garble_rate: float = option(
+        0.0,
+        "Fraction of generation requests answered with a head, one SSE event, then bytes that "
+        "are no valid chunk (the connection is left open).",
+    )
+    close_after_head: float = option(
+        0.0, "Fraction of generation requests answered with a head, then a closed connection."
+    )
+    stall_after_tokens: int | None = option(
+        None,
+        "Streams: after this many tokens, send nothing for --stall-secs (then go on); whole "
+        "answers of more tokens come --stall-secs late.",
+        type=int,
+    )
+    stall_secs: float = option(0.0, "Length of the stall of --stall-after-tokens, in real seconds.")
     instant: bool = option(
         False,
         "Answer at once, no cost model (router-overhead benchmarks).",

@@ -10,8 +10,12 @@ handler (`run_instant`), so a request costs one parse, one cache match and one w
 
 Streaming: SSE (`data: {json}\\n\\n`, ending `data: [DONE]\\n\\n`); `/generate` events carry the
 cumulative text, OpenAI chunks the delta. A client that disconnects aborts its request, which
-frees its KV. Fault injection (`--fail-rate`, `--hang-rate`, `--crash-after`) applies to
-generation requests only and uses a seeded RNG, so test runs repeat.
+frees its KV. Fault injection applies to generation requests only and uses a seeded RNG, so
+test runs repeat: `--fail-rate` (a 500), `--hang-rate` (never answered), `--crash-after N`
+(exit), `--garble-rate` (a head, one SSE event, 50 ms later bytes that are no valid chunk),
+`--close-after-head` (a head, then the connection closes), `--stall-after-tokens N
+--stall-secs S` (a stream goes silent for S real seconds after N tokens; a whole answer of more
+than N tokens comes S seconds late).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ log = logging.getLogger("sglang_dp.sim")
 WARMUP_PROMPT = "The capital city of France is"  # what SGLang's warm-up request sends
 HEALTH_TIMEOUT_S = 20.0
 DONE = b"data: [DONE]\n\n"
+GARBLE_DELAY_S = 0.05  # --garble-rate: between the first event and the garbage
 UNAUTHENTICATED = ("/health", "/health_generate", "/ready", "/metrics")
 
 
@@ -93,6 +98,7 @@ class _Item:
     out: Output
     echo: str = ""
     sent_chars: int = 0  # OpenAI streams: characters of text already sent as deltas
+    stall_until: float = 0.0  # loop time a stall (--stall-after-tokens) ends
 
 
 @dataclass(eq=False)
@@ -414,6 +420,16 @@ class SimWorker:
                 500, error_body("injected failure (--fail-rate)", "InternalServerError", 500)
             )
             return True
+        if c.garble_rate and self._rng.random() < c.garble_rate:
+            responder.start_stream()
+            responder.write(sse({"text": "", "meta_info": {"garbled": True}}))
+            # a moment later, so that the event reaches the client before the garbage
+            self._loop.call_later(GARBLE_DELAY_S, responder.write_unframed, b"no chunk size\r\n")
+            return True
+        if c.close_after_head and self._rng.random() < c.close_after_head:
+            responder.start_stream()
+            responder.abort_stream()
+            return True
         # a hung request is never answered; the connection keeps the responder alive
         return bool(c.hang_rate and self._rng.random() < c.hang_rate)
 
@@ -533,14 +549,24 @@ class SimWorker:
 
     def _progress(self, call: _Call, item: _Item, tokens: int) -> None:
         """Stream the text generated so far."""
-        item.req.emitted = tokens
         responder, parsed = call.responder, call.api
-        if responder is None or parsed is None or responder.closed:
+        if responder is None or parsed is None or responder.closed or self._stalled(item, tokens):
             return
+        item.req.emitted = tokens
         r = self._result(item, tokens)
         if not responder.streaming:
             responder.start_stream()
         responder.write(self._event(call, item, r, first=tokens == 1 and item.sent_chars == 0))
+
+    def _stalled(self, item: _Item, tokens: int) -> bool:
+        """--stall-after-tokens: a stream past N tokens stays silent for --stall-secs."""
+        limit = self.config.stall_after_tokens
+        if limit is None or tokens <= limit:
+            return False
+        now = self._loop.time()
+        if not item.stall_until:
+            item.stall_until = now + self.config.stall_secs
+        return now < item.stall_until
 
     def _event(self, call: _Call, item: _Item, r: api.Result, first: bool = False) -> bytes:
         parsed = call.api
@@ -601,14 +627,49 @@ class SimWorker:
         if responder is None or responder.done:
             return
         if parsed.stream:
-            item = call.items[0]
-            if not responder.streaming:
-                responder.start_stream()
-            progress = self._instant_events(call, item) if self.config.instant else b""
-            responder.end(progress + self._final_events(call, item))
+            self._end_stream(call, call.items[0], responder)
             return
         if call.open == 0:
-            responder.send(200, self._final_body(call, parsed))
+            body = self._final_body(call, parsed)
+            limit = self.config.stall_after_tokens
+            if limit is not None and max(i.req.generated for i in call.items) > limit:
+                self._loop.call_later(self.config.stall_secs, responder.send, 200, body)
+                return
+            responder.send(200, body)
+
+    def _end_stream(self, call: _Call, item: _Item, responder: Responder) -> None:
+        """A finished stream's last events (after a stall, if one is due)."""
+        if responder.closed:
+            return
+        if not responder.streaming:
+            responder.start_stream()
+        limit = self.config.stall_after_tokens
+        if limit is not None and item.req.generated > limit and not item.stall_until:
+            if self.config.instant:  # what comes before the stall goes out now
+                step = max(1, self.config.stream_interval)
+                events = [
+                    self._event(call, item, self._result(item, k), first=k == 1)
+                    for k in range(1, limit + 1, step)
+                ]
+                responder.write(b"".join(events))
+                item.req.emitted = limit
+            item.stall_until = self._loop.time() + self.config.stall_secs
+        if item.stall_until:
+            left = item.stall_until - self._loop.time()
+            if left > 0:
+                self._loop.call_later(left, self._end_stream, call, item, responder)
+                return
+            if self.config.instant:  # the events after the stall
+                step = max(1, self.config.stream_interval)
+                start = item.req.emitted + 1
+                rest = b"".join(
+                    self._event(call, item, self._result(item, k))
+                    for k in range(start, item.req.generated, step)
+                )
+                responder.end(rest + self._final_events(call, item))
+                return
+        progress = self._instant_events(call, item) if self.config.instant else b""
+        responder.end(progress + self._final_events(call, item))
 
     def _final_body(self, call: _Call, parsed: api.ApiRequest) -> bytes:
         results = [self._result(item) for item in call.items]

@@ -1,0 +1,311 @@
+"""The router under misbehaving workers and clients: bounded waits, bounded memory, quick exit.
+
+Starts `sglang-dp sim-worker --instant` processes, one per injected fault (`--fail-rate 1`,
+`--hang-rate 1`, `--garble-rate 1`, `--close-after-head 1`, `--stall-after-tokens 2
+--stall-secs 3`) and a good one, and `sglang-dp router` processes in front of them. Every
+process runs in its own session and is stopped by its process group at the end. Figures:
+
+- `max_client_wait_s`: the longest a client waited for its answer (or for the connection to
+  close) over the fault matrix: each fault × stream / whole × alone without retries / beside
+  the good worker with `--retries 2`, two requests each, `--request-timeout-secs 1`.
+  Target <= 2 s. Also `outcomes`: what the clients got, per case;
+- `inflight_after`: requests the matrix's routers still count in flight afterwards (their
+  `/debug/stats`, after the answers). Target 0;
+- `slow_reader_rss_growth_mb`: a client asks for a 200k-token stream (`/v1/completions`) and
+  never reads it; the router's RSS growth over 15 s. Target <= 16;
+- `shutdown_s_under_load`: SIGINT to a router while 32 keep-alive clients send requests back
+  to back; seconds until it exited. Target <= 1.5.
+
+Figures taken on a busy machine are perturbed: the other programs' CPU is not subtracted.
+
+    python benchmarks/bench_faults.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httptools
+import psutil
+import uvloop
+
+from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.router.upstream import UpstreamError, UpstreamPool
+
+SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
+RESULTS = Path(__file__).with_name("results_faults.json")
+FAULTS: dict[str, tuple[str, ...]] = {
+    "fail": ("--fail-rate", "1"),
+    "hang": ("--hang-rate", "1"),
+    "garble": ("--garble-rate", "1"),
+    "close_after_head": ("--close-after-head", "1"),
+    "stall": ("--stall-after-tokens", "2", "--stall-secs", "3"),
+}
+SLOW_READER_TOKENS = 200_000
+SLOW_READER_S = 15.0
+LOAD_CLIENTS = 32
+LOAD_S = 2.0
+GIVE_UP_S = 30.0  # a client waiting this long counts as hung (and the figure shows it)
+TARGETS = {
+    "max_client_wait_s": ("<=", 2.0),
+    "slow_reader_rss_growth_mb": ("<=", 16.0),
+    "shutdown_s_under_load": ("<=", 1.5),
+    "inflight_after": ("<=", 0),
+}
+
+
+@contextmanager
+def process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own session; TERM to its process group at the end, KILL if it lingers."""
+    proc = subprocess.Popen(
+        [*argv, "--log-level", "error"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=2) as reply:
+        return json.loads(reply.read())
+
+
+def healthy_workers(url: str) -> int:
+    """The router's /readiness count (its 503 when none is healthy included)."""
+    try:
+        return int(get_json(url + "/readiness")["healthy_workers"])
+    except urllib.error.HTTPError as refused:
+        return int(json.loads(refused.read())["healthy_workers"])
+
+
+def wait_until(check: Any, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def start_worker(stack: ExitStack, *args: str) -> str:
+    port = free_port()
+    proc = stack.enter_context(process([SGLANG_DP, "sim-worker", "--port", str(port), *args]))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: get_json(url + "/get_model_info"), proc, f"worker {url}")
+    return url
+
+
+def start_router(
+    stack: ExitStack, workers: list[str], *args: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    argv = [SGLANG_DP, "router", "--port", str(port), "--worker-urls", *workers, *args]
+    proc = stack.enter_context(process(argv))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: healthy_workers(url) == len(workers), proc, "router")
+    return url, proc
+
+
+class _Reader:
+    def __init__(self) -> None:
+        self.complete = False
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+def timed_request(port: int, body: dict[str, Any]) -> tuple[float, str]:
+    """Seconds until the answer ended or the connection closed, and what it was."""
+    data = json.dumps(body).encode()
+    started = time.monotonic()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=GIVE_UP_S)
+    reader = _Reader()
+    parser = httptools.HttpResponseParser(reader)
+    how = "hung"
+    try:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(data), data)
+        )
+        while not reader.complete:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            parser.feed_data(chunk)
+        status = parser.get_status_code()
+        how = str(status) if reader.complete else f"{status} closed mid-answer"
+    except TimeoutError:
+        pass
+    finally:
+        sock.close()
+    return time.monotonic() - started, how
+
+
+def fault_matrix(stack: ExitStack) -> dict[str, Any]:
+    good = start_worker(stack, "--instant")
+    waits: dict[str, float] = {}
+    outcomes: dict[str, list[str]] = {}
+    routers: list[str] = []
+    for fault, args in FAULTS.items():
+        bad = start_worker(stack, "--instant", *args)
+        for setup, workers, retries in (("alone", [bad], "0"), ("retried", [bad, good], "2")):
+            url, _ = start_router(
+                stack,
+                workers,
+                "--retries",
+                retries,
+                "--request-timeout-secs",
+                "1",
+                "--policy",
+                "round_robin",
+            )
+            routers.append(url)
+            port = int(url.rsplit(":", 1)[1])
+            for stream in (False, True):
+                case = f"{fault}/{'stream' if stream else 'whole'}/{setup}"
+                for i in range(2):
+                    deadline = time.monotonic() + 5  # a reported failure: back after a check
+                    while healthy_workers(url) < len(workers) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    body = {
+                        "text": f"{case} {i}",
+                        "stream": stream,
+                        "sampling_params": {"max_new_tokens": 8},
+                    }
+                    wait, how = timed_request(port, body)
+                    waits[case] = max(waits.get(case, 0.0), wait)
+                    outcomes.setdefault(case, []).append(how)
+    in_flight = 0
+    for url in routers:
+        stats = get_json(url + "/debug/stats")
+        in_flight += sum(w["in_flight"] for w in stats["workers"])
+    return {
+        "max_client_wait_s": round(max(waits.values()), 3),
+        "inflight_after": in_flight,
+        "waits_s": {k: round(v, 3) for k, v in waits.items()},
+        "outcomes": outcomes,
+    }
+
+
+def slow_reader(stack: ExitStack) -> float:
+    worker = start_worker(
+        stack,
+        "--instant",
+        "--context-length",
+        str(SLOW_READER_TOKENS * 2),
+        "--max-total-tokens",
+        str(SLOW_READER_TOKENS * 3),
+    )
+    url, proc = start_router(stack, [worker])
+    router = psutil.Process(proc.pid)
+    body = json.dumps(
+        {"model": "m", "prompt": "tell me", "max_tokens": SLOW_READER_TOKENS, "stream": True}
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        sock.recv(4096)  # the head and a first event: the stream is on; then never read
+        before = router.memory_info().rss
+        peak = before
+        deadline = time.monotonic() + SLOW_READER_S
+        while time.monotonic() < deadline:
+            peak = max(peak, router.memory_info().rss)
+            time.sleep(0.25)
+        return round((peak - before) / 2**20, 2)
+    finally:
+        sock.close()
+
+
+def shutdown_under_load(stack: ExitStack) -> float:
+    workers = [start_worker(stack, "--instant") for _ in range(2)]
+    url, proc = start_router(stack, workers)
+    body = json.dumps({"text": "load", "sampling_params": {"max_new_tokens": 4}}).encode()
+    headers = [(b"content-type", b"application/json")]
+    gone = threading.Event()
+
+    async def client(pool: UpstreamPool) -> None:
+        while not gone.is_set():
+            try:
+                reply = await pool.request(url, "POST", "/generate", headers, body, timeout=10)
+                await reply.read()
+            except UpstreamError:
+                await asyncio.sleep(0.01)
+
+    async def load() -> float:
+        pool = UpstreamPool()
+        clients = [asyncio.create_task(client(pool)) for _ in range(LOAD_CLIENTS)]
+        await asyncio.sleep(LOAD_S)
+        proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        while proc.poll() is None and time.monotonic() - started < GIVE_UP_S:
+            await asyncio.sleep(0.005)
+        took = time.monotonic() - started
+        gone.set()
+        await asyncio.gather(*clients)
+        await pool.close()
+        return took
+
+    return round(uvloop.run(load()), 3)
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [
+        f"{case:36}{wait:>8.3f} s  {out['outcomes'][case]}" for case, wait in out["waits_s"].items()
+    ]
+    lines.append("")
+    for key, (op, bound) in TARGETS.items():
+        verdict = "met" if out["targets_met"][key] else "MISSED"
+        lines.append(f"{key:28}{out[key]:>10}   target {op} {bound:g}: {verdict}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    out: dict[str, Any] = {}
+    try:
+        with ExitStack() as stack:
+            out.update(fault_matrix(stack))
+        with ExitStack() as stack:
+            out["slow_reader_rss_growth_mb"] = slow_reader(stack)
+        with ExitStack() as stack:
+            out["shutdown_s_under_load"] = shutdown_under_load(stack)
+    except KeyboardInterrupt:
+        sys.exit("interrupted: workers and routers stopped")
+    out["targets_met"] = {key: out[key] <= bound for key, (_, bound) in TARGETS.items()}
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out) if args.json else table(out))
+
+
+if __name__ == "__main__":
+    main()
