@@ -26,7 +26,7 @@ from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
 from sglang_dp.launcher.process import busy_ports, sglang_accepts_nccl_port, sglang_importable
 from sglang_dp.launcher.register import Registrar
-from sglang_dp.launcher.supervisor import Supervisor
+from sglang_dp.launcher.supervisor import Spawner, Supervisor
 
 if TYPE_CHECKING:
     from sglang_dp.router.server import RouterServer
@@ -85,7 +85,9 @@ def _check_ports(config: LaunchConfig, specs: list[WorkerSpec]) -> None:
 class Cluster:
     """A supervisor and a router that follow each other; see the module docstring."""
 
-    def __init__(self, config: LaunchConfig, specs: list[WorkerSpec]) -> None:
+    def __init__(
+        self, config: LaunchConfig, specs: list[WorkerSpec], spawner: Spawner | None = None
+    ) -> None:
         self.config = config
         self._router: RouterServer | None = None
         self._up_before_router: list[str] = []
@@ -97,6 +99,7 @@ class Cluster:
             on_event=self._event,
             on_up=self._worker_up,
             on_down=self._worker_down,
+            spawner=spawner,
         )
         self._supervising: asyncio.Task[None] | None = None
         self.registrar: Registrar | None = None

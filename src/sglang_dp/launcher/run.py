@@ -27,7 +27,7 @@ from sglang_dp.dashboard.render import ProcessFacts, StartupRow, startup_table
 from sglang_dp.launcher.cluster import Cluster, LaunchError, make_plan
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.plan import WorkerSpec
-from sglang_dp.launcher.supervisor import AllWorkersFailed, StartupFailed, WorkerStatus
+from sglang_dp.launcher.supervisor import AllWorkersFailed, Spawner, StartupFailed, WorkerStatus
 
 
 def _gpu_text(status: WorkerStatus) -> str:
@@ -37,14 +37,16 @@ def _gpu_text(status: WorkerStatus) -> str:
 
 def _startup_rows(statuses: tuple[WorkerStatus, ...], now: float) -> list[StartupRow]:
     return [
-        StartupRow(s.index, _gpu_text(s), s.port, s.state, now - s.started_at, s.last_error)
+        StartupRow(s.index, _gpu_text(s), s.port, s.state, now - s.started_at, s.last_error, s.node)
         for s in statuses
     ]
 
 
 def _process_facts(statuses: tuple[WorkerStatus, ...]) -> list[ProcessFacts]:
     return [
-        ProcessFacts(s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes)
+        ProcessFacts(
+            s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes, s.node
+        )
         for s in statuses
     ]
 
@@ -52,10 +54,16 @@ def _process_facts(statuses: tuple[WorkerStatus, ...]) -> list[ProcessFacts]:
 class Launch:
     """One `launch`: the cluster, the screen, the signals."""
 
-    def __init__(self, config: LaunchConfig, specs: list[WorkerSpec], console: Console) -> None:
+    def __init__(
+        self,
+        config: LaunchConfig,
+        specs: list[WorkerSpec],
+        console: Console,
+        spawner: Spawner | None = None,
+    ) -> None:
         self.config = config
         self.console = console
-        self.cluster = Cluster(config, specs)
+        self.cluster = Cluster(config, specs, spawner=spawner)
         self.stopping = asyncio.Event()
         self.forced = False
 
@@ -180,7 +188,7 @@ class Launch:
         return 0
 
 
-def _setup_logging(config: LaunchConfig) -> None:
+def setup_logging(config: LaunchConfig) -> None:
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(Path(config.log_dir) / "router.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
@@ -194,10 +202,14 @@ def run_launch(config: LaunchConfig) -> int:
     import uvloop
 
     console = Console()
+    if config.ray is not None:
+        from sglang_dp.launcher.ray_cluster import run_ray_launch
+
+        return run_ray_launch(config, console)
     try:
         specs = make_plan(config)
     except LaunchError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
-    _setup_logging(config)
+    setup_logging(config)
     return uvloop.run(Launch(config, specs, console).run())

@@ -42,6 +42,9 @@ One task per worker runs its life cycle; the caller sees states, events and two 
   called, at most once a second; tree membership is re-read every 5 s (it rarely changes).
   Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
 - Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
+- `spawner` (default `WorkerProcess.spawn`) starts one run of a worker from its spec and returns
+  a `WorkerHandle`; the handle's `spec` (where it really listens) replaces the worker's. A
+  custom spawner chooses the url itself, so its workers' on_down always says restarted=False.
 
 Exceptions:
 
@@ -56,10 +59,10 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 
@@ -98,6 +101,23 @@ class AllWorkersFailed(SupervisorError):
     """Every worker exhausted its restarts."""
 
 
+class WorkerHandle(Protocol):
+    """One started run of a worker: `WorkerProcess`'s public surface."""
+
+    @property
+    def spec(self) -> WorkerSpec: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def log_tail(self, lines: int = ...) -> list[str]: ...
+    async def terminate(self, grace: float) -> None: ...
+
+
+Spawner = Callable[[WorkerSpec], Awaitable[WorkerHandle]]
+
+
 @dataclass(frozen=True)
 class WorkerStatus:
     """One worker as the dashboard shows it (times are the supervisor's clock)."""
@@ -116,6 +136,7 @@ class WorkerStatus:
     rss_bytes: int
     simulated: bool = False
     log_path: Path | None = None
+    node: str = ""  # the Ray node ("" for a local worker)
 
 
 @dataclass
@@ -123,7 +144,7 @@ class _Worker:
     """The supervisor's mutable record of one worker."""
 
     spec: WorkerSpec
-    proc: WorkerProcess | None = None
+    proc: WorkerHandle | None = None
     exited: asyncio.Future[int] | None = None  # the current process's wait()
     state: str = "starting"
     restarts: int = 0
@@ -173,6 +194,7 @@ class Supervisor:
         backoff_cap: float = 30.0,
         stable_after: float = 60.0,
         kill_grace: float = 5.0,
+        spawner: Spawner | None = None,
     ) -> None:
         self._workers = [_Worker(spec) for spec in specs]
         self._startup_timeout = startup_timeout
@@ -188,6 +210,8 @@ class Supervisor:
         self._backoff_cap = backoff_cap
         self._stable_after = stable_after
         self._kill_grace = kill_grace  # for a worker that timed out at start-up
+        self._spawner: Spawner = spawner or WorkerProcess.spawn
+        self._urls_kept = spawner is None  # a restarted local worker keeps its url
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()  # any state change: wakes wait_ready and supervise
@@ -322,7 +346,8 @@ class Supervisor:
         return _Ended(reason, tail, port_in_use=in_use)
 
     async def _spawn(self, w: _Worker) -> None:
-        w.proc = await WorkerProcess.spawn(w.spec)
+        w.proc = await self._spawner(w.spec)
+        w.spec = w.proc.spec
         w.exited = asyncio.ensure_future(w.proc.wait())
         w.started_at, w.ready_at = self._clock(), None
         w.tree, w.tree_read_at = {}, float("-inf")
@@ -384,7 +409,7 @@ class Supervisor:
                 self._fail(w, ended, ended.reason)
                 return False
         again = w.streak < self._max_restarts and not self._stopping
-        self._down(w, restarted=again and not ended.port_in_use)
+        self._down(w, restarted=again and not ended.port_in_use and self._urls_kept)
         if not again:
             self._fail(w, ended, f"{ended.reason}; gave up after {w.streak} restarts in a row")
         return again
@@ -512,12 +537,15 @@ def _status(w: _Worker) -> WorkerStatus:
         rss_bytes=w.rss_bytes if running else 0,
         simulated=w.spec.simulated,
         log_path=w.spec.log_path,
+        node=w.spec.node,
     )
 
 
 def _sample_usage(w: _Worker, now: float) -> None:
     """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %)."""
     if w.proc is None or w.proc.returncode is not None:
+        return
+    if not getattr(w.proc, "is_local", True):  # on another node: psutil cannot see it
         return
     if now - w.tree_read_at >= TREE_RESCAN_S:
         w.tree_read_at = now
