@@ -1,0 +1,252 @@
+"""`sglang-dp launch --ray` against a real two-node Ray cluster on loopback (simulated workers).
+
+One cluster for the module (each start costs seconds): a head node with 4 logical GPUs and a
+second node with 2, both raylets on 127.0.0.1 (`ray.cluster_utils.Cluster` with Ray's loopback
+setting, checked below: every Ray listener is on loopback). This test process is a Ray driver
+too, to see the cluster's free resources and placement groups; the launches under test are the
+installed command, connected to the cluster's loopback GCS address.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from sglang_dp.launcher.ray_cluster import LOOPBACK_ENV
+from tests.e2e.launcher import Launched, gone, launch_argv, launched
+from tests.processes import free_port, wait_for
+
+SYSTEM = " ".join(f"rule{i}" for i in range(200))  # a long shared prefix
+HEAD_GPUS, OTHER_GPUS = 4, 2
+
+
+@dataclass
+class RayCluster:
+    cluster: Any  # ray.cluster_utils.Cluster
+    ray: Any
+
+    @property
+    def address(self) -> str:
+        return str(self.cluster.address)
+
+    def free(self) -> dict[str, float]:
+        return {k: self.ray.available_resources().get(k, 0.0) for k in ("GPU", "CPU")}
+
+    def total(self) -> dict[str, float]:
+        return {k: self.ray.cluster_resources().get(k, 0.0) for k in ("GPU", "CPU")}
+
+    def placement_groups_alive(self) -> int:
+        table = self.ray.util.placement_group_table()
+        return sum(1 for pg in table.values() if pg["state"] != "REMOVED")
+
+    def all_released(self) -> bool:
+        return self.free() == self.total() and self.placement_groups_alive() == 0
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    before = os.environ.get(LOOPBACK_ENV)
+    os.environ[LOOPBACK_ENV] = "0"  # read when ray is imported: loopback node addresses stay
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    loopback = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": HEAD_GPUS, **loopback}
+    )
+    try:
+        cluster.add_node(num_cpus=2, num_gpus=OTHER_GPUS, node_ip_address="127.0.0.1")
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
+        cluster.wait_for_nodes()
+        yield RayCluster(cluster, ray)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if before is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before
+
+
+def ray_processes() -> list[psutil.Process]:
+    """This test's Ray processes (raylets, GCS, agents, actors) and the workers they run."""
+    return psutil.Process().children(recursive=True)
+
+
+def sim_workers() -> list[psutil.Process]:
+    found = []
+    for p in ray_processes():
+        try:
+            if "sglang_dp.sim" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def worker_on(port: int) -> psutil.Process | None:
+    """The simulated worker listening on `port`, if one runs."""
+    for p in sim_workers():
+        with suppress(psutil.Error):
+            argv = p.cmdline()
+            if argv[argv.index("--port") + 1] == str(port):
+                return p
+    return None
+
+
+def workers_of(run: Launched) -> list[psutil.Process]:
+    found = [worker_on(port_of(u)) for u in urls(run)]
+    assert all(found), "a routed worker has no process"
+    return [p for p in found if p is not None]
+
+
+def raylet_of(proc: psutil.Process) -> int:
+    return next(p.pid for p in proc.parents() if p.name() == "raylet")
+
+
+def urls(run: Launched) -> list[str]:
+    return [w["url"] for w in run.router.get("/debug/stats").json()["workers"]]
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def ray_launch(ray_cluster: RayCluster, dp: int, tmp_path: Path, *extra: str) -> Any:
+    return launched(dp, tmp_path, "--ray", ray_cluster.address, *extra)
+
+
+def test_every_ray_listener_is_on_loopback(ray_cluster: RayCluster) -> None:
+    mine = {p.pid for p in ray_processes()} | {os.getpid()}
+    listening = [
+        c.laddr.ip
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in mine
+    ]
+    assert listening, "no Ray listener found"
+    assert {ip.removeprefix("::ffff:") for ip in listening} == {"127.0.0.1"}
+
+
+class Load:
+    """Clients sending shared-prefix requests through the router until stopped."""
+
+    def __init__(self, run: Launched, clients: int = 2) -> None:
+        self.run = run
+        self.statuses: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            body = {"text": f"load {i} {SYSTEM} q{n}", "sampling_params": {"max_new_tokens": 2}}
+            try:
+                status = self.run.router.post("/generate", body, timeout=30).status
+            except OSError:
+                status = 0
+            self.statuses.append(status)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        return self.statuses
+
+
+def replaced(run: Launched, dp: int, old_pids: set[int]) -> bool:
+    """Every routed worker has a process, one of them new, and all are healthy."""
+    if not run.ready(dp):
+        return False
+    found = [worker_on(port_of(u)) for u in urls(run)]
+    pids = {p.pid for p in found if p is not None}
+    return len(pids) == dp and bool(pids - old_pids)
+
+
+def survive_a_kill(run: Launched, victim: psutil.Process, dp: int) -> None:
+    old = {p.pid for p in sim_workers()}
+    load = Load(run)
+    try:
+        wait_for(lambda: len(load.statuses) >= 5, timeout=30, what="load running")
+        victim.kill()
+        wait_for(lambda: replaced(run, dp, old), timeout=60, what="a replacement routable")
+        done = len(load.statuses)
+        wait_for(lambda: len(load.statuses) >= done + 5, timeout=30, what="load on the new set")
+    finally:
+        statuses = load.stop()
+    failed = [s for s in statuses if s != 200]
+    assert len(failed) <= 2, failed  # at most the two requests in flight on the victim
+
+
+def test_four_workers_get_their_own_gpus_route_by_cache_survive_kills_and_leave_nothing(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    with ray_launch(ray_cluster, 4, tmp_path) as run:
+        workers = workers_of(run)
+        devices = {p.environ()["CUDA_VISIBLE_DEVICES"] for p in workers}
+        assert len(devices) == 4  # distinct GPUs: pack placed all four on the 4-GPU head
+        assert len({raylet_of(p) for p in workers}) == 1
+
+        groups = {g: f"group {g} {SYSTEM}" for g in range(4)}
+        post = lambda text: run.router.post(  # noqa: E731
+            "/generate", {"text": text, "sampling_params": {"max_new_tokens": 2}}
+        )
+        first = {g: post(t + " q0").headers["x-sglang-dp-worker"] for g, t in groups.items()}
+        for g, text in groups.items():
+            for q in range(1, 3):
+                reply = post(text + f" q{q}")
+                assert reply.status == 200 and reply.json()["meta_info"]["cached_tokens"] > 150
+                assert reply.headers["x-sglang-dp-worker"] == first[g]
+
+        actor = psutil.Process(workers_of(run)[0].ppid())
+        assert actor.name().startswith("ray::")
+        survive_a_kill(run, actor, 4)  # Ray reports the actor dead: its worker is replaced
+        survive_a_kill(run, workers_of(run)[1], 4)  # the subprocess alone
+
+        children = sim_workers() + [psutil.Process(p.ppid()) for p in sim_workers()]
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.proc.wait(timeout=60) == 0
+        wait_for(lambda: gone(children), timeout=10, what="workers and actors gone")
+        wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")
+        assert not sim_workers()
+
+
+def test_spread_uses_both_nodes_and_a_sigkilled_driver_takes_its_workers_along(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    with ray_launch(ray_cluster, 2, tmp_path, "--placement", "spread") as run:
+        workers = workers_of(run)
+        assert len({raylet_of(p) for p in workers}) == 2
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        wait_for(lambda: gone(workers), timeout=30, what="workers gone with their actors")
+        wait_for(ray_cluster.all_released, timeout=30, what="resources and placement free")
+
+
+def test_more_workers_than_gpus_is_a_clear_error_and_reserves_nothing(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    dp = HEAD_GPUS + OTHER_GPUS + 1
+    argv = launch_argv(dp, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
+    result = subprocess.run(
+        [*argv, ray_cluster.address], capture_output=True, timeout=120, check=False,
+        start_new_session=True,
+    )  # fmt: skip
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 2, output
+    assert f"cannot hold {dp} × {{GPU: 1, CPU: 1}}: missing 1 GPU" in output
+    assert ray_cluster.all_released() and not sim_workers()
