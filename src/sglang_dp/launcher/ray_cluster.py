@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from sglang_dp.launcher.cluster import LaunchError
 from sglang_dp.launcher.config import RAY_LOCAL, LaunchConfig
@@ -212,7 +213,7 @@ def run_ray_launch(config: LaunchConfig, console: Console) -> int:
             raise LaunchError(f"port {config.router.port} already in use: choose another --port")
         session = RaySession(config, console)
     except LaunchError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _show_error(console, exc)
         return 2
     try:
         session.connect()
@@ -223,10 +224,14 @@ def run_ray_launch(config: LaunchConfig, console: Console) -> int:
         setup_logging(config)
         return uvloop.run(Launch(config, specs, console, spawner=workers.spawn).run())
     except LaunchError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        _show_error(console, exc)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted while Ray was placing the workers")
         return 1
     finally:
         session.close()
+
+
+def _show_error(console: Console, error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
