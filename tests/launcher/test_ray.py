@@ -78,6 +78,23 @@ def ray_cluster() -> Iterator[RayCluster]:
             os.environ[LOOPBACK_ENV] = before
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_children() -> Iterator[None]:
+    """Instead of the launcher tests' check (Ray starts and keeps its own idle worker processes
+    between tests): no simulated worker and no worker actor may outlive a test."""
+    yield
+    wait_for(lambda: not sim_workers() and not actors(), timeout=15, what="workers and actors gone")
+
+
+def actors() -> list[psutil.Process]:
+    found = []
+    for p in ray_processes():
+        with suppress(psutil.Error):
+            if p.name().startswith("ray::WorkerActor") and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
 def ray_processes() -> list[psutil.Process]:
     """This test's Ray processes (raylets, GCS, agents, actors) and the workers they run."""
     return psutil.Process().children(recursive=True)
