@@ -27,7 +27,7 @@ from tests.e2e.launcher import Launched, gone, launch_argv, launched
 from tests.processes import free_port, wait_for
 
 SYSTEM = " ".join(f"rule{i}" for i in range(200))  # a long shared prefix
-HEAD_GPUS, OTHER_GPUS = 4, 2
+HEAD_GPUS, OTHER_GPUS = 4, 2  # one node that packs four workers, one to spread to (and lose)
 
 
 @dataclass
@@ -52,6 +52,14 @@ class RayCluster:
     def all_released(self) -> bool:
         return self.free() == self.total() and self.placement_groups_alive() == 0
 
+    def head_raylet(self) -> int:
+        return int(self.cluster.head_node.all_processes["raylet"][0].process.pid)
+
+    def lose_second_node(self) -> None:
+        """Kill the second node's raylet and everything on it (as a machine lost)."""
+        for node in list(self.cluster.worker_nodes):
+            self.cluster.remove_node(node, allow_graceful=False)
+
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
@@ -60,9 +68,12 @@ def ray_cluster() -> Iterator[RayCluster]:
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    loopback = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
+    head = {"num_cpus": 4, "num_gpus": HEAD_GPUS, "node_ip_address": "127.0.0.1"}
+    # A lost node is declared dead after 3 missed health checks 0.5 s apart (default 5 × 3 s)
+    detect = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": HEAD_GPUS, **loopback}
+        initialize_head=True,
+        head_node_args={**head, "include_dashboard": False, "_system_config": detect},
     )
     try:
         cluster.add_node(num_cpus=2, num_gpus=OTHER_GPUS, node_ip_address="127.0.0.1")
@@ -242,12 +253,18 @@ def test_four_workers_get_their_own_gpus_route_by_cache_survive_kills_and_leave_
         assert not sim_workers()
 
 
-def test_spread_uses_both_nodes_and_a_sigkilled_driver_takes_its_workers_along(
+def test_spread_uses_both_nodes_a_lost_node_is_replaced_and_sigkill_takes_the_workers_along(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
     with ray_launch(ray_cluster, 2, tmp_path, "--placement", "spread") as run:
         workers = workers_of(run)
         assert len({raylet_of(p) for p in workers}) == 2
+
+        ray_cluster.lose_second_node()  # its worker dies with it, and is placed on the head
+        wait_for(lambda: replaced(run, 2, {p.pid for p in workers}), timeout=60, what="replaced")
+        assert {raylet_of(p) for p in workers_of(run)} == {ray_cluster.head_raylet()}
+
+        workers = workers_of(run)
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait()
         wait_for(lambda: gone(workers), timeout=30, what="workers gone with their actors")
@@ -257,7 +274,7 @@ def test_spread_uses_both_nodes_and_a_sigkilled_driver_takes_its_workers_along(
 def test_more_workers_than_gpus_is_a_clear_error_and_reserves_nothing(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
-    dp = HEAD_GPUS + OTHER_GPUS + 1
+    dp = int(ray_cluster.total()["GPU"]) + 1  # the second node may have been lost already
     argv = launch_argv(dp, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
     result = subprocess.run(
         [*argv, ray_cluster.address], capture_output=True, timeout=120, check=False,
