@@ -284,3 +284,17 @@ def test_more_workers_than_gpus_is_a_clear_error_and_reserves_nothing(
     assert result.returncode == 2, output
     assert f"cannot hold {dp} × {{GPU: 1, CPU: 1}}: missing 1 GPU" in output
     assert ray_cluster.all_released() and not sim_workers()
+
+
+def test_a_worker_failing_at_startup_on_ray_shows_its_log_and_leaves_nothing(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    argv = launch_argv(2, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
+    result = subprocess.run(
+        [*argv, ray_cluster.address, "--", "--time-scale", "-1"], capture_output=True,
+        timeout=120, check=False, start_new_session=True,
+    )  # fmt: skip
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 1, output
+    assert "failed to start" in output and "--time-scale must be positive" in output
+    wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")
