@@ -9,6 +9,7 @@ installed command, connected to the cluster's loopback GCS address.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -297,4 +298,21 @@ def test_a_worker_failing_at_startup_on_ray_shows_its_log_and_leaves_nothing(
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 1, output
     assert "failed to start" in output and "--time-scale must be positive" in output
+    wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")
+
+
+def test_real_workers_on_a_node_without_sglang_say_so(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("sglang is installed here")
+    argv = launch_argv(1, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
+    argv.remove("--simulate")
+    result = subprocess.run(
+        [*argv, ray_cluster.address, "--model-path", "some/model"], capture_output=True,
+        timeout=120, check=False, start_new_session=True,
+    )  # fmt: skip
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 1, output
+    assert "sglang is not importable by" in output and "on node 127.0.0.1" in output
     wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")

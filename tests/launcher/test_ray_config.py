@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from sglang_dp.launcher.config import RAY_LOCAL, LaunchConfig
-from sglang_dp.launcher.ray_cluster import INSTALL_HINT, address_is_loopback, template_specs
+from sglang_dp.launcher.ray_cluster import (
+    INSTALL_HINT,
+    LOOPBACK_ENV,
+    address_is_loopback,
+    template_specs,
+)
 from sglang_dp.launcher.run import run_launch
 from sglang_dp.router.config import RouterConfig
 from tests.processes import free_port
@@ -64,3 +69,15 @@ def test_without_ray_installed_ray_says_how_to_get_it(
     assert run_launch(config) == 2
     assert "pip install 'sglang-dp[ray]'" in capsys.readouterr().out
     assert INSTALL_HINT.endswith("pip install 'sglang-dp[ray]'")
+
+
+def test_a_ray_address_where_nothing_answers_is_a_clear_error_at_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    monkeypatch.setenv(LOOPBACK_ENV, "0")  # restored afterwards (launch --ray sets it)
+    address = f"127.0.0.1:{free_port()}"
+    router = RouterConfig(port=free_port())
+    config = LaunchConfig(simulate=True, ray=address, log_dir=str(tmp_path), router=router)
+    assert run_launch(config) == 2
+    assert f"nothing answers at {address}" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ from sglang_dp.launcher.ray_worker import WorkerRequest
 INSTALL_HINT = "--ray needs Ray: pip install 'sglang-dp[ray]'"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a loopback node address
 PROGRESS_INTERVAL_S = 0.5
+CONNECT_TIMEOUT_S = 5.0  # for the GCS address to accept a TCP connection
 
 
 def import_ray(loopback: bool) -> ModuleType:
@@ -126,6 +128,21 @@ def alive_nodes(ray: ModuleType) -> list[NodeResources]:
     ]
 
 
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """LaunchError unless something accepts connections at a HOST:PORT address (Ray itself
+    retries an unreachable one for minutes); other forms (auto, ray://) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout).close()
+    except OSError as exc:
+        raise LaunchError(
+            f"nothing answers at {address} ({exc.strerror or exc}): is the Ray head running "
+            "there (ray start --head)?"
+        ) from None
+
+
 class RaySession:
     """This driver's connection to Ray and the placement group it holds; close() undoes both."""
 
@@ -136,10 +153,16 @@ class RaySession:
         self.placement_group: Any = None
 
     def connect(self) -> None:
+        """Connect (or start a local instance); LaunchError if Ray cannot be reached."""
         config = self.config
         quiet = {"log_to_driver": False, "logging_level": "warning"}  # the dashboard owns stdout
         if config.ray != RAY_LOCAL:
-            self.ray.init(address=config.ray, **quiet)
+            assert config.ray is not None
+            check_reachable(config.ray)
+            try:
+                self.ray.init(address=config.ray, **quiet)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise LaunchError(f"cannot connect to Ray at {config.ray}: {exc}") from None
             return
         node_ip = "127.0.0.1" if is_loopback(config.worker_host) else config.worker_host
         self.ray.init(

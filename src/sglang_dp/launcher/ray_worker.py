@@ -231,6 +231,12 @@ def kill_actor(actor: Any) -> None:
         ray.kill(actor, no_restart=True)
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong inside the actor (a RayTaskError's cause), else Ray's own first line."""
+    cause = getattr(exc, "cause", None)
+    return _first_line(cause if isinstance(cause, BaseException) else exc)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -278,7 +284,7 @@ class RayWorkers:
             ) from None
         except ray.exceptions.RayError as exc:
             kill_actor(actor)
-            raise OSError(_first_line(exc)) from None
+            raise OSError(_reason(exc)) from None
         except BaseException:  # cancelled: no actor may outlive its handle
             kill_actor(actor)
             raise
