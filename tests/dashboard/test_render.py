@@ -99,7 +99,9 @@ def test_imbalance_mode_is_announced_once_and_its_end_too() -> None:
 
 def test_workers_on_ray_nodes_show_their_node_and_local_ones_no_node_column() -> None:
     facts = [
-        ProcessFacts(0, "http://10.0.0.2:31000", "3", "healthy", 0, 1.0, 1, "10.0.0.2 ab12cd34")
+        ProcessFacts(
+            0, "http://10.0.0.2:31000", "3", "healthy", 0, 1.0, 1, node="10.0.0.2 ab12cd34"
+        )
     ]
     console = Console(record=True, width=160, color_system=None)
     console.print(render(frame(stats(1, 5, 50), None, title="m", url="u", processes=facts)))
@@ -107,6 +109,6 @@ def test_workers_on_ray_nodes_show_their_node_and_local_ones_no_node_column() ->
     assert "node" in on_ray and "10.0.0.2 ab12cd34" in on_ray
     console.print(render(frame(stats(1, 5, 50), None, title="m", url="u")))
     assert "node" not in console.export_text()
-    rows = [StartupRow(0, "3", 31000, "starting", 1.0, "", "10.0.0.2 ab12cd34")]
+    rows = [StartupRow(0, "3", 31000, "starting", 1.0, node="10.0.0.2 ab12cd34")]
     console.print(startup_table(rows, "m"))
     assert "10.0.0.2 ab12cd34" in console.export_text()

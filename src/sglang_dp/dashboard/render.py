@@ -152,7 +152,7 @@ def _process_only_row(facts: ProcessFacts) -> WorkerRow:
     """A worker the router does not know (yet): starting, or restarting on a new port."""
     return WorkerRow(
         facts.index, facts.url, facts.gpus, facts.state, 0, 0, 0.0, 0.0, 0,
-        facts.restarts, facts.cpu_percent, facts.rss_bytes, facts.node,
+        facts.restarts, facts.cpu_percent, facts.rss_bytes, node=facts.node,
     )  # fmt: skip
 
 

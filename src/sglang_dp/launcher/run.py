@@ -45,7 +45,14 @@ def _startup_rows(statuses: tuple[WorkerStatus, ...], now: float) -> list[Startu
 def _process_facts(statuses: tuple[WorkerStatus, ...]) -> list[ProcessFacts]:
     return [
         ProcessFacts(
-            s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes, s.node
+            s.index,
+            s.url,
+            _gpu_text(s),
+            s.state,
+            s.restarts,
+            s.cpu_percent,
+            s.rss_bytes,
+            node=s.node,
         )
         for s in statuses
     ]
