@@ -4,7 +4,9 @@ One cluster for the module (each start costs seconds): a head node with 4 logica
 second node with 2, both raylets on 127.0.0.1 (`ray.cluster_utils.Cluster` with Ray's loopback
 setting, checked below: every Ray listener is on loopback). This test process is a Ray driver
 too, to see the cluster's free resources and placement groups; the launches under test are the
-installed command, connected to the cluster's loopback GCS address.
+installed command, connected to the cluster's loopback GCS address. One test lets `launch --ray`
+start its own Ray instance instead, and checks that it listens on loopback only and goes with it.
+All Ray tests take ~33 s on the 2-core machine (the cluster's start ~6-16 s of it).
 """
 
 from __future__ import annotations
@@ -316,3 +318,25 @@ def test_real_workers_on_a_node_without_sglang_say_so(
     assert result.returncode == 1, output
     assert "sglang is not importable by" in output and "on node 127.0.0.1" in output
     wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")
+
+
+def test_a_ray_instance_started_by_launch_listens_on_loopback_only_and_stops_with_it(
+    tmp_path: Path,
+) -> None:
+    with launched(2, tmp_path, "--ray") as run:  # no address: launch starts Ray itself
+        tree = [psutil.Process(run.proc.pid), *run.children()]
+        names = {p.name() for p in tree if p.is_running()}
+        assert {"gcs_server", "raylet"} <= names
+        pids = {p.pid for p in tree}
+        listening = {
+            c.laddr.ip.removeprefix("::ffff:")
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        }
+        assert listening == {"127.0.0.1"}
+        devices = {p.environ()["CUDA_VISIBLE_DEVICES"] for p in workers_of(run)}
+        assert len(devices) == 2  # dp × tp logical GPUs for simulated workers
+        everything = run.children()
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.proc.wait(timeout=60) == 0
+        wait_for(lambda: gone(everything), timeout=20, what="workers, actors and Ray gone")
