@@ -35,6 +35,16 @@ def _click_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
             help=help_text,
             metavar=meta.get("metavar"),
         )
+    if meta.get("flag_value") is not None:  # the value is optional: `--ray` or `--ray ADDRESS`
+        return click.option(
+            *decls,
+            type=kind,
+            is_flag=False,
+            flag_value=meta["flag_value"],
+            default=f.default,
+            help=help_text,
+            metavar=meta.get("metavar"),
+        )
     return click.option(
         *decls,
         type=kind,

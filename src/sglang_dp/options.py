@@ -37,8 +37,10 @@ def option(
     aliases: Sequence[str] = (),
     cli: bool = True,
     metavar: str | None = None,
+    flag_value: Any = None,
 ) -> Any:
-    """A dataclass field that also describes its command-line option."""
+    """A dataclass field that also describes its command-line option (`flag_value`: the value
+    the flag takes when given without one, e.g. `--ray` alone)."""
     meta = {
         "help": help,
         "type": type,
@@ -46,6 +48,7 @@ def option(
         "aliases": tuple(aliases),
         "cli": cli,
         "metavar": metavar,
+        "flag_value": flag_value,
     }
     if isinstance(default, list | dict | set):
         raise TypeError("use a tuple or None for mutable defaults")

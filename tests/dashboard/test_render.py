@@ -8,11 +8,13 @@ from rich.console import Console
 
 from sglang_dp.dashboard.render import (
     ProcessFacts,
+    StartupRow,
     bar,
     duration,
     frame,
     human,
     render,
+    startup_table,
     state_text,
     status_line,
 )
@@ -92,3 +94,20 @@ def test_render_draws_every_worker_and_the_header() -> None:
     assert "31000" in text and "31010" in text and "75 %" in text and "12.3 k" in text
     assert "w0 is healthy" in text
     assert "1/1" not in status_line(f) and "2/2 workers healthy" in status_line(f)
+
+
+def test_workers_on_ray_nodes_show_their_node_and_local_ones_no_node_column() -> None:
+    facts = [
+        ProcessFacts(
+            0, "http://10.0.0.2:31000", "3", "healthy", 0, 1.0, 1, node="10.0.0.2 ab12cd34"
+        )
+    ]
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(frame(stats(1, 5, 50), None, title="m", url="u", processes=facts)))
+    on_ray = console.export_text()
+    assert "node" in on_ray and "10.0.0.2 ab12cd34" in on_ray
+    console.print(render(frame(stats(1, 5, 50), None, title="m", url="u")))
+    assert "node" not in console.export_text()
+    rows = [StartupRow(0, "3", 31000, "starting", 1.0, node="10.0.0.2 ab12cd34")]
+    console.print(startup_table(rows, "m"))
+    assert "10.0.0.2 ab12cd34" in console.export_text()

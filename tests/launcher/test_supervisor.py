@@ -23,7 +23,8 @@ from typing import Any
 import psutil
 import pytest
 
-from sglang_dp.launcher.plan import WorkerSpec
+from sglang_dp.launcher.plan import WorkerSpec, with_ports
+from sglang_dp.launcher.process import WorkerProcess
 from sglang_dp.launcher.supervisor import (
     AllWorkersFailed,
     StartupFailed,
@@ -491,5 +492,36 @@ def test_cpu_and_memory_of_the_process_tree(run: Runner, tmp_path: Path) -> None
             assert status(sup) == status(sup)  # not re-sampled within a second
         finally:
             await sup.stop(grace=5)
+
+    run(scenario)
+
+
+def test_a_spawner_that_chooses_the_port_gives_the_url_and_its_restarts_are_new_urls(
+    run: Runner, tmp_path: Path
+) -> None:
+    """As Ray's actors do: each run of the worker listens where its spawner put it."""
+    spec = sim_specs(tmp_path, 1)[0]
+    bands = iter([spec.port + 20, spec.port + 30])  # free bands after the planned one
+    rec = Recorder()
+
+    async def spawn(template: WorkerSpec) -> WorkerProcess:
+        port = next(bands)
+        return await WorkerProcess.spawn(with_ports(template, port, port + 1))
+
+    async def scenario() -> None:
+        sup = rec.supervisor([spec], max_restarts=1, spawner=spawn, keeps_urls=False)
+        await sup.start()
+        supervising = asyncio.ensure_future(sup.supervise())
+        try:
+            first, second = (f"http://127.0.0.1:{spec.port + n}" for n in (20, 30))
+            assert await sup.wait_ready(allow_partial=False) == [first]
+            assert status(sup).url == first and sup.specs[0].port == spec.port + 20
+            os.kill(status(sup).pid or 0, signal.SIGKILL)
+            await until(lambda: rec.calls[-1:] == [("up", second)], what="the new url up")
+            assert rec.calls == [("up", first), ("down", first, False), ("up", second)]
+            assert (await ask(second, "/get_model_info"))[0] == 200
+        finally:
+            await sup.stop(grace=5)
+            await supervising
 
     run(scenario)

@@ -51,6 +51,7 @@ class ProcessFacts:
     cpu_percent: float
     rss_bytes: int
     retry_in_s: float | None = None  # failed: tried again in this many seconds
+    node: str = ""  # the Ray node it runs on, "" for a local worker
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class WorkerRow:
     cpu_percent: float | None
     rss_bytes: int | None
     retry_in_s: float | None = None
+    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def _row(index: int, worker: Mapping[str, Any], facts: ProcessFacts | None) -> W
         cpu_percent=facts.cpu_percent if facts else None,
         rss_bytes=facts.rss_bytes if facts else None,
         retry_in_s=facts.retry_in_s if facts else None,
+        node=facts.node if facts else "",
     )
 
 
@@ -153,7 +156,7 @@ def _process_only_row(facts: ProcessFacts) -> WorkerRow:
     """A worker the router does not know (yet): starting, or restarting on a new port."""
     return WorkerRow(
         facts.index, facts.url, facts.gpus, facts.state, 0, 0, 0.0, 0.0, 0,
-        facts.restarts, facts.cpu_percent, facts.rss_bytes, facts.retry_in_s,
+        facts.restarts, facts.cpu_percent, facts.rss_bytes, facts.retry_in_s, node=facts.node,
     )  # fmt: skip
 
 
@@ -205,6 +208,9 @@ def header(f: Frame) -> Panel:
 
 def worker_table(f: Frame) -> Table:
     table = Table(expand=False, box=None, header_style="bold", pad_edge=False)
+    on_nodes = any(w.node for w in f.workers)  # Ray workers: say which node holds each
+    if on_nodes:
+        table.add_column("node")
     for name, justify in (
         ("#", "right"), ("GPU", "left"), ("port", "right"), ("state", "left"),
         ("queue", "left"), ("routed", "right"), ("match", "right"), ("hit", "right"),
@@ -214,6 +220,7 @@ def worker_table(f: Frame) -> Table:
     scale = max([8, *(w.in_flight for w in f.workers)])
     for w in f.workers:
         table.add_row(
+            *([w.node] if on_nodes else []),
             str(w.index),
             w.gpus,
             w.url.rsplit(":", 1)[-1],
@@ -256,15 +263,18 @@ class StartupRow:
     state: str
     elapsed_s: float
     last_error: str = ""
+    node: str = ""
 
 
 def startup_table(rows: Sequence[StartupRow], model: str) -> RenderableType:
     """Per-worker progress while the workers start (starting → loading → healthy)."""
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for name in ("#", "GPU", "port", "state", "elapsed", ""):
+    on_nodes = any(row.node for row in rows)
+    for name in (["node"] if on_nodes else []) + ["#", "GPU", "port", "state", "elapsed", ""]:
         table.add_column(name)
     for row in rows:
         table.add_row(
+            *([row.node] if on_nodes else []),
             str(row.index),
             row.gpus,
             str(row.port),

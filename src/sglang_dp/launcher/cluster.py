@@ -28,6 +28,7 @@ from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
 from sglang_dp.launcher.process import (
     LogRotation,
+    Spawner,
     busy_ports,
     find_leftovers,
     kill_leftovers,
@@ -132,7 +133,9 @@ def _check_ports(config: LaunchConfig, specs: list[WorkerSpec]) -> None:
 class Cluster:
     """A supervisor and a router that follow each other; see the module docstring."""
 
-    def __init__(self, config: LaunchConfig, specs: list[WorkerSpec]) -> None:
+    def __init__(
+        self, config: LaunchConfig, specs: list[WorkerSpec], spawner: Spawner | None = None
+    ) -> None:
         self.config = config
         self._router: RouterServer | None = None
         self._up_before_router: list[str] = []
@@ -144,7 +147,9 @@ class Cluster:
             on_event=self._event,
             on_up=self._worker_up,
             on_down=self._worker_down,
-            spawner=spawn_worker(LogRotation(config.log_rotation_bytes, config.log_keep)),
+            spawner=spawner
+            or spawn_worker(LogRotation(config.log_rotation_bytes, config.log_keep)),
+            keeps_urls=spawner is None,  # a given spawner (Ray's) picks each run's url
             health=None if config.no_router else self,
             unhealthy_restart=config.unhealthy_restart_secs,
             retry_failed=config.retry_failed_secs,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sglang_dp.launcher.ray_plan import PLACEMENTS
 from sglang_dp.options import nested, option
 from sglang_dp.router.config import RouterConfig
 
 SIMULATED_MODEL = "sglang-dp/sim-llama3-8b"
 EXCLUDED_FLAGS = ("worker_urls",)
+RAY_LOCAL = "local"  # --ray without an address (ray.init's own name for a new local instance)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,21 @@ class LaunchConfig:
         "--admin-api-key or --api-key) and deregister them on shutdown.",
         type=str,
     )
+    ray: str | None = option(
+        None,
+        "Run every worker as a Ray actor on a Ray cluster: ADDRESS as ray.init takes it (auto: "
+        "the cluster this machine belongs to); --ray alone starts a local Ray instance "
+        "(loopback only while --worker-host is). Needs pip install 'sglang-dp[ray]'.",
+        type=str,
+        flag_value=RAY_LOCAL,
+        metavar="[ADDRESS]",
+    )
+    placement: str = option(
+        "pack",
+        "With --ray: pack (as few nodes as possible), spread (over as many nodes as possible) "
+        "or strict-spread (one worker per node, or fail).",
+        choices=PLACEMENTS,
+    )
     router: RouterConfig = nested(RouterConfig)
     worker_args: tuple[str, ...] = option((), "Flags after `--`, for every worker.", cli=False)
 
@@ -96,6 +113,17 @@ class LaunchConfig:
             )
         if self.log_keep < 0:
             raise ValueError("--log-keep must be >= 0")
+        self._check_ray()
+
+    def _check_ray(self) -> None:
+        if self.ray is None:
+            if self.placement != "pack":
+                raise ValueError("--placement goes with --ray")
+            return
+        if self.no_router:
+            raise ValueError("--ray runs the router on this machine: drop --no-router")
+        if self.gpus is not None:
+            raise ValueError("--gpus does not go with --ray: Ray assigns each worker its GPUs")
 
     @property
     def model(self) -> str:

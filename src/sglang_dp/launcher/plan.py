@@ -87,6 +87,7 @@ class WorkerSpec:
     log_path: Path
     simulated: bool
     host: str = WORKER_HOST  # where it listens, and where routers reach it
+    node: str = ""  # the Ray node it runs on ("address id"); "" when started locally
 
     @property
     def url(self) -> str:

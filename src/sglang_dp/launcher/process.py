@@ -99,6 +99,9 @@ class WorkerHandle(Protocol):
     """What the supervisor needs of a running worker, wherever it runs."""
 
     @property
+    def spec(self) -> WorkerSpec: ...  # where this run really listens (a spawner may choose)
+
+    @property
     def pid(self) -> int: ...
 
     @property

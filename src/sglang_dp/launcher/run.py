@@ -36,7 +36,7 @@ from sglang_dp.dashboard.render import ProcessFacts, StartupRow, startup_table
 from sglang_dp.launcher.cluster import Cluster, LaunchError, clear_leftovers, make_plan
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.plan import WorkerSpec
-from sglang_dp.launcher.process import Reaper, become_subreaper
+from sglang_dp.launcher.process import Reaper, Spawner, become_subreaper
 from sglang_dp.launcher.supervisor import AllWorkersFailed, StartupFailed, WorkerStatus
 
 
@@ -47,7 +47,7 @@ def _gpu_text(status: WorkerStatus) -> str:
 
 def _startup_rows(statuses: tuple[WorkerStatus, ...], now: float) -> list[StartupRow]:
     return [
-        StartupRow(s.index, _gpu_text(s), s.port, s.state, now - s.started_at, s.last_error)
+        StartupRow(s.index, _gpu_text(s), s.port, s.state, now - s.started_at, s.last_error, s.node)
         for s in statuses
     ]
 
@@ -57,6 +57,7 @@ def _process_facts(statuses: tuple[WorkerStatus, ...], now: float) -> list[Proce
         ProcessFacts(
             s.index, s.url, _gpu_text(s), s.state, s.restarts, s.cpu_percent, s.rss_bytes,
             None if s.retry_at is None else s.retry_at - now,
+            node=s.node,
         )
         for s in statuses
     ]  # fmt: skip
@@ -68,10 +69,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Launch:
     """One `launch`: the cluster, the screen, the signals."""
 
-    def __init__(self, config: LaunchConfig, specs: list[WorkerSpec], console: Console) -> None:
+    def __init__(
+        self,
+        config: LaunchConfig,
+        specs: list[WorkerSpec],
+        console: Console,
+        spawner: Spawner | None = None,
+    ) -> None:
         self.config = config
         self.console = console
-        self.cluster = Cluster(config, specs)
+        self.cluster = Cluster(config, specs, spawner=spawner)
         self.stopping = asyncio.Event()
         self.forced = False
 
@@ -202,7 +209,7 @@ class Launch:
         return 0
 
 
-def _setup_logging(config: LaunchConfig) -> None:
+def setup_logging(config: LaunchConfig) -> None:
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
     handler = logging.handlers.RotatingFileHandler(
         Path(config.log_dir) / "router.log",
@@ -220,6 +227,10 @@ def run_launch(config: LaunchConfig) -> int:
     import uvloop
 
     console = Console()
+    if config.ray is not None:
+        from sglang_dp.launcher.ray_cluster import run_ray_launch
+
+        return run_ray_launch(config, console)
     become_subreaper()
     try:
         for line in clear_leftovers(config):
@@ -228,5 +239,5 @@ def run_launch(config: LaunchConfig) -> int:
     except LaunchError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
-    _setup_logging(config)
+    setup_logging(config)
     return uvloop.run(Launch(config, specs, console).run())

@@ -53,6 +53,10 @@ One task per worker runs its life cycle; the caller sees states, events and two 
   keeps (no scan of /proc on the loop).
   Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
 - Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
+- `spawner` (default `WorkerProcess.spawn`) starts one run of a worker from its spec and returns
+  a `WorkerHandle`; the handle's `spec` (where it really listens) replaces the worker's. With
+  `keeps_urls=False` (a spawner that chooses the url itself, as on Ray) on_down always says
+  restarted=False: nobody can promise the next run's url.
 
 Exceptions:
 
@@ -146,6 +150,7 @@ class WorkerStatus:
     simulated: bool = False
     log_path: Path | None = None
     retry_at: float | None = None  # failed, tried again at this time
+    node: str = ""  # the Ray node ("" for a local worker)
 
 
 @dataclass
@@ -210,6 +215,7 @@ class Supervisor:
         stable_after: float = 60.0,
         kill_grace: float = 5.0,
         spawner: Spawner | None = None,
+        keeps_urls: bool = True,
         ports_free_wait: float = PORTS_FREE_WAIT_S,
     ) -> None:
         self._workers = [_Worker(spec) for spec in specs]
@@ -241,6 +247,7 @@ class Supervisor:
         self._backoff_cap = backoff_cap
         self._stable_after = stable_after
         self._kill_grace = kill_grace  # for a worker that timed out at start-up
+        self._urls_kept = keeps_urls
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()  # any state change: wakes wait_ready and supervise
@@ -408,6 +415,7 @@ class Supervisor:
 
     async def _spawn(self, w: _Worker) -> None:
         w.proc = await self._spawner(w.spec)
+        w.spec = w.proc.spec
         w.exited = asyncio.ensure_future(w.proc.wait())
         w.started_at, w.ready_at = self._clock(), None
         w.tree, w.tree_read_at = {}, float("-inf")
@@ -474,7 +482,7 @@ class Supervisor:
                 self._fail(w, ended, ended.reason)
                 return False
         again = w.streak < self._max_restarts and not self._stopping
-        self._down(w, restarted=again and not ended.port_in_use)
+        self._down(w, restarted=again and not ended.port_in_use and self._urls_kept)
         if not again:
             self._fail(w, ended, f"{ended.reason}; gave up after {w.streak} restarts in a row")
         return again
@@ -607,6 +615,7 @@ def _status(w: _Worker) -> WorkerStatus:
         simulated=w.spec.simulated,
         log_path=w.spec.log_path,
         retry_at=w.retry_at,
+        node=w.spec.node,
     )
 
 
