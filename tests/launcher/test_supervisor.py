@@ -455,7 +455,7 @@ def test_a_spawner_that_chooses_the_port_gives_the_url_and_its_restarts_are_new_
         return await WorkerProcess.spawn(with_ports(template, port, port + 1))
 
     async def scenario() -> None:
-        sup = rec.supervisor([spec], max_restarts=1, spawner=spawn)
+        sup = rec.supervisor([spec], max_restarts=1, spawner=spawn, keeps_urls=False)
         await sup.start()
         supervising = asyncio.ensure_future(sup.supervise())
         try:

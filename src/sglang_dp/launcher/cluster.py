@@ -100,6 +100,7 @@ class Cluster:
             on_up=self._worker_up,
             on_down=self._worker_down,
             spawner=spawner,
+            keeps_urls=spawner is None,  # a given spawner (Ray's) picks each run's url
         )
         self._supervising: asyncio.Task[None] | None = None
         self.registrar: Registrar | None = None

@@ -43,8 +43,9 @@ One task per worker runs its life cycle; the caller sees states, events and two 
   Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
 - Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
 - `spawner` (default `WorkerProcess.spawn`) starts one run of a worker from its spec and returns
-  a `WorkerHandle`; the handle's `spec` (where it really listens) replaces the worker's. A
-  custom spawner chooses the url itself, so its workers' on_down always says restarted=False.
+  a `WorkerHandle`; the handle's `spec` (where it really listens) replaces the worker's. With
+  `keeps_urls=False` (a spawner that chooses the url itself, as on Ray) on_down always says
+  restarted=False: nobody can promise the next run's url.
 
 Exceptions:
 
@@ -195,6 +196,7 @@ class Supervisor:
         stable_after: float = 60.0,
         kill_grace: float = 5.0,
         spawner: Spawner | None = None,
+        keeps_urls: bool = True,
     ) -> None:
         self._workers = [_Worker(spec) for spec in specs]
         self._startup_timeout = startup_timeout
@@ -211,7 +213,7 @@ class Supervisor:
         self._stable_after = stable_after
         self._kill_grace = kill_grace  # for a worker that timed out at start-up
         self._spawner: Spawner = spawner or WorkerProcess.spawn
-        self._urls_kept = spawner is None  # a restarted local worker keeps its url
+        self._urls_kept = keeps_urls
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()  # any state change: wakes wait_ready and supervise
