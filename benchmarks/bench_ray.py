@@ -69,11 +69,17 @@ def sim_workers() -> dict[int, psutil.Process]:
     for p in psutil.Process().children(recursive=True):
         try:
             argv = p.cmdline()
-            if "sglang_dp.sim" in argv and p.status() != psutil.STATUS_ZOMBIE:
+            # the worker itself, not a wrapper naming it further on
+            if argv[1:3] == ["-m", "sglang_dp.sim"] and p.status() != psutil.STATUS_ZOMBIE:
                 found[int(argv[argv.index("--port") + 1])] = p
         except (psutil.Error, ValueError):
             continue
     return found
+
+
+def actor_of(worker: psutil.Process) -> psutil.Process:
+    """The Ray actor process that started the worker (its closest `ray::` ancestor)."""
+    return next(p for p in worker.parents() if p.name().startswith("ray::"))
 
 
 def start_launch(dp: int, log_dir: str, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -120,7 +126,7 @@ def ray_run(ray: Any, address: str, dp: int, log_dir: str) -> tuple[float, float
     try:
         ready = ready_after(proc, port, dp, start) - STARTUP_S
         before = routed_pids(port)
-        victim = psutil.Process(next(iter(sim_workers().values())).ppid())  # its actor
+        victim = actor_of(next(iter(sim_workers().values())))
         killed_at = time.monotonic()
         victim.kill()
         replaced = until(
@@ -132,7 +138,7 @@ def ray_run(ray: Any, address: str, dp: int, log_dir: str) -> tuple[float, float
             "replacement routable",
         )
         gone = [*sim_workers().values()]
-        gone += [psutil.Process(p.ppid()) for p in gone]
+        gone += [actor_of(p) for p in gone]
         stop_at = time.monotonic()
         os.kill(proc.pid, signal.SIGINT)
         total = ray.cluster_resources().get("GPU", 0.0)

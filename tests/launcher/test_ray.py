@@ -118,11 +118,21 @@ def sim_workers() -> list[psutil.Process]:
     found = []
     for p in ray_processes():
         try:
-            if "sglang_dp.sim" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+            if is_sim_worker(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
                 found.append(p)
         except psutil.Error:
             continue
     return found
+
+
+def is_sim_worker(argv: list[str]) -> bool:
+    """`python -m sglang_dp.sim ...` itself (not a wrapper naming it further on)."""
+    return argv[1:3] == ["-m", "sglang_dp.sim"]
+
+
+def actor_of(worker: psutil.Process) -> psutil.Process:
+    """The Ray actor process that started the worker (its closest `ray::` ancestor)."""
+    return next(p for p in worker.parents() if p.name().startswith("ray::"))
 
 
 def worker_on(port: int) -> psutil.Process | None:
@@ -243,12 +253,11 @@ def test_four_workers_get_their_own_gpus_route_by_cache_survive_kills_and_leave_
                 assert reply.status == 200 and reply.json()["meta_info"]["cached_tokens"] > 150
                 assert reply.headers["x-sglang-dp-worker"] == first[g]
 
-        actor = psutil.Process(workers_of(run)[0].ppid())
-        assert actor.name().startswith("ray::")
+        actor = actor_of(workers_of(run)[0])
         survive_a_kill(run, actor, 4)  # Ray reports the actor dead: its worker is replaced
         survive_a_kill(run, workers_of(run)[1], 4)  # the subprocess alone
 
-        children = sim_workers() + [psutil.Process(p.ppid()) for p in sim_workers()]
+        children = sim_workers() + actors()
         os.kill(run.proc.pid, signal.SIGINT)
         assert run.proc.wait(timeout=60) == 0
         wait_for(lambda: gone(children), timeout=10, what="workers and actors gone")
