@@ -16,13 +16,17 @@
   healthy in the router (target ≤ 2 s + its start-up + 2 s). `hung_worker_left_routing_s`: until
   the router stopped sending it requests.
 
-    python benchmarks/bench_launch.py [--json] [--dp 8] [--runs 3]
+- With Ray installed, the Ray figures of `bench_ray.py` too (`ray_ready_overhead_s`,
+  `ray_replace_s`, `ray_teardown_s`, over `--ray-dp` workers; `--ray-dp 0` skips them).
+
+    python benchmarks/bench_launch.py [--json] [--dp 8] [--runs 3] [--ray-dp 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -208,6 +212,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--dp", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--ray-dp", type=int, default=4, help="Ray figures' workers (0: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as log_dir:
         runs = [one_run(args.dp, log_dir) for _ in range(args.runs)]
@@ -231,6 +236,10 @@ def main() -> None:
         "hung_worker_left_routing_s": round(left, 3),
         "unhealthy_restart_secs": HUNG_RESTART_S,
     }
+    if args.ray_dp and importlib.util.find_spec("ray") is not None:
+        import bench_ray  # the Ray figures (bench_ray.py beside this file)
+
+        result.update(bench_ray.figures(args.ray_dp, args.runs))
     if args.json:
         print(json.dumps(result))
     else:

@@ -22,7 +22,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -32,11 +31,10 @@ from typing import Any
 
 import psutil
 
+from bench_launch import SGLANG_DP, STARTUP_S, healthy_workers
 from sglang_dp.launcher.process import free_port, free_port_band
 from sglang_dp.launcher.ray_cluster import LOOPBACK_ENV
 
-STARTUP_S = 2.0
-SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 POLL_S = 0.01
 
 
@@ -46,11 +44,6 @@ def get_json(port: int, path: str) -> Any:
             return json.load(reply)
     except (OSError, ValueError):
         return None
-
-
-def healthy_workers(port: int) -> int:
-    answer = get_json(port, "/readiness")
-    return int(answer["healthy_workers"]) if answer else 0
 
 
 def until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> float:
@@ -165,41 +158,46 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--dp", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
+def figures(dp: int, runs: int) -> dict[str, Any]:
+    """Start a local Ray instance on loopback, measure `runs` Ray launches (and as many local
+    ones, for comparison), stop it; the figures by name."""
     os.environ[LOOPBACK_ENV] = "0"  # before ray is imported: the instance stays on loopback
     import ray
 
     started = time.monotonic()
     context = ray.init(
-        num_cpus=args.dp, num_gpus=args.dp, include_dashboard=False,
+        num_cpus=dp, num_gpus=dp, include_dashboard=False,
         _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="warning",
     )  # fmt: skip
     ray_start = time.monotonic() - started
     address = context.address_info["gcs_address"]
     try:
         with tempfile.TemporaryDirectory() as log_dir:
-            local = [local_overhead(args.dp, log_dir) for _ in range(args.runs)]
-            runs = [ray_run(ray, address, args.dp, log_dir) for _ in range(args.runs)]
+            local = [local_overhead(dp, log_dir) for _ in range(runs)]
+            results = [ray_run(ray, address, dp, log_dir) for _ in range(runs)]
     finally:
         ray.shutdown()
     median = lambda values: round(statistics.median(values), 3)  # noqa: E731
-    result = {
-        "dp": args.dp,
-        "runs": args.runs,
+    return {
+        "ray_dp": dp,
         "ray_start_s": round(ray_start, 3),
-        "ray_ready_overhead_s": median(r[0] for r in runs),
+        "ray_ready_overhead_s": median(r[0] for r in results),
         "local_ready_overhead_s": median(local),
-        "ray_replace_s": median(r[1] for r in runs),
-        "ray_teardown_s": median(r[2] for r in runs),
-        "ray_ready_overhead_s_all": [round(r[0], 3) for r in runs],
-        "ray_replace_s_all": [round(r[1], 3) for r in runs],
-        "ray_teardown_s_all": [round(r[2], 3) for r in runs],
+        "ray_replace_s": median(r[1] for r in results),
+        "ray_teardown_s": median(r[2] for r in results),
+        "ray_ready_overhead_s_all": [round(r[0], 3) for r in results],
+        "ray_replace_s_all": [round(r[1], 3) for r in results],
+        "ray_teardown_s_all": [round(r[2], 3) for r in results],
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dp", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    result = figures(args.dp, args.runs)
     if args.json:
         print(json.dumps(result))
     else:
