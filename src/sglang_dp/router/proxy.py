@@ -25,8 +25,9 @@ coroutines and their futures were a fifth of the router's CPU per request.
 In-flight accounting cannot leak: every dispatch is released in a `finally` (or on the one
 callback that ends a task-less attempt), including when the client disconnects (the task is
 cancelled, or the task-less exchange dropped, which also aborts the upstream request so the
-worker frees its KV). OpenAI streams carry usage only if the client asked for it
-(`stream_options.include_usage`); without it there is nothing to correct from.
+worker frees its KV). OpenAI streams carry usage only if asked (`stream_options.include_usage`):
+the router forwards `keys.route_request`'s rewritten body, which asks for it, and the stream tap
+removes the usage chunk when the client did not ask (`answers.StreamTap`).
 """
 
 from __future__ import annotations
@@ -42,18 +43,11 @@ from typing import Any
 import orjson
 
 from sglang_dp.httpserver import JSON, HttpRequest, Responder
-from sglang_dp.router.answers import StreamTap, output_text, token_counts
+from sglang_dp.router.answers import StreamTap, outcome
 from sglang_dp.router.config import RouterConfig
-from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, Outcome, RoutingEngine
+from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
-from sglang_dp.router.keys import (
-    GENERATE,
-    Encoder,
-    InvalidRequest,
-    Routed,
-    extend_key,
-    route_request,
-)
+from sglang_dp.router.keys import Encoder, InvalidRequest, Routed, route_request
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.upstream import (
     ConnectError,
@@ -182,7 +176,7 @@ class Proxy:
             self._reject(responder, rid_header, 400, str(exc), "BadRequestError")
             return
         headers = [*self._base_headers, (b"x-request-id", rid)]
-        job = _Job(self, routed, request.body, headers, rid_header, responder)
+        job = _Job(self, routed, routed.forward, headers, rid_header, responder)
         dispatch = self._route(job)
         if dispatch is None:
             return
@@ -194,7 +188,7 @@ class Proxy:
                     "POST",
                     routed.path,
                     headers,
-                    request.body,
+                    job.body,
                     job,
                     timeout=self._config.request_timeout_secs,
                 )
@@ -370,8 +364,9 @@ class Proxy:
             content_type = upstream.header(b"content-type") or JSON
             if routed.stream and status == 200:
                 extra = job.rid_header + self._worker_line(worker)
-                last_event = await self._relay_stream(upstream, job.responder, extra, content_type)
-                self._observe_stream(dispatch, routed, last_event)
+                tap = StreamTap(routed.path, routed.strip_usage)
+                await self._relay_stream(upstream, job.responder, extra, content_type, tap)
+                self._observe_stream(dispatch, routed, tap)
                 self._metrics.count(worker, status)
                 self._metrics.upstream_latency.observe(time.perf_counter() - sent)
             else:
@@ -407,16 +402,15 @@ class Proxy:
         responder: Responder,
         extra: bytes,
         content_type: bytes,
-    ) -> bytes:
-        """Pass every chunk on as it arrives; return the last complete SSE event's data."""
+        tap: StreamTap,
+    ) -> None:
+        """Pass every chunk on as it arrives, through the tap (see `answers.StreamTap`)."""
         responder.start_stream(upstream.status, content_type, extra)
-        tap = StreamTap()
         async for chunk in upstream:
             out = tap.feed(chunk)
             if out:
                 responder.write(out)
         responder.end()
-        return tap.last_event()
 
     def _observe_body(self, dispatch: Dispatch, routed: Routed, payload: bytes) -> None:
         try:
@@ -425,27 +419,21 @@ class Proxy:
             return
         first = reply[0] if isinstance(reply, list) and reply else reply
         if isinstance(first, dict):
-            self._observe(dispatch, routed, first, with_output=True)
+            self._observe(dispatch, routed, first, None)
 
-    def _observe_stream(self, dispatch: Dispatch, routed: Routed, event: bytes) -> None:
+    def _observe_stream(self, dispatch: Dispatch, routed: Routed, tap: StreamTap) -> None:
+        event = tap.last_event()
         try:
             reply = orjson.loads(event) if event else None
         except orjson.JSONDecodeError:
             return
         if isinstance(reply, dict):
-            # /generate events carry the cumulative text; OpenAI chunks only a delta
-            self._observe(dispatch, routed, reply, with_output=routed.path == GENERATE)
+            # /generate's last event carries the whole text; OpenAI chunks only deltas
+            self._observe(dispatch, routed, reply, tap.output())
 
     def _observe(
-        self, dispatch: Dispatch, routed: Routed, reply: dict[str, Any], with_output: bool
+        self, dispatch: Dispatch, routed: Routed, reply: dict[str, Any], streamed: str | None
     ) -> None:
-        counts = token_counts(reply)
-        if counts is None:
-            return
-        prompt, cached, completion = counts
-        extended = None
-        if with_output and not routed.batch:
-            output = output_text(routed.path, reply)
-            if output is not None:
-                extended = extend_key(routed, output, self._encode)
-        self._engine.observe(dispatch, Outcome(prompt, cached, completion, extended), self._clock())
+        result = outcome(routed, reply, streamed, self._encode)
+        if result is not None:
+            self._engine.observe(dispatch, result, self._clock())

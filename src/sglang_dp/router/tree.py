@@ -2,8 +2,9 @@
 
 One compressed radix tree holds the routing keys sent to every worker. Each node records which
 tenants hold it and when each last touched it, so one walk answers "how long a prefix of this key
-does each worker probably have cached". Keys are `str` (character-level routing) or tuples of
-ints (token-level routing); the same code serves both, but one tree holds one kind.
+does each worker probably have cached". Keys are `str` (character-level routing) or `array('I')`
+of token ids (token-level routing: 4 bytes a token, where a tuple of ints costs ~36); the same
+code serves both, but one tree holds one kind.
 
     insert("hello world", "w0", t=1); insert("hello there", "w1", t=2); insert("help", "w1", t=3)
 
@@ -34,18 +35,24 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Union
 
-Key = str | tuple[int, ...]
-KeyLike = str | Sequence[int]
+# Union: `array` is not subscriptable at run time in Python 3.11, so the alias quotes it
+Key = Union[str, "array[int]"]
+KeyLike = Union[str, Sequence[int], "array[int]"]
 
 
 def normalize_key(key: KeyLike) -> Key:
-    """Strings stay strings; any sequence of ints becomes a tuple (sliceable and comparable)."""
-    if isinstance(key, str | tuple):
+    """Strings stay strings; any sequence of ints becomes an `array('I')` (compact, sliceable
+    and comparable)."""
+    if isinstance(key, str):
         return key
-    return tuple(key)
+    if isinstance(key, array) and key.typecode == "I":
+        return key
+    return array("I", key)
 
 
 class _Node:
@@ -379,7 +386,7 @@ class RadixTree:
 def _concat(head: Key, tail: Key) -> Key:
     if isinstance(head, str) and isinstance(tail, str):
         return head + tail
-    assert isinstance(head, tuple) and isinstance(tail, tuple)
+    assert isinstance(head, array) and isinstance(tail, array)
     return head + tail
 
 
