@@ -5,7 +5,16 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_dp.router.tree import Key, RadixTree, common_length, iter_branches, preview
+from sglang_dp.router.tree import (
+    NODE_BYTES,
+    TENANT_BYTES,
+    Key,
+    RadixTree,
+    common_length,
+    iter_branches,
+    label_bytes,
+    preview,
+)
 
 
 def test_docstring_example() -> None:
@@ -75,6 +84,35 @@ def test_global_eviction_bounds_memory_whoever_holds_it() -> None:
     assert tree.match("prompt 9 " + "x" * 50)["w0"] == 59
 
 
+def test_memory_budget_and_bounded_steps() -> None:
+    tree = RadixTree()
+    for i in range(100):
+        tree.insert(f"{i:03d}" + "y" * 200, f"w{i % 4}", i)
+    full = tree.memory
+    check_structure(tree)
+    tree.evict_global(10**9, max_memory=full // 2, max_leaves=10)
+    assert len(tree.lru_leaves()) >= 90  # at most ten leaves in one step
+    while tree.evict_global(10**9, max_memory=full // 2, max_leaves=10):
+        pass
+    assert tree.memory <= full // 2
+    assert tree.match("099" + "y" * 200)["w3"] == 203  # the newest stay
+
+
+def test_token_keys_are_stored_compactly() -> None:
+    tree = RadixTree()
+    tree.insert(list(range(1000, 2000)), "w", 1)
+    assert tree.memory < NODE_BYTES + TENANT_BYTES + 64 + 4 * 1000 + 1
+
+
+def test_a_parent_left_a_leaf_is_placed_by_its_time() -> None:
+    tree = RadixTree()
+    tree.insert("shared", "w", 10)  # ends at the node that becomes a parent
+    tree.insert("shared+old", "w", 1)
+    tree.insert("other", "w", 5)
+    tree.evict_global(tree.total_size - 1, max_leaves=1)  # "+old" goes
+    assert [label for label, _ in tree.lru_leaves()] == ["other", "shared"]
+
+
 def test_branches_show_largest_first_with_holders() -> None:
     tree = RadixTree()
     tree.insert("S" * 100 + "q1", "a", 1)
@@ -134,7 +172,22 @@ def prefixes(keys: set[Key]) -> set[Key]:
     return {k[:i] for k in keys for i in range(1, len(k) + 1)}
 
 
+def check_structure(tree: RadixTree) -> None:
+    """The leaf list holds exactly the leaves, oldest first; the memory estimate is the sum of
+    its parts."""
+    nodes = list(tree._all_nodes())
+    leaves = sorted((n.touched, id(n)) for n in nodes if not n.children)
+    listed = tree.lru_leaves()
+    assert len(listed) == len(leaves)
+    assert [t for _, t in listed] == sorted(t for t, _ in leaves)
+    expected = sum(NODE_BYTES + TENANT_BYTES * len(n.tenants) + label_bytes(n.label) for n in nodes)
+    assert tree.memory == expected
+    for n in nodes:
+        assert n.touched == max(n.tenants.values())
+
+
 def check_against_reference(tree: RadixTree, held: dict[str, set[Key]], probes: list[Key]) -> None:
+    check_structure(tree)
     for tenant, keys in held.items():
         assert tree.size(tenant) == len(prefixes(keys))
     assert tree.total_size == len(prefixes(set().union(*held.values())))
@@ -188,7 +241,13 @@ def test_global_eviction_keeps_the_invariants(
     for now, (key, tenant) in enumerate(inserts):
         tree.insert(key, tenant, now)
     budget = data.draw(st.integers(0, tree.total_size))
-    tree.evict_global(budget)
+    step = data.draw(st.integers(1, 4))
+    leaves = len(tree.lru_leaves())
+    removed = tree.evict_global(budget, max_leaves=step)  # one bounded step: oldest leaves
+    assert removed == 0 or len(tree.lru_leaves()) >= leaves - step
+    check_structure(tree)
+    while tree.evict_global(budget, max_leaves=step):
+        pass
     assert tree.total_size <= budget
     held = {t: {k for k, _ in tree.held_keys(t)} for t in ["w0", "w1", "w2"]}
     original = {k for k, _ in inserts}

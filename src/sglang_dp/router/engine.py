@@ -28,8 +28,11 @@ Correction (`observe`), the proposal's fourth phase that sgl-router never built:
   KV capacity (converted to key elements) when known, else the global budget. Unconfirmed misses
   (same-batch duplicates compute the prefix twice in SGLang) change nothing but the statistics.
 - `reset_worker` (restarted or flushed) drops the worker's whole share.
-The tree as a whole never exceeds `max_tree_size` key elements (a global budget: memory does not
-grow with the number of workers); eviction runs only when a budget is exceeded by `SLACK`.
+The tree as a whole is held to `max_tree_memory_mb` (its estimated bytes: `tree.memory`) and
+`max_tree_size` key elements — global budgets: memory does not grow with the number of workers.
+While the tree is over either, every request evicts at most `EVICT_STEP` of the least recently
+used leaves (no pause: no step walks the tree). A worker's own share is cut back only when it
+exceeds its budget by `SLACK`, so that walk is amortised.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from sglang_dp.router.tree import Key, KeyLike, Path, RadixTree
 TOLERANCE_TOKENS = 8  # below this a misprediction is noise (token boundaries, templates)
 TOLERANCE_RATE = 0.1  # ... or below this share of the prediction
 SHRINK = 0.85  # budget after an eviction is detected, as a share of the current tree share
-SLACK = 0.05  # evict when a budget is exceeded by this share, so eviction is amortised
+SLACK = 0.05  # evict a worker's share when its budget is exceeded by this share (amortised)
+EVICT_STEP = 256  # leaves one request may evict from the whole tree (bounds the pause)
 EWMA = 0.05  # weight of one response in an elements-per-token estimate (after the first 20)
 CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
 _NOTHING: frozenset[str] = frozenset()
@@ -66,11 +70,18 @@ class EngineConfig:
     max_tree_size: int = option(
         2**26, "Key elements (characters or tokens) the whole tree may hold, all workers together."
     )
+    max_tree_memory_mb: int = option(
+        1024,
+        "Memory the routing tree may use, all workers together, in MB (an estimate of its "
+        "objects; measured, the router's memory grows by 0.9-1.0x of it).",
+    )
     token_keys: bool = option(False, "Keys are token ids (else characters).", cli=False)
 
     def __post_init__(self) -> None:
         if self.max_tree_size <= 0:
             raise ValueError("max_tree_size must be positive")
+        if self.max_tree_memory_mb <= 0:
+            raise ValueError("max_tree_memory_mb must be positive")
 
 
 class Decision(NamedTuple):
@@ -277,6 +288,7 @@ class RoutingEngine:
         self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
         self._pending: dict[str, int] = {}  # ... and their uncached key elements in flight
         self._ids = itertools.count(1)
+        self._max_memory = self.config.max_tree_memory_mb << 20
         self._reasons: dict[str, int] = {}  # a Counter's item assignment is several times slower
         start = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
         self._per_token = [start] * len(KINDS)  # indexed by keys.KIND_*
@@ -499,9 +511,10 @@ class RoutingEngine:
         budget = min(state.budget, self._ceiling(state))
         if self._tree.size(state.url) > budget * (1 + SLACK):
             state.evicted += self._tree.evict(state.url, int(budget))
-        limit = self.config.max_tree_size
-        if self._tree.total_size > limit * (1 + SLACK):
-            self._tree.evict_global(limit)
+        tree = self._tree
+        limit, memory = self.config.max_tree_size, self._max_memory
+        if tree.total_size > limit or tree.memory > memory:
+            tree.evict_global(limit, memory, EVICT_STEP)
 
     def _stats(self, state: _WorkerState) -> WorkerStats:
         return WorkerStats(
