@@ -13,6 +13,12 @@ Agreement = Σ min(predicted, reported) / Σ reported cached tokens over the req
 workload (1.0: every cached token was predicted). A separate router serves each workload, so
 neither inherits the other's learned estimates.
 
+`chat_token_key_us_p50`: what token-level routing costs on the event loop per chat request — the
+key of each turn of 8 conversations × 8 turns under a ~3,000-character system prompt (history
+resent every turn, ~3–6 k characters), through a chat template and a byte-level BPE tokenizer
+(4,000 merges, trained here); `_whole`: the same, encoding every conversation whole each turn
+(without the encoder's memo of pieces between added tokens).
+
     python benchmarks/bench_accuracy.py [--json]
 """
 
@@ -190,6 +196,54 @@ def mixed_traffic(router: str, rounds: int = 8) -> dict[str, float]:
     return agreement(router)
 
 
+def chat_token_key_us() -> dict[str, float]:
+    import statistics
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from sglang_dp.router.keys import CHAT, HFEncoder, route_request
+
+    rng = random.Random(3)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4256,
+        special_tokens=["<s>", "<|start|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([sentence(rng, 200) for _ in range(200)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        fast.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    encoder = HFEncoder(tokenizer)
+    whole = HFEncoder(tokenizer)
+    whole._splitter = None  # encodes every conversation whole
+    system = {"role": "system", "content": sentence(rng, 500)}
+    histories: list[list[dict[str, str]]] = [[system] for _ in range(8)]
+    costs: dict[str, list[float]] = {"memo": [], "whole": []}
+    for _ in range(8):
+        for history in histories:
+            history.append({"role": "user", "content": sentence(rng, 40)})
+            raw = json.dumps({"messages": history}).encode()
+            for name, which in (("memo", encoder), ("whole", whole)):
+                start = time.perf_counter()
+                route_request(CHAT, raw, which)
+                costs[name].append((time.perf_counter() - start) * 1e6)
+            history.append({"role": "assistant", "content": sentence(rng, 40)})
+    return {
+        "chat_token_key_us_p50": round(statistics.median(costs["memo"]), 1),
+        "chat_token_key_us_p50_whole": round(statistics.median(costs["whole"]), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -201,6 +255,7 @@ def main() -> None:
         mixed = mixed_traffic(cluster(stack))
     result["stream_chat_prediction_agreement"] = chat["agreement"]
     result["mixed_traffic_prediction_agreement"] = mixed["agreement"]
+    result |= chat_token_key_us()
     result["stream_chat"] = chat
     result["mixed_traffic"] = mixed
     if args.json:

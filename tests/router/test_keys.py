@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -147,7 +149,8 @@ def test_chat_keys_follow_the_models_chat_template(hf: Any) -> None:
 
 
 def test_without_a_template_chat_uses_the_built_in_one(hf: Any) -> None:
-    hf_plain = type("NoTemplate", (), {"chat_template": None, "encode": hf.encode})()
+    hf_plain = copy.copy(hf)
+    hf_plain.chat_template = None
     r = routed(CHAT, {"messages": [{"role": "user", "content": "hello"}]}, HFEncoder(hf_plain))
     assert list(r.key) == hf.encode("<|user|>\nhello\n<|assistant|>\n", add_special_tokens=False)
 
@@ -209,3 +212,17 @@ def test_without_last_token() -> None:
 def test_bad_input_is_named(path: str, raw: bytes, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
         route_request(path, raw)
+
+
+def test_encoding_by_pieces_equals_encoding_whole(hf: Any) -> None:
+    encoder = HFEncoder(hf)
+    rng = random.Random(0)
+    fragments = ["<|start|>", "<|end|>", "<s>", "hello", " world", "\n", "  ", "Paris.", "é"]
+    long = " the capital of France is Paris" * 4  # remembered pieces are at least 64 characters
+    for _ in range(3 * HFEncoder.SELF_CHECKS):
+        text = "".join(rng.choice([*fragments, long]) for _ in range(rng.randrange(1, 12)))
+        for special in (False, True):
+            assert list(encoder.encode(text, special)) == hf.encode(
+                text, add_special_tokens=special
+            )
+    assert encoder._splitter is not None and encoder._memo  # still encoding by pieces

@@ -32,6 +32,7 @@ Bad input raises `InvalidRequest` with a message naming the field and the proble
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,14 +71,72 @@ class Encoder(Protocol):
 
 
 class HFEncoder:
-    """An `Encoder` over a Hugging Face tokenizer (loaded by the shell from a local folder)."""
+    """An `Encoder` over a Hugging Face tokenizer (loaded by the shell from a local folder).
+
+    Tokenising runs on the event loop, so it remembers what it encoded: a tokenizer encodes
+    the text between its added tokens (`<|start|>`, `<|eot_id|>`, ...) piece by piece, so a
+    conversation rendered through a chat template is encoded message by message, and the pieces
+    a new turn shares with the last one (the system prompt, the history) come from a memo of
+    `MEMO_PIECES` pieces. The first `SELF_CHECKS` encodings are also made whole and compared:
+    on any difference (a tokenizer whose added tokens strip the spaces around them) it encodes
+    whole from then on.
+    """
+
+    MEMO_PIECES = 4096
+    MIN_PIECE = 64  # shorter pieces are encoded again: cheaper than remembering them
+    SELF_CHECKS = 16
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
         self._templated = bool(getattr(tokenizer, "chat_template", None))
+        added: dict[str, int] = dict(tokenizer.get_added_vocab())
+        self._added = added
+        names = sorted(added, key=len, reverse=True)
+        self._splitter = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        bare = list(tokenizer.encode("x", add_special_tokens=False))
+        framed = list(tokenizer.encode("x", add_special_tokens=True))
+        at = _find(framed, bare)
+        self._frame = (framed[:at], framed[at + len(bare) :]) if at >= 0 else None
+        self._memo: dict[str, list[int]] = {}
+        self._checks = self.SELF_CHECKS
 
     def encode(self, text: str, special: bool) -> Sequence[int]:
+        if self._splitter is None or self._frame is None:
+            return self._whole(text, special)
+        ids = self._by_pieces(text)
+        if special:
+            head, tail = self._frame
+            ids = head + ids + tail
+        if self._checks > 0:
+            self._checks -= 1
+            if ids != self._whole(text, special):
+                self._splitter = None  # this tokenizer does not split that way
+                return self._whole(text, special)
+        return ids
+
+    def _whole(self, text: str, special: bool) -> list[int]:
         ids: list[int] = self._tok.encode(text, add_special_tokens=special)
+        return ids
+
+    def _by_pieces(self, text: str) -> list[int]:
+        assert self._splitter is not None
+        ids: list[int] = []
+        memo = self._memo
+        for piece in self._splitter.split(text):
+            if not piece:
+                continue
+            token = self._added.get(piece)
+            if token is not None:
+                ids.append(token)
+                continue
+            found = memo.get(piece)
+            if found is None:
+                found = self._whole(piece, False)
+                if len(piece) >= self.MIN_PIECE:
+                    if len(memo) >= self.MEMO_PIECES:
+                        del memo[next(iter(memo))]  # the oldest
+                    memo[piece] = found
+            ids += found
         return ids
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
@@ -289,6 +348,13 @@ def _concat_ids(key: Key, ids: list[int]) -> Key:
     extended = array("I", key)
     extended.extend(ids)
     return extended
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for at in range(len(haystack) - len(needle) + 1):
+        if haystack[at : at + len(needle)] == needle:
+            return at
+    return -1
 
 
 def _is_ids(values: list[Any]) -> bool:
