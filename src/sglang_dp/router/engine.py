@@ -264,6 +264,7 @@ class EngineSnapshot:
     max_tree_size: int
     elements_per_token: float  # the text estimate
     elements_per_token_by_kind: tuple[tuple[str, float], ...] = ()
+    tree_memory: int = 0  # estimated bytes (`RadixTree.memory`)
 
     @property
     def routed(self) -> int:
@@ -435,6 +436,7 @@ class RoutingEngine:
             max_tree_size=self.config.max_tree_size,
             elements_per_token=self._per_token[KIND_TEXT],
             elements_per_token_by_kind=tuple(zip(KINDS, self._per_token)),
+            tree_memory=self._tree.memory,
         )
 
     # -- internals -------------------------------------------------------------------------
