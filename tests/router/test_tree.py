@@ -221,7 +221,13 @@ def test_tree_agrees_with_reference(
         else:
             budget = data.draw(st.integers(0, max(tree.size(tenant), 1)))
             before = held_by(tree, tenant)
-            tree.evict(tenant, budget)
+            work = data.draw(st.integers(0, 5))
+            if work == 0:
+                tree.evict(tenant, budget)
+            else:  # the same, in bounded steps
+                tree.evict_step(tenant, budget, work)
+                while tree.evicting(tenant):
+                    tree.evict_step(tenant, budget, work)
             assert tree.size(tenant) <= budget
             after = held_by(tree, tenant)
             assert prefixes(set(after)) <= prefixes(set(before))
@@ -230,6 +236,42 @@ def test_tree_agrees_with_reference(
                 assert max(gone) <= min(after.values())  # least recently used first
             held[tenant] = set(after)
         check_against_reference(tree, held, [data.draw(keys) for _ in range(3)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    first=st.lists(text_keys, min_size=1, max_size=20),
+    later=st.lists(st.tuples(text_keys, tenants), max_size=20),
+    work=st.integers(1, 4),
+    data=st.data(),
+)
+def test_stepped_eviction_survives_changes_between_steps(
+    first: list[str], later: list[tuple[str, str]], work: int, data: st.DataObject
+) -> None:
+    tree = RadixTree()
+    for now, key in enumerate(first):
+        tree.insert(key, "w0", now)
+    budget = data.draw(st.integers(0, tree.size("w0")))
+    ever = set(first)
+    now = len(first)
+    pending = list(later)
+    tree.evict_step("w0", budget, work)
+    while tree.evicting("w0"):
+        if pending:  # the tree changes between two steps
+            key, tenant = pending.pop()
+            now += 1
+            tree.insert(key, tenant, now)
+            ever.add(key)
+        tree.evict_step("w0", budget, work)
+        check_structure(tree)
+    held = {t: set(held_by(tree, t)) for t in ["w0", "w1", "w2"]}
+    assert prefixes(held["w0"]) <= prefixes(ever)
+    check_against_reference(tree, held, [data.draw(text_keys) for _ in range(3)])
+    for key, tenant in pending:
+        now += 1
+        tree.insert(key, tenant, now)
+    tree.evict_step("w0", budget, 10**6)  # with no change meanwhile, one step finishes
+    assert tree.size("w0") <= budget and not tree.evicting("w0")
 
 
 @settings(max_examples=150, deadline=None)

@@ -31,8 +31,9 @@ Correction (`observe`), the proposal's fourth phase that sgl-router never built:
 The tree as a whole is held to `max_tree_memory_mb` (its estimated bytes: `tree.memory`) and
 `max_tree_size` key elements — global budgets: memory does not grow with the number of workers.
 While the tree is over either, every request evicts at most `EVICT_STEP` of the least recently
-used leaves (no pause: no step walks the tree). A worker's own share is cut back only when it
-exceeds its budget by `SLACK`, so that walk is amortised.
+used leaves (no pause: no step walks the tree). A worker's own share is cut back when it exceeds
+its budget by `SLACK`, in steps of at most `EVICT_STEP_WORK` nodes, one per request of that
+worker (`RadixTree.evict_step`), until it fits.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ TOLERANCE_RATE = 0.1  # ... or below this share of the prediction
 SHRINK = 0.85  # budget after an eviction is detected, as a share of the current tree share
 SLACK = 0.05  # evict a worker's share when its budget is exceeded by this share (amortised)
 EVICT_STEP = 256  # leaves one request may evict from the whole tree (bounds the pause)
+EVICT_STEP_WORK = 2048  # nodes one request may visit or evict in its worker's share
 EWMA = 0.05  # weight of one response in an elements-per-token estimate (after the first 20)
 CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
 _NOTHING: frozenset[str] = frozenset()
@@ -501,8 +503,7 @@ class RoutingEngine:
 
     def _shrink(self, state: _WorkerState) -> None:
         state.corrections += 1
-        state.budget = SHRINK * self._tree.size(state.url)
-        state.evicted += self._tree.evict(state.url, int(state.budget))
+        state.budget = SHRINK * self._tree.size(state.url)  # `_enforce_budgets` evicts
 
     def _ceiling(self, state: _WorkerState) -> float:
         if state.capacity_tokens is None:
@@ -511,9 +512,10 @@ class RoutingEngine:
 
     def _enforce_budgets(self, state: _WorkerState) -> None:
         budget = min(state.budget, self._ceiling(state))
-        if self._tree.size(state.url) > budget * (1 + SLACK):
-            state.evicted += self._tree.evict(state.url, int(budget))
         tree = self._tree
+        url = state.url
+        if tree.evicting(url) or tree.size(url) > budget * (1 + SLACK):
+            state.evicted += tree.evict_step(url, int(budget), EVICT_STEP_WORK)
         limit, memory = self.config.max_tree_size, self._max_memory
         if tree.total_size > limit or tree.memory > memory:
             tree.evict_global(limit, memory, EVICT_STEP)

@@ -30,8 +30,14 @@ its last child is gone.
   `PLACE_WALK` links from either end, so the order is exact but in rare cases). Each call drops
   the oldest leaves, at most `max_leaves` of them: the engine calls it on every request while
   the tree is over budget, so no call pauses the event loop for long (a few hundred leaves).
-- `evict` (one tenant's share) walks that tenant's nodes and heaps its leaves, O(n log n) in
-  the nodes it holds: the engine runs it only when a worker's budget is exceeded by some slack.
+- `evict` (one tenant's share, in one call) walks that tenant's nodes and heaps its leaves,
+  O(n log n) in the nodes it holds. `evict_step` does the same work in bounded steps that
+  resume where the last one stopped: first the walk (the tenant's leaves pushed on a heap as
+  they are found), then the eviction; a step looks at about `max_work` nodes at most (children
+  scanned included; one node's children are scanned whole). The tree may change between steps:
+  a leaf touched since it was pushed goes back with its new time, a node dropped meanwhile is
+  skipped, and nodes created meanwhile are new, so not what LRU evicts first. The engine
+  takes one step per request of the worker.
 The global budget bounds the router's memory whatever the number of workers (sgl-router's
 per-worker budget did not), in key elements (`total_size`) and in bytes (`memory`: an estimate
 of what the tree's objects cost, `NODE_BYTES` a node, `TENANT_BYTES` a tenant entry, and the
@@ -129,6 +135,16 @@ def _common_at(key: Key, pos: int, label: Key) -> int:
     return common_length(key, pos, label)
 
 
+class _Eviction:
+    """One tenant's eviction in progress (`RadixTree.evict_step`)."""
+
+    __slots__ = ("heap", "stack")
+
+    def __init__(self, stack: list[_Node]) -> None:
+        self.stack = stack  # nodes still to walk
+        self.heap: list[tuple[float, int, _Node]] = []  # its leaves found, oldest first
+
+
 class Path:
     """One walk of a key: the nodes it entered, the key position reached in each, and per
     tenant the longest prefix of the key it holds (its deepest node on the path)."""
@@ -169,6 +185,7 @@ class RadixTree:
         self._nodes = 0
         self._memory = 0
         self.evicted_leaves = 0  # leaves `evict_global` has dropped (for statistics)
+        self._evictions: dict[str, _Eviction] = {}  # per tenant: `evict_step` in progress
         self._seq = itertools.count()  # heap tie-breaker: nodes are not comparable
         self._version = 0  # changes whenever nodes are created or freed (invalidates paths)
 
@@ -283,11 +300,63 @@ class RadixTree:
 
     def remove_tenant(self, tenant: str) -> int:
         """Forget everything `tenant` holds; returns the key elements it held."""
+        self._evictions.pop(tenant, None)
         held = self._sizes.get(tenant, 0)
         for node in reversed(list(self._held_nodes(tenant))):  # children before parents
             self._drop(node, tenant)
         self._sizes.pop(tenant, None)
         return held
+
+    def evict_step(self, tenant: str, max_size: int, max_work: int) -> int:
+        """One bounded step of `evict(tenant, max_size)` (see the module docstring); returns
+        the key elements it removed. `evicting(tenant)` tells whether work is left."""
+        before = self.size(tenant)
+        job = self._evictions.get(tenant)
+        if before <= max_size:
+            if job is not None:
+                del self._evictions[tenant]
+            return 0
+        if job is None:
+            job = _Eviction([c for c in self._root.children.values() if tenant in c.tenants])
+            self._evictions[tenant] = job
+        work = 0
+        stack, heap = job.stack, job.heap
+        while stack and work < max_work:  # the walk: find the tenant's leaves
+            node = stack.pop()
+            work += 1 + len(node.children)  # the children are looked at
+            touched = node.tenants.get(tenant)
+            if touched is None:
+                continue  # dropped since it was stacked
+            held = [c for c in node.children.values() if tenant in c.tenants]
+            if held:
+                stack.extend(held)
+            else:
+                heapq.heappush(heap, (touched, next(self._seq), node))
+        if stack:
+            return 0
+        while heap and self._sizes[tenant] > max_size and work < max_work:
+            touched, _, node = heapq.heappop(heap)
+            work += 1 + len(node.children)
+            now = node.tenants.get(tenant)
+            if now is None or self._holds_a_child(node, tenant):
+                continue  # dropped, or no longer one of its leaves
+            if now != touched:  # touched again since: back in line at its new time
+                heapq.heappush(heap, (now, next(self._seq), node))
+                continue
+            parent = node.parent
+            self._drop(node, tenant)
+            if parent is None or parent is self._root or tenant not in parent.tenants:
+                continue
+            work += len(parent.children)
+            if not self._holds_a_child(parent, tenant):
+                heapq.heappush(heap, (parent.tenants[tenant], next(self._seq), parent))
+        if not heap or self._sizes[tenant] <= max_size:
+            del self._evictions[tenant]
+        return before - self._sizes[tenant]
+
+    def evicting(self, tenant: str) -> bool:
+        """An `evict_step` eviction of `tenant` has work left."""
+        return tenant in self._evictions
 
     def evict(self, tenant: str, max_size: int) -> int:
         """Drop `tenant`'s least recently used leaves until it holds <= `max_size` elements."""
