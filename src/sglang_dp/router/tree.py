@@ -138,11 +138,12 @@ def _common_at(key: Key, pos: int, label: Key) -> int:
 class _Eviction:
     """One tenant's eviction in progress (`RadixTree.evict_step`)."""
 
-    __slots__ = ("heap", "stack")
+    __slots__ = ("draining", "heap", "stack")
 
     def __init__(self, stack: list[_Node]) -> None:
         self.stack = stack  # nodes still to walk
         self.heap: list[tuple[float, int, _Node]] = []  # its leaves found, oldest first
+        self.draining = False  # done: the heap is being freed, a slice per step
 
 
 class Path:
@@ -312,9 +313,14 @@ class RadixTree:
         the key elements it removed. `evicting(tenant)` tells whether work is left."""
         before = self.size(tenant)
         job = self._evictions.get(tenant)
+        if job is not None and job.draining:  # freeing a finished heap costs time too
+            del job.heap[-max_work:]
+            if not job.heap:
+                del self._evictions[tenant]
+            return 0
         if before <= max_size:
             if job is not None:
-                del self._evictions[tenant]
+                self._finish(tenant, job)
             return 0
         if job is None:
             job = _Eviction([c for c in self._root.children.values() if tenant in c.tenants])
@@ -351,11 +357,18 @@ class RadixTree:
             if not self._holds_a_child(parent, tenant):
                 heapq.heappush(heap, (parent.tenants[tenant], next(self._seq), parent))
         if not heap or self._sizes[tenant] <= max_size:
-            del self._evictions[tenant]
+            self._finish(tenant, job)
         return before - self._sizes[tenant]
 
+    def _finish(self, tenant: str, job: _Eviction) -> None:
+        """The eviction is over; what is left of its heap is freed over the next steps."""
+        job.stack.clear()
+        job.draining = True
+        if not job.heap:
+            del self._evictions[tenant]
+
     def evicting(self, tenant: str) -> bool:
-        """An `evict_step` eviction of `tenant` has work left."""
+        """An `evict_step` eviction of `tenant` has work left (freeing its heap included)."""
         return tenant in self._evictions
 
     def evict(self, tenant: str, max_size: int) -> int:
