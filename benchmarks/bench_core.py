@@ -6,21 +6,40 @@ Runs the cache_aware engine with 8 and 64 workers in the same process and prints
 p99 microseconds per `route()`, the 64/8 ratio (cost must not grow with the number of workers)
 and the tree's bytes per stored character (tracemalloc, a separate run).
 
-    python benchmarks/bench_core.py [--json] [--requests N]
+Eviction and memory, each in a fresh process:
+- `evict_pause_ms_max`: the default budgets, 64 prompts of 2,000 characters each followed by a
+  unique 256-character suffix, routed until the tree has been over budget for 20,000 requests:
+  the longest `route()` that evicted, in CPU time (`_wall_ms_max`: wall time, which includes
+  being preempted on a shared machine); calls during which the garbage collector ran are left
+  out and its longest full collection reported apart (`gc_full_ms_max`); then one worker's
+  share cut to 85 % as a detected eviction does, in the engine's steps
+  (`evict_one_worker_step_ms_max`, CPU time, and the number of steps: one per request);
+- `tree_rss_mb_at_budget_{chars,tokens}`: `--max-tree-memory-mb 256`, character keys (as above)
+  or token keys (500-token prompts + 64 unique tokens): the process's resident memory growth
+  once the tree is held at its budget, and its ratio to the budget.
+
+    python benchmarks/bench_core.py [--json] [--requests N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import random
 import statistics
 import string
+import subprocess
+import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
 
-from sglang_dp.router.engine import EngineConfig, RoutingEngine
+import psutil
+
+from sglang_dp.router.engine import EVICT_STEP_WORK, EngineConfig, RoutingEngine
+from sglang_dp.router.tree import KeyLike
 
 ALPHABET = string.ascii_letters + "      .,"
 
@@ -58,6 +77,124 @@ def bytes_per_char(keys: list[str]) -> float:
     return used / engine.tree.total_size
 
 
+def unique_keys(seed: int, prompt_chars: int = 2000, suffix: int = 256) -> Iterator[str]:
+    """64 shared prompts, each request one of them and a fresh random suffix (endless)."""
+    rng = random.Random(seed)
+    table = bytes(ord(ALPHABET[i % len(ALPHABET)]) for i in range(256))
+    prompts = ["".join(rng.choices(ALPHABET, k=prompt_chars)) for _ in range(64)]
+    while True:
+        block = rng.randbytes(suffix * 4096).translate(table).decode()
+        for i in range(4096):
+            yield rng.choice(prompts) + block[i * suffix : (i + 1) * suffix]
+
+
+def unique_token_keys(seed: int) -> Iterator[list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1000, 150_000) for _ in range(500)] for _ in range(64)]
+    while True:
+        yield rng.choice(prompts) + [rng.randrange(1000, 150_000) for _ in range(64)]
+
+
+def fill(
+    engine: RoutingEngine, keys: Iterator[KeyLike], after_full: int, on_route: Callable[..., None]
+) -> None:
+    """Route keys until `after_full` requests have been routed since the tree first evicted;
+    `on_route(evicted, ms)` is told of every request."""
+    tree = engine.tree
+    window: collections.deque = collections.deque()
+    over = 0
+    now = 0.0
+    while over < after_full:
+        now += 1
+        evicted = tree.evicted_leaves
+        key = next(keys)
+        start, cpu = time.perf_counter_ns(), time.thread_time_ns()
+        window.append(engine.route(key, now))
+        ms, cpu_ms = (time.perf_counter_ns() - start) / 1e6, (time.thread_time_ns() - cpu) / 1e6
+        on_route(tree.evicted_leaves > evicted, ms, cpu_ms)
+        over += tree.evicted_leaves > 0
+        if len(window) > 64:
+            engine.release(window.popleft())
+
+
+def evict_pause(after_full: int) -> dict[str, float]:
+    engine = RoutingEngine(EngineConfig())
+    for i in range(8):
+        engine.add_worker(f"http://127.0.0.1:{31000 + i}")
+    pauses: list[float] = []
+    cpu_pauses: list[float] = []
+    collections_ms: list[float] = []
+    collected = [False]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collected[0] = True
+            if info["generation"] == 2:
+                collections_ms.append((time.perf_counter() - started[0]) * 1000)
+
+    def on_route(full: bool, ms: float, cpu_ms: float) -> None:
+        if full and not collected[0]:
+            pauses.append(ms)
+            cpu_pauses.append(cpu_ms)
+        collected[0] = False
+
+    gc.callbacks.append(on_gc)
+    try:
+        fill(engine, unique_keys(1), after_full, on_route)
+    finally:
+        gc.callbacks.remove(on_gc)
+    tree, worker = engine.tree, engine.workers[0]
+    budget = int(0.85 * tree.size(worker))  # what a detected eviction asks (SHRINK)
+    gc.disable()
+    steps: list[float] = []
+    while not steps or tree.evicting(worker):
+        started = time.thread_time()
+        tree.evict_step(worker, budget, EVICT_STEP_WORK)
+        steps.append((time.thread_time() - started) * 1000)
+    gc.enable()
+    return {
+        "evict_one_worker_step_ms_max": round(max(steps), 3),
+        "evict_one_worker_steps": len(steps),
+        "evict_pause_ms_max": round(max(cpu_pauses), 3),
+        "evict_pause_wall_ms_max": round(max(pauses), 3),
+        "evict_route_ms_p99": round(p(pauses, 99), 3),
+        "gc_full_ms_max": round(max(collections_ms, default=0.0), 1),
+        "evict_tree_nodes": engine.tree.node_count,
+        "evict_tree_memory_mb": round(engine.tree.memory / 2**20, 1),
+    }
+
+
+def rss_at_budget(kind: str, budget_mb: int, after_full: int) -> dict[str, float]:
+    keys: Iterator[KeyLike] = unique_keys(2) if kind == "chars" else unique_token_keys(2)
+    next(keys)  # the prompts exist before measuring
+    config = EngineConfig(max_tree_size=2**40, max_tree_memory_mb=budget_mb)
+    engine = RoutingEngine(config)
+    for i in range(8):
+        engine.add_worker(f"http://127.0.0.1:{31000 + i}")
+    gc.collect()
+    before = psutil.Process().memory_info().rss
+    fill(engine, keys, after_full, lambda full, ms, cpu_ms: None)
+    gc.collect()
+    grown = (psutil.Process().memory_info().rss - before) / 2**20
+    return {
+        f"tree_rss_mb_at_budget_{kind}": round(grown, 1),
+        f"tree_rss_over_budget_{kind}": round(grown / budget_mb, 3),
+        f"tree_estimate_mb_{kind}": round(engine.tree.memory / 2**20, 1),
+    }
+
+
+def in_child(*args: str) -> dict[str, float]:
+    """One measurement in a fresh process (its memory and its garbage collector are its own)."""
+    out = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=True
+    )
+    result: dict[str, float] = json.loads(out.stdout)
+    return result
+
+
 def p(costs: list[float], q: int) -> float:
     return statistics.quantiles(costs, n=100)[q - 1]
 
@@ -66,7 +203,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="skip the eviction and memory runs")
+    parser.add_argument("--evict-pause", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rss", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.evict_pause:
+        print(json.dumps(evict_pause(args.evict_pause)))
+        return
+    if args.rss:
+        kind, budget, after = args.rss
+        print(json.dumps(rss_at_budget(kind, int(budget), int(after))))
+        return
     keys = workload(args.requests)
     costs8, engine8 = run(keys, 8)
     costs64, _ = run(keys, 64)
@@ -81,6 +228,11 @@ def main() -> None:
         "tree_nodes_8w": engine8.tree.node_count,
         "tree_bytes_per_char": round(bytes_per_char(keys), 3),
     }
+    if not args.quick:
+        result["max_tree_memory_mb"] = 256
+        result |= in_child("--evict-pause", "20000")
+        for kind in ("chars", "tokens"):
+            result |= in_child("--rss", kind, "256", "20000")
     if args.json:
         print(json.dumps(result))
     else:

@@ -11,7 +11,9 @@ from sglang_dp.router.engine import (
     NoWorkerAvailable,
     Outcome,
     RoutingEngine,
+    whole_numbers,
 )
+from sglang_dp.router.keys import KIND_CHAT, KIND_IDS, KIND_TEXT
 from sglang_dp.router.policies import PolicyConfig
 
 SYSTEM = "You are a helpful assistant. " * 40  # 1,160 characters
@@ -252,3 +254,28 @@ def test_characters_per_token_is_learned_from_responses() -> None:
         d = engine.route(f"{i:08d}" * 10, now=300 + i)  # now 2 characters per token
         engine.observe(d, Outcome(prompt_tokens=40, cached_tokens=39), now=300 + i)
     assert engine.snapshot(0).elements_per_token == pytest.approx(2.0, rel=0.01)
+
+
+def test_each_kind_of_key_has_its_own_estimate() -> None:
+    engine = engine_with(1)
+    for i in range(200):  # chat at 3 characters a token, plain text at 6, interleaved
+        chat = engine.route(f"c{i:05d}" * 10, now=2 * i)
+        engine.observe(chat, Outcome(20, 0, kind=KIND_CHAT), now=2 * i)
+        text = engine.route(f"t{i:05d}" * 10, now=2 * i + 1)
+        engine.observe(text, Outcome(10, 0, kind=KIND_TEXT), now=2 * i + 1)
+    by_kind = dict(engine.snapshot(0).elements_per_token_by_kind)
+    assert by_kind["chat"] == pytest.approx(3.0, rel=0.02)
+    assert by_kind["text"] == pytest.approx(6.0, rel=0.02)
+
+
+def test_ids_keys_predict_whole_numbers_exactly() -> None:
+    assert whole_numbers("12 345 6", 8) == 3
+    assert whole_numbers("12 345 6", 6) == 2
+    assert whole_numbers("12 345 6", 5) == 1  # "345" cut short
+    assert whole_numbers("12 345 6", 0) == 0
+    engine = engine_with(1)
+    ids = " ".join(str(100_000 + i) for i in range(50))  # 7 characters a token
+    engine.observe(engine.route(ids, now=1), Outcome(50, 0, kind=KIND_IDS), now=2)
+    engine.observe(engine.route(ids + " 9", now=3), Outcome(51, 50, kind=KIND_IDS), now=4)
+    stats = engine.snapshot(5).workers[0]
+    assert stats.predicted_tokens == 50 and stats.mispredicted == 0

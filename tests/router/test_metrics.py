@@ -106,3 +106,4 @@ def test_engine_figures_are_read_at_scrape_time() -> None:
     healthy = {s.labels["worker"]: s.value for s in families["sglang_dp_worker_healthy"]}
     assert healthy == {"http://w0:1": 1, "http://w1:1": 1}
     assert "sglang_dp_decisions" in families and "sglang_dp_tree_total_size" in families
+    assert "sglang_dp_tree_memory_bytes" in families

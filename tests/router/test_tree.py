@@ -5,7 +5,16 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_dp.router.tree import Key, RadixTree, common_length, iter_branches, preview
+from sglang_dp.router.tree import (
+    NODE_BYTES,
+    TENANT_BYTES,
+    Key,
+    RadixTree,
+    common_length,
+    iter_branches,
+    label_bytes,
+    preview,
+)
 
 
 def test_docstring_example() -> None:
@@ -75,6 +84,35 @@ def test_global_eviction_bounds_memory_whoever_holds_it() -> None:
     assert tree.match("prompt 9 " + "x" * 50)["w0"] == 59
 
 
+def test_memory_budget_and_bounded_steps() -> None:
+    tree = RadixTree()
+    for i in range(100):
+        tree.insert(f"{i:03d}" + "y" * 200, f"w{i % 4}", i)
+    full = tree.memory
+    check_structure(tree)
+    tree.evict_global(10**9, max_memory=full // 2, max_leaves=10)
+    assert len(tree.lru_leaves()) >= 90  # at most ten leaves in one step
+    while tree.evict_global(10**9, max_memory=full // 2, max_leaves=10):
+        pass
+    assert tree.memory <= full // 2
+    assert tree.match("099" + "y" * 200)["w3"] == 203  # the newest stay
+
+
+def test_token_keys_are_stored_compactly() -> None:
+    tree = RadixTree()
+    tree.insert(list(range(1000, 2000)), "w", 1)
+    assert tree.memory < NODE_BYTES + TENANT_BYTES + 64 + 4 * 1000 + 1
+
+
+def test_a_parent_left_a_leaf_is_placed_by_its_time() -> None:
+    tree = RadixTree()
+    tree.insert("shared", "w", 10)  # ends at the node that becomes a parent
+    tree.insert("shared+old", "w", 1)
+    tree.insert("other", "w", 5)
+    tree.evict_global(tree.total_size - 1, max_leaves=1)  # "+old" goes
+    assert [label for label, _ in tree.lru_leaves()] == ["other", "shared"]
+
+
 def test_branches_show_largest_first_with_holders() -> None:
     tree = RadixTree()
     tree.insert("S" * 100 + "q1", "a", 1)
@@ -125,11 +163,31 @@ def reference_match(held: dict[str, set[Key]], key: Key) -> dict[str, int]:
     return result
 
 
+def held_by(tree: RadixTree, tenant: str) -> dict[Key, float]:
+    """`held_keys` with token keys as tuples (arrays cannot be set members)."""
+    return {k if isinstance(k, str) else tuple(k): t for k, t in tree.held_keys(tenant)}
+
+
 def prefixes(keys: set[Key]) -> set[Key]:
     return {k[:i] for k in keys for i in range(1, len(k) + 1)}
 
 
+def check_structure(tree: RadixTree) -> None:
+    """The leaf list holds exactly the leaves, oldest first; the memory estimate is the sum of
+    its parts."""
+    nodes = list(tree._all_nodes())
+    leaves = sorted((n.touched, id(n)) for n in nodes if not n.children)
+    listed = tree.lru_leaves()
+    assert len(listed) == len(leaves)
+    assert [t for _, t in listed] == sorted(t for t, _ in leaves)
+    expected = sum(NODE_BYTES + TENANT_BYTES * len(n.tenants) + label_bytes(n.label) for n in nodes)
+    assert tree.memory == expected
+    for n in nodes:
+        assert n.touched == max(n.tenants.values())
+
+
 def check_against_reference(tree: RadixTree, held: dict[str, set[Key]], probes: list[Key]) -> None:
+    check_structure(tree)
     for tenant, keys in held.items():
         assert tree.size(tenant) == len(prefixes(keys))
     assert tree.total_size == len(prefixes(set().union(*held.values())))
@@ -162,16 +220,60 @@ def test_tree_agrees_with_reference(
             held[tenant] = set()
         else:
             budget = data.draw(st.integers(0, max(tree.size(tenant), 1)))
-            before = dict(tree.held_keys(tenant))
-            tree.evict(tenant, budget)
+            before = held_by(tree, tenant)
+            work = data.draw(st.integers(0, 5))
+            if work == 0:
+                tree.evict(tenant, budget)
+            else:  # the same, in bounded steps
+                tree.evict_step(tenant, budget, work)
+                while tree.evicting(tenant):
+                    tree.evict_step(tenant, budget, work)
             assert tree.size(tenant) <= budget
-            after = dict(tree.held_keys(tenant))
+            after = held_by(tree, tenant)
             assert prefixes(set(after)) <= prefixes(set(before))
             gone = [t for k, t in before.items() if k not in prefixes(set(after))]
             if gone and after:
                 assert max(gone) <= min(after.values())  # least recently used first
             held[tenant] = set(after)
         check_against_reference(tree, held, [data.draw(keys) for _ in range(3)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    first=st.lists(text_keys, min_size=1, max_size=20),
+    later=st.lists(st.tuples(text_keys, tenants), max_size=20),
+    work=st.integers(1, 4),
+    data=st.data(),
+)
+def test_stepped_eviction_survives_changes_between_steps(
+    first: list[str], later: list[tuple[str, str]], work: int, data: st.DataObject
+) -> None:
+    tree = RadixTree()
+    for now, key in enumerate(first):
+        tree.insert(key, "w0", now)
+    budget = data.draw(st.integers(0, tree.size("w0")))
+    ever = set(first)
+    now = len(first)
+    pending = list(later)
+    tree.evict_step("w0", budget, work)
+    while tree.evicting("w0"):
+        if pending:  # the tree changes between two steps
+            key, tenant = pending.pop()
+            now += 1
+            tree.insert(key, tenant, now)
+            ever.add(key)
+        tree.evict_step("w0", budget, work)
+        check_structure(tree)
+    held = {t: set(held_by(tree, t)) for t in ["w0", "w1", "w2"]}
+    assert prefixes(held["w0"]) <= prefixes(ever)
+    check_against_reference(tree, held, [data.draw(text_keys) for _ in range(3)])
+    for key, tenant in pending:
+        now += 1
+        tree.insert(key, tenant, now)
+    tree.evict_step("w0", budget, 10**6)  # with no change meanwhile, one step evicts
+    assert tree.size("w0") <= budget
+    tree.evict_step("w0", budget, 10**6)  # and the next frees what is left of its heap
+    assert not tree.evicting("w0")
 
 
 @settings(max_examples=150, deadline=None)
@@ -183,7 +285,13 @@ def test_global_eviction_keeps_the_invariants(
     for now, (key, tenant) in enumerate(inserts):
         tree.insert(key, tenant, now)
     budget = data.draw(st.integers(0, tree.total_size))
-    tree.evict_global(budget)
+    step = data.draw(st.integers(1, 4))
+    leaves = len(tree.lru_leaves())
+    removed = tree.evict_global(budget, max_leaves=step)  # one bounded step: oldest leaves
+    assert removed == 0 or len(tree.lru_leaves()) >= leaves - step
+    check_structure(tree)
+    while tree.evict_global(budget, max_leaves=step):
+        pass
     assert tree.total_size <= budget
     held = {t: {k for k, _ in tree.held_keys(t)} for t in ["w0", "w1", "w2"]}
     original = {k for k, _ in inserts}

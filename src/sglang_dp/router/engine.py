@@ -17,8 +17,10 @@ impossible (streams that end early, timeouts, client disconnects included).
 
 Correction (`observe`), the proposal's fourth phase that sgl-router never built:
 - the worker now caches prompt + output: insert the extended key for it;
-- predicted tokens = matched elements / elements-per-token (learned from responses for character
-  keys, exactly 1 for token keys), capped at prompt_tokens - 1 as SGLang caps `cached_tokens`;
+- predicted tokens = matched elements / elements-per-token, capped at prompt_tokens - 1 as SGLang
+  caps `cached_tokens`. Token keys: exactly 1. Character keys: one estimate per kind of key
+  (chat, text: learned from responses, as a rendered conversation and plain text differ), and
+  for `input_ids` rendered as decimal numbers the exact count of whole numbers matched;
 - a *confirmed* prediction (the matched part was touched before any request still in flight on
   that worker was sent, so it had surely been prefilled) that the worker contradicts by more than
   `TOLERANCE` means it has been evicting: its budget shrinks to `SHRINK` × its current share and
@@ -26,8 +28,12 @@ Correction (`observe`), the proposal's fourth phase that sgl-router never built:
   KV capacity (converted to key elements) when known, else the global budget. Unconfirmed misses
   (same-batch duplicates compute the prefix twice in SGLang) change nothing but the statistics.
 - `reset_worker` (restarted or flushed) drops the worker's whole share.
-The tree as a whole never exceeds `max_tree_size` key elements (a global budget: memory does not
-grow with the number of workers); eviction runs only when a budget is exceeded by `SLACK`.
+The tree as a whole is held to `max_tree_memory_mb` (its estimated bytes: `tree.memory`) and
+`max_tree_size` key elements — global budgets: memory does not grow with the number of workers.
+While the tree is over either, every request evicts at most `EVICT_STEP` of the least recently
+used leaves (no pause: no step walks the tree). A worker's own share is cut back when it exceeds
+its budget by `SLACK`, in steps of at most `EVICT_STEP_WORK` nodes, one per request of that
+worker (`RadixTree.evict_step`), until it fits.
 """
 
 from __future__ import annotations
@@ -39,14 +45,17 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from sglang_dp.options import nested, option
+from sglang_dp.router.keys import KIND_IDS, KIND_TEXT, KINDS
 from sglang_dp.router.policies import PolicyConfig, make_policy
 from sglang_dp.router.tree import Key, KeyLike, Path, RadixTree
 
 TOLERANCE_TOKENS = 8  # below this a misprediction is noise (token boundaries, templates)
 TOLERANCE_RATE = 0.1  # ... or below this share of the prediction
 SHRINK = 0.85  # budget after an eviction is detected, as a share of the current tree share
-SLACK = 0.05  # evict when a budget is exceeded by this share, so eviction is amortised
-EWMA = 0.05  # weight of one response in the elements-per-token estimate
+SLACK = 0.05  # evict a worker's share when its budget is exceeded by this share (amortised)
+EVICT_STEP = 256  # leaves one request may evict from the whole tree (bounds the pause)
+EVICT_STEP_WORK = 1024  # nodes one request may look at to cut its worker's share (~1-3 ms)
+EWMA = 0.05  # weight of one response in an elements-per-token estimate (after the first 20)
 CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
 _NOTHING: frozenset[str] = frozenset()
 
@@ -63,11 +72,18 @@ class EngineConfig:
     max_tree_size: int = option(
         2**26, "Key elements (characters or tokens) the whole tree may hold, all workers together."
     )
+    max_tree_memory_mb: int = option(
+        1024,
+        "Memory the routing tree may use, all workers together, in MB (an estimate of its "
+        "objects; measured, the router's memory grows by 0.9-1.0x of it).",
+    )
     token_keys: bool = option(False, "Keys are token ids (else characters).", cli=False)
 
     def __post_init__(self) -> None:
         if self.max_tree_size <= 0:
             raise ValueError("max_tree_size must be positive")
+        if self.max_tree_memory_mb <= 0:
+            raise ValueError("max_tree_memory_mb must be positive")
 
 
 class Decision(NamedTuple):
@@ -102,6 +118,7 @@ class Outcome:
     cached_tokens: int
     completion_tokens: int = 0
     extended_key: KeyLike | None = None  # key + generated output, in the key's own format
+    kind: int = KIND_TEXT  # the key's kind (keys.KIND_*): which estimate of its token count
 
     # Written out (the generated one is the same): under mypyc a dataclass's generated __init__
     # runs interpreted, about 15 times slower than this compiled one, once per request.
@@ -111,15 +128,18 @@ class Outcome:
         cached_tokens: int,
         completion_tokens: int = 0,
         extended_key: KeyLike | None = None,
+        kind: int = KIND_TEXT,
     ) -> None:
         object.__setattr__(self, "prompt_tokens", prompt_tokens)
         object.__setattr__(self, "cached_tokens", cached_tokens)
         object.__setattr__(self, "completion_tokens", completion_tokens)
         object.__setattr__(self, "extended_key", extended_key)
+        object.__setattr__(self, "kind", kind)
 
 
 class _WorkerState:
     __slots__ = (
+        "agreed_tokens",
         "budget",
         "cached_tokens",
         "capacity_tokens",
@@ -151,6 +171,7 @@ class _WorkerState:
         self.routed = self.completed = self.errors = self.resets = 0
         self.predicted_tokens = self.cached_tokens = self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.agreed_tokens = 0  # sum of min(predicted, reported) cached tokens
         self.mispredicted = self.corrections = self.evicted = 0
 
 
@@ -212,6 +233,7 @@ class WorkerStats:
     cached_tokens: int  # what the worker reported
     completion_tokens: int
     predicted_tokens: int  # what the tree predicted for the same requests
+    agreed_tokens: int  # sum over requests of min(predicted, reported cached tokens)
     mispredicted: int  # requests whose prediction was off by more than the tolerance
     corrections: int  # evictions detected and applied to the tree
     evicted: int  # key elements removed from its share by corrections and budgets
@@ -227,6 +249,11 @@ class WorkerStats:
     def predicted_rate(self) -> float:
         return self.predicted_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
+    @property
+    def agreement(self) -> float:
+        """How much of what the worker really had cached the tree predicted (1: all of it)."""
+        return self.agreed_tokens / self.cached_tokens if self.cached_tokens else 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class EngineSnapshot:
@@ -237,7 +264,9 @@ class EngineSnapshot:
     tree_size: int
     tree_nodes: int
     max_tree_size: int
-    elements_per_token: float
+    elements_per_token: float  # the text estimate
+    elements_per_token_by_kind: tuple[tuple[str, float], ...] = ()
+    tree_memory: int = 0  # estimated bytes (`RadixTree.memory`)
 
     @property
     def routed(self) -> int:
@@ -262,8 +291,11 @@ class RoutingEngine:
         self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
         self._pending: dict[str, int] = {}  # ... and their uncached key elements in flight
         self._ids = itertools.count(1)
+        self._max_memory = self.config.max_tree_memory_mb << 20
         self._reasons: dict[str, int] = {}  # a Counter's item assignment is several times slower
-        self._per_token = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
+        start = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
+        self._per_token = [start] * len(KINDS)  # indexed by keys.KIND_*
+        self._learned = [0] * len(KINDS)  # responses each estimate was learned from
 
     @property
     def tree(self) -> RadixTree:
@@ -363,6 +395,7 @@ class RoutingEngine:
         state.cached_tokens += outcome.cached_tokens
         state.completion_tokens += outcome.completion_tokens
         state.predicted_tokens += predicted
+        state.agreed_tokens += min(predicted, outcome.cached_tokens)
         if state is not self._workers.get(state.url) or dispatch._generation != state.generation:
             return  # removed or restarted since: what it cached then is gone
         extended = outcome.extended_key if outcome.extended_key is not None else dispatch.key
@@ -410,7 +443,9 @@ class RoutingEngine:
             tree_size=self._tree.total_size,
             tree_nodes=self._tree.node_count,
             max_tree_size=self.config.max_tree_size,
-            elements_per_token=self._per_token,
+            elements_per_token=self._per_token[KIND_TEXT],
+            elements_per_token_by_kind=tuple(zip(KINDS, self._per_token)),
+            tree_memory=self._tree.memory,
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -451,12 +486,21 @@ class RoutingEngine:
         return tuple.__new__(Decision, fields)
 
     def _learn_elements_per_token(self, dispatch: Dispatch, outcome: Outcome) -> None:
-        if not self.config.token_keys:
+        kind = outcome.kind
+        if not self.config.token_keys and 0 <= kind < len(KINDS):
             ratio = len(dispatch.key) / outcome.prompt_tokens
-            self._per_token += EWMA * (ratio - self._per_token)
+            self._learned[kind] += 1
+            weight = max(EWMA, 1.0 / self._learned[kind])  # a plain mean until it has a history
+            self._per_token[kind] += weight * (ratio - self._per_token[kind])
 
     def _predicted_tokens(self, dispatch: Dispatch, outcome: Outcome) -> int:
-        tokens = int(dispatch.decision.matched / self._per_token)
+        matched = dispatch.decision.matched
+        key = dispatch.key
+        kind = outcome.kind if 0 <= outcome.kind < len(KINDS) else KIND_TEXT
+        if kind == KIND_IDS and isinstance(key, str):
+            tokens = whole_numbers(key, matched)  # exact, whatever the digits per id
+        else:
+            tokens = int(matched / self._per_token[kind])
         return max(0, min(tokens, outcome.prompt_tokens - 1))
 
     @staticmethod
@@ -466,21 +510,22 @@ class RoutingEngine:
 
     def _shrink(self, state: _WorkerState) -> None:
         state.corrections += 1
-        state.budget = SHRINK * self._tree.size(state.url)
-        state.evicted += self._tree.evict(state.url, int(state.budget))
+        state.budget = SHRINK * self._tree.size(state.url)  # `_enforce_budgets` evicts
 
     def _ceiling(self, state: _WorkerState) -> float:
         if state.capacity_tokens is None:
             return float(self.config.max_tree_size)
-        return state.capacity_tokens * self._per_token
+        return state.capacity_tokens * max(self._per_token)
 
     def _enforce_budgets(self, state: _WorkerState) -> None:
         budget = min(state.budget, self._ceiling(state))
-        if self._tree.size(state.url) > budget * (1 + SLACK):
-            state.evicted += self._tree.evict(state.url, int(budget))
-        limit = self.config.max_tree_size
-        if self._tree.total_size > limit * (1 + SLACK):
-            self._tree.evict_global(limit)
+        tree = self._tree
+        url = state.url
+        if tree.evicting(url) or tree.size(url) > budget * (1 + SLACK):
+            state.evicted += tree.evict_step(url, int(budget), EVICT_STEP_WORK)
+        limit, memory = self.config.max_tree_size, self._max_memory
+        if tree.total_size > limit or tree.memory > memory:
+            tree.evict_global(limit, memory, EVICT_STEP)
 
     def _stats(self, state: _WorkerState) -> WorkerStats:
         return WorkerStats(
@@ -496,6 +541,7 @@ class RoutingEngine:
             cached_tokens=state.cached_tokens,
             completion_tokens=state.completion_tokens,
             predicted_tokens=state.predicted_tokens,
+            agreed_tokens=state.agreed_tokens,
             mispredicted=state.mispredicted,
             corrections=state.corrections,
             evicted=state.evicted,
@@ -503,3 +549,11 @@ class RoutingEngine:
             budget=min(state.budget, self._ceiling(state)),
             capacity_tokens=state.capacity_tokens,
         )
+
+
+def whole_numbers(key: str, matched: int) -> int:
+    """Token ids rendered as decimal numbers joined by spaces: how many of them the first
+    `matched` characters of `key` hold whole."""
+    spaces = key.count(" ", 0, matched)
+    ends_at_a_number = matched >= len(key) or key[matched] == " "
+    return spaces + 1 if matched > 0 and ends_at_a_number else spaces

@@ -1,26 +1,42 @@
 """Routing keys: what part of an inference request decides where it goes (pure).
 
-A request body is validated and reduced to a `Routed` record: its kind, whether it streams, and
-its routing key —
-- `/v1/chat/completions`: the WHOLE conversation, every message in order with its role
-  (`<|role|>\\ncontent\\n` each), so that turn N+1 extends turn N's key (sgl-router routed chat on
-  the first message only and lost a third of its hit rate);
+A request body is validated and reduced to a `Routed` record: its kind, whether it streams, the
+body to forward, and its routing key —
+- `/v1/chat/completions`: the WHOLE conversation rendered as the worker renders it, generation
+  prompt included, so that turn N+1's key extends turn N's key followed by its answer
+  (sgl-router routed chat on the first message only and lost a third of its hit rate). With a
+  tokenizer that has a chat template, the template (`apply_chat_template`, as SGLang does);
+  otherwise the simulator's built-in one (`<|role|>\\ncontent\\n` per message, then
+  `<|assistant|>\\n`);
 - `/v1/completions`: the prompt; `/generate`: the text, or the token ids.
 A batch (a list of prompts) is routed by its first prompt: it goes to one worker as a whole.
 
-Character keys are strings; with a tokenizer (token-level routing) text is encoded to a tuple of
-token ids and `input_ids` are used as they are. The key extended by the generated output (what
-the worker caches after answering) is built by `extend_key` in the same format, so the next turn
-of a conversation matches it.
+Three kinds of key (`CHAT`, `TEXT`, `IDS`), because a character of each stands for a different
+number of tokens and the engine keeps one estimate per kind. Character keys are strings, token
+ids included (`input_ids` as sgl-router renders them: decimal numbers joined by spaces); with an
+`Encoder` (token-level routing, `--tokenizer-path`) every key is an `array('I')` of token ids:
+text encoded as SGLang encodes it (special tokens included), chat through the chat template.
+
+`extend_key` builds what the worker caches once it has answered — the prompt followed by the
+output minus its last token, which SGLang never caches — in the key's own format, so the next
+turn of a conversation matches it: characters are extended by text, token keys by encoding
+prompt and output as ONE sequence (`encode(p) + encode(o)` is not `encode(p + o)`), and `IDS`
+keys only by the worker's `output_ids`, never by text.
+
+OpenAI streams report usage only when asked (`stream_options.include_usage`). When the client
+did not ask, `route_request` asks for it in the forwarded body and sets `strip_usage`, so the
+stream tap (`router/answers.py`) removes the usage chunk from what the client receives.
 
 Bad input raises `InvalidRequest` with a message naming the field and the problem.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -31,7 +47,108 @@ COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 INFERENCE_PATHS = (GENERATE, COMPLETIONS, CHAT)
 
-Encoder = Callable[[str], Sequence[int]]
+# Kinds of key: what one key element stands for differs between them.
+KIND_CHAT = 0  # a rendered conversation
+KIND_TEXT = 1  # a prompt's text
+KIND_IDS = 2  # token ids given by the client
+KINDS = ("chat", "text", "ids")
+
+MAX_TOKEN_ID = 2**32 - 1  # token keys are stored as array('I')
+ASSISTANT_HEADER = "<|assistant|>\n"
+
+
+class Encoder(Protocol):
+    """A tokenizer as token-level routing needs it (`HFEncoder` wraps a Hugging Face one)."""
+
+    def encode(self, text: str, special: bool) -> Sequence[int]:
+        """Token ids of `text`; `special`: with the special tokens SGLang adds (BOS)."""
+        ...
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
+        """The conversation through the model's chat template with the generation prompt, or
+        None if the tokenizer has no template."""
+        ...
+
+
+class HFEncoder:
+    """An `Encoder` over a Hugging Face tokenizer (loaded by the shell from a local folder).
+
+    Tokenising runs on the event loop, so it remembers what it encoded: a tokenizer encodes
+    the text between its added tokens (`<|start|>`, `<|eot_id|>`, ...) piece by piece, so a
+    conversation rendered through a chat template is encoded message by message, and the pieces
+    a new turn shares with the last one (the system prompt, the history) come from a memo of
+    `MEMO_PIECES` pieces. The first `SELF_CHECKS` encodings are also made whole and compared:
+    on any difference (a tokenizer whose added tokens strip the spaces around them) it encodes
+    whole from then on.
+    """
+
+    MEMO_PIECES = 4096
+    MIN_PIECE = 64  # shorter pieces are encoded again: cheaper than remembering them
+    SELF_CHECKS = 16
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._templated = bool(getattr(tokenizer, "chat_template", None))
+        added: dict[str, int] = dict(tokenizer.get_added_vocab())
+        self._added = added
+        names = sorted(added, key=len, reverse=True)
+        self._splitter = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+        bare = list(tokenizer.encode("x", add_special_tokens=False))
+        framed = list(tokenizer.encode("x", add_special_tokens=True))
+        at = _find(framed, bare)
+        self._frame = (framed[:at], framed[at + len(bare) :]) if at >= 0 else None
+        self._memo: dict[str, list[int]] = {}
+        self._checks = self.SELF_CHECKS
+
+    def encode(self, text: str, special: bool) -> Sequence[int]:
+        if self._splitter is None or self._frame is None:
+            return self._whole(text, special)
+        ids = self._by_pieces(text)
+        if special:
+            head, tail = self._frame
+            ids = head + ids + tail
+        if self._checks > 0:
+            self._checks -= 1
+            if ids != self._whole(text, special):
+                self._splitter = None  # this tokenizer does not split that way
+                return self._whole(text, special)
+        return ids
+
+    def _whole(self, text: str, special: bool) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=special)
+        return ids
+
+    def _by_pieces(self, text: str) -> list[int]:
+        assert self._splitter is not None
+        ids: list[int] = []
+        memo = self._memo
+        for piece in self._splitter.split(text):
+            if not piece:
+                continue
+            token = self._added.get(piece)
+            if token is not None:
+                ids.append(token)
+                continue
+            found = memo.get(piece)
+            if found is None:
+                found = self._whole(piece, False)
+                if len(piece) >= self.MIN_PIECE:
+                    if len(memo) >= self.MEMO_PIECES:
+                        del memo[next(iter(memo))]  # the oldest
+                    memo[piece] = found
+            ids += found
+        return ids
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
+        if not self._templated:
+            return None
+        try:
+            text = self._tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template may reject a conversation (roles out of order)
+            raise InvalidRequest(f"the chat template rejects these messages: {exc}") from None
+        return str(text)
 
 
 class InvalidRequest(ValueError):
@@ -45,6 +162,10 @@ class Routed:
     key: Key
     stream: bool
     batch: bool  # a list of prompts: the answer is a list
+    kind: int = KIND_TEXT
+    forward: bytes = b""  # the body to send to the worker (the client's, or rewritten)
+    strip_usage: bool = False  # the router asked for usage the client did not: remove it
+    text: str | None = None  # the text the key was made from (to encode it with the output)
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -67,22 +188,31 @@ def route_request(path: str, raw: bytes, encode: Encoder | None = None) -> Route
     if not isinstance(stream, bool):
         raise InvalidRequest(f"'stream' must be true or false, not {_kind(stream)}")
     text: str | list[int]
+    kind = KIND_TEXT
     if path == CHAT:
-        text, batch = chat_text(body), False
+        text, batch, kind = chat_text(body, encode), False, KIND_CHAT
     elif path == COMPLETIONS:
         text, batch = _prompt(body, "prompt")
     elif path == GENERATE:
         text, batch = _generate_input(body)
     else:
         raise InvalidRequest(f"{path} is not an inference route")
-    return Routed(path, body, _to_key(text, encode), stream, batch)
+    if not isinstance(text, str):
+        kind = KIND_IDS
+    forward, strip = raw, False
+    if stream and path != GENERATE and not _asks_usage(body):
+        forward, strip = _with_usage(body), True
+    key = _to_key(text, encode, special=kind == KIND_TEXT)
+    source = text if isinstance(text, str) else None
+    return Routed(path, body, key, stream, batch, kind, forward, strip, source)
 
 
 def chat_message(role: str, content: str) -> str:
     return f"<|{role}|>\n{content}\n"
 
 
-def chat_text(body: dict[str, Any]) -> str:
+def chat_text(body: dict[str, Any], encode: Encoder | None = None) -> str:
+    """The conversation as the worker renders it (see the module docstring)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list of messages")
@@ -94,17 +224,60 @@ def chat_text(body: dict[str, Any]) -> str:
         if not isinstance(role, str) or not role:
             raise InvalidRequest(f"messages[{i}].role must be a non-empty string")
         parts.append(chat_message(role, _content_text(message.get("content"), i)))
-    return "".join(parts)
+    if encode is not None:
+        rendered = encode.render_chat(messages)
+        if rendered is not None:
+            return rendered
+    return "".join(parts) + ASSISTANT_HEADER
 
 
-def extend_key(routed: Routed, output: str, encode: Encoder | None = None) -> Key:
-    """The key extended by the generated output, as the worker now caches it."""
-    addition = chat_message("assistant", output) if routed.path == CHAT else output
-    if isinstance(routed.key, str):
-        return routed.key + addition
-    if encode is None:  # token ids without a tokenizer: the output cannot be encoded
-        return routed.key
-    return routed.key + tuple(encode(addition))
+def extend_key(
+    routed: Routed,
+    output: str | None,
+    output_ids: Sequence[int] | None = None,
+    encode: Encoder | None = None,
+) -> Key | None:
+    """What the worker caches after answering: the prompt and the output but its last token
+    (see the module docstring); None when the output cannot be put in the key's format."""
+    key = routed.key
+    if routed.kind == KIND_IDS:
+        if not output_ids:
+            return None
+        kept = list(output_ids)[:-1]
+        if isinstance(key, str):
+            return key + "".join([" " + str(i) for i in kept])
+        return _concat_ids(key, kept)
+    if output is None:
+        return None
+    if isinstance(key, str):
+        return key + without_last_token(output)
+    if encode is None or routed.text is None:
+        return None
+    ids = encode.encode(routed.text + output, routed.kind == KIND_TEXT)
+    return _token_key(ids[:-1]) if len(ids) > len(key) else None
+
+
+def without_last_token(text: str) -> str:
+    """`text` without (an estimate of) its last token: from its last space on, as the last
+    word of a BPE vocabulary carries its leading space; a few characters if it has none."""
+    cut = text.rfind(" ")
+    if cut < 0 or len(text) - cut > 16:
+        return text[: max(0, len(text) - 4)]
+    return text[:cut]
+
+
+def _asks_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _with_usage(body: dict[str, Any]) -> bytes:
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest(f"'stream_options' must be an object, not {_kind(options)}")
+    rewritten = dict(body)
+    rewritten["stream_options"] = {**(options or {}), "include_usage": True}
+    return orjson.dumps(rewritten)
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -158,16 +331,41 @@ def _generate_input(body: dict[str, Any]) -> tuple[str | list[int], bool]:
     return text, batch
 
 
-def _to_key(text: str | list[int], encode: Encoder | None) -> Key:
+def _to_key(text: str | list[int], encode: Encoder | None, special: bool) -> Key:
     if isinstance(text, str):
-        return tuple(encode(text)) if encode is not None else text
+        return _token_key(encode.encode(text, special)) if encode is not None else text
     if encode is None:  # character routing of token ids: sgl-router's decimal strings
         return " ".join(map(str, text))
-    return tuple(text)
+    return _token_key(text)
+
+
+def _token_key(ids: Sequence[int]) -> Key:
+    return array("I", ids)
+
+
+def _concat_ids(key: Key, ids: list[int]) -> Key:
+    assert not isinstance(key, str)
+    extended = array("I", key)
+    extended.extend(ids)
+    return extended
+
+
+def _find(haystack: list[int], needle: list[int]) -> int:
+    for at in range(len(haystack) - len(needle) + 1):
+        if haystack[at : at + len(needle)] == needle:
+            return at
+    return -1
 
 
 def _is_ids(values: list[Any]) -> bool:
-    return bool(values) and all(type(v) is int for v in values)
+    """Token ids: non-empty, all integers in array('I')'s range (checked in C)."""
+    if not values or not all(type(v) is int for v in values):
+        return False
+    try:
+        array("I", values)
+    except OverflowError:
+        raise InvalidRequest(f"token ids must be integers from 0 to {MAX_TOKEN_ID}") from None
+    return True
 
 
 def _kind(value: Any) -> str:

@@ -13,6 +13,7 @@ global state. Everything runs on the router's event loop, so nothing needs a loc
     sglang_dp_{in_flight, worker_healthy, tree_size, predicted_tokens, cached_tokens,
                prompt_tokens, corrections}{worker}, sglang_dp_decisions_total{reason},
     sglang_dp_tree_total_size                       from the engine's snapshot
+    sglang_dp_tree_memory_bytes                     from the engine's snapshot
 """
 
 from __future__ import annotations
@@ -151,6 +152,11 @@ class _EngineCollector(Collector):
         yield decisions
         yield GaugeMetricFamily(
             "sglang_dp_tree_total_size", "Key elements stored in the tree.", value=snap.tree_size
+        )
+        yield GaugeMetricFamily(
+            "sglang_dp_tree_memory_bytes",
+            "Estimated memory of the tree (held to --max-tree-memory-mb).",
+            value=snap.tree_memory,
         )
 
 

@@ -30,8 +30,10 @@ In-flight accounting cannot leak: the attempt's dispatch is held by its `_Job` a
 once (`_Job.release`), at the end of every attempt and by the task's done callback — which also
 runs for a task cancelled before its first step (a client gone in the same loop turn). A client
 that disconnects cancels the task, or drops the task-less exchange, which also aborts the
-upstream request so the worker frees its KV. OpenAI streams carry usage only if the client
-asked for it (`stream_options.include_usage`); without it there is nothing to correct from.
+upstream request so the worker frees its KV. OpenAI streams carry usage only if asked
+(`stream_options.include_usage`): the router forwards `keys.route_request`'s rewritten body,
+which asks for it, and the stream tap removes the usage chunk when the client did not ask
+(`answers.StreamTap`).
 """
 
 from __future__ import annotations
@@ -46,19 +48,12 @@ from typing import Any
 import orjson
 
 from sglang_dp.httpserver import JSON, HttpRequest, Responder, error_body
-from sglang_dp.router.answers import StreamTap, output_text, token_counts
+from sglang_dp.router.answers import StreamTap, outcome
 from sglang_dp.router.auth import bearer_matches
 from sglang_dp.router.config import RouterConfig
-from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, Outcome, RoutingEngine
+from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
-from sglang_dp.router.keys import (
-    GENERATE,
-    Encoder,
-    InvalidRequest,
-    Routed,
-    extend_key,
-    route_request,
-)
+from sglang_dp.router.keys import Encoder, InvalidRequest, Routed, route_request
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.outcomes import RETRY_STATUSES, Action, Fault, decide
 from sglang_dp.router.upstream import (
@@ -231,7 +226,7 @@ class Proxy:
             self._reject(responder, rid_header, 400, str(exc), "BadRequestError")
             return
         headers = [*self._base_headers, (b"x-request-id", rid)]
-        job = _Job(self, routed, request.body, headers, rid_header, responder)
+        job = _Job(self, routed, routed.forward, headers, rid_header, responder)
         dispatch = self._route(job)
         if dispatch is None:
             return
@@ -244,7 +239,7 @@ class Proxy:
                     "POST",
                     routed.path,
                     headers,
-                    request.body,
+                    job.body,
                     job,
                     timeout=self._config.request_timeout_secs,
                 )
@@ -455,8 +450,8 @@ class Proxy:
         responder = job.responder
         content_type, lines = relayed_headers(upstream.headers)
         extra = job.rid_header + self._worker_line(dispatch.worker) + lines
+        tap = StreamTap(job.routed.path, job.routed.strip_usage)
         responder.start_stream(upstream.status, content_type, extra)
-        tap = StreamTap()
         async for chunk in upstream:
             out = tap.feed(chunk)
             if out:
@@ -466,7 +461,7 @@ class Proxy:
                 if drained is not None:
                     await drained
         responder.end()
-        self._observe_stream(dispatch, job.routed, tap.last_event())
+        self._observe_stream(dispatch, job.routed, tap)
         job.release()
         self._metrics.count(dispatch.worker, upstream.status)
         self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
@@ -478,27 +473,21 @@ class Proxy:
             return
         first = reply[0] if isinstance(reply, list) and reply else reply
         if isinstance(first, dict):
-            self._observe(dispatch, routed, first, with_output=True)
+            self._observe(dispatch, routed, first, None)
 
-    def _observe_stream(self, dispatch: Dispatch, routed: Routed, event: bytes) -> None:
+    def _observe_stream(self, dispatch: Dispatch, routed: Routed, tap: StreamTap) -> None:
+        event = tap.last_event()
         try:
             reply = orjson.loads(event) if event else None
         except orjson.JSONDecodeError:
             return
         if isinstance(reply, dict):
-            # /generate events carry the cumulative text; OpenAI chunks only a delta
-            self._observe(dispatch, routed, reply, with_output=routed.path == GENERATE)
+            # /generate's last event carries the whole text; OpenAI chunks only deltas
+            self._observe(dispatch, routed, reply, tap.output())
 
     def _observe(
-        self, dispatch: Dispatch, routed: Routed, reply: dict[str, Any], with_output: bool
+        self, dispatch: Dispatch, routed: Routed, reply: dict[str, Any], streamed: str | None
     ) -> None:
-        counts = token_counts(reply)
-        if counts is None:
-            return
-        prompt, cached, completion = counts
-        extended = None
-        if with_output and not routed.batch:
-            output = output_text(routed.path, reply)
-            if output is not None:
-                extended = extend_key(routed, output, self._encode)
-        self._engine.observe(dispatch, Outcome(prompt, cached, completion, extended), self._clock())
+        result = outcome(routed, reply, streamed, self._encode)
+        if result is not None:
+            self._engine.observe(dispatch, result, self._clock())

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sglang_dp.httpserver import (
@@ -30,9 +31,9 @@ from sglang_dp.httpserver import (
 )
 from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
 from sglang_dp.router.config import RouterConfig
-from sglang_dp.router.engine import EngineConfig, RoutingEngine
+from sglang_dp.router.engine import RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
-from sglang_dp.router.keys import INFERENCE_PATHS, Encoder
+from sglang_dp.router.keys import INFERENCE_PATHS, Encoder, HFEncoder
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.proxy import Proxy
 from sglang_dp.router.stats import watch_imbalance
@@ -51,13 +52,7 @@ def load_encoder(tokenizer_path: str) -> Encoder:
     """Token-level routing: a local Hugging Face tokenizer (never downloaded)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-
-    def encode(text: str) -> Sequence[int]:
-        ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
-        return ids
-
-    return encode
+    return HFEncoder(AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True))
 
 
 class RouterServer:
@@ -72,7 +67,7 @@ class RouterServer:
         self.config = config
         token_keys = config.routing_key == "tokens"
         self.engine = engine or RoutingEngine(
-            EngineConfig(config.engine.policy, config.engine.max_tree_size, token_keys)
+            dataclasses.replace(config.engine, token_keys=token_keys)
         )
         self.events: collections.deque[str] = collections.deque(maxlen=200)  # for dashboards
         self.monitor = WorkerMonitor(

@@ -2,8 +2,9 @@
 
 One compressed radix tree holds the routing keys sent to every worker. Each node records which
 tenants hold it and when each last touched it, so one walk answers "how long a prefix of this key
-does each worker probably have cached". Keys are `str` (character-level routing) or tuples of
-ints (token-level routing); the same code serves both, but one tree holds one kind.
+does each worker probably have cached". Keys are `str` (character-level routing) or `array('I')`
+of token ids (token-level routing: 4 bytes a token, where a tuple of ints costs ~36); the same
+code serves both, but one tree holds one kind.
 
     insert("hello world", "w0", t=1); insert("hello there", "w1", t=2); insert("help", "w1", t=3)
 
@@ -21,11 +22,26 @@ Invariants (checked by the property tests against a brute-force reference):
 - `size(t)` is the sum of the label lengths of the nodes `t` holds; `total_size` the sum over
   all nodes; a node that no tenant holds is freed at once.
 
-Eviction removes least recently used *leaves* (of one tenant with `evict`, of the whole tree with
-`evict_global`) until the size fits; a parent becomes a leaf once its last child is gone. Both
-walk only the nodes concerned and use a heap, so they cost O(n log n) in the nodes visited: callers
-run them when a budget is exceeded by some slack, not on every insert. The global budget bounds
-the router's memory whatever the number of workers (sgl-router's per-worker budget did not).
+Eviction removes least recently used *leaves* until the size fits; a parent becomes a leaf once
+its last child is gone.
+- `evict_global` (the whole tree, whoever holds it) never walks the tree: the leaves are kept in
+  a doubly linked list ordered by last touch (a touched leaf moves to the newest end, O(1) since
+  time only moves forward; a parent that becomes a leaf is placed by its time, walking at most
+  `PLACE_WALK` links from either end, so the order is exact but in rare cases). Each call drops
+  the oldest leaves, at most `max_leaves` of them: the engine calls it on every request while
+  the tree is over budget, so no call pauses the event loop for long (a few hundred leaves).
+- `evict` (one tenant's share, in one call) walks that tenant's nodes and heaps its leaves,
+  O(n log n) in the nodes it holds. `evict_step` does the same work in bounded steps that
+  resume where the last one stopped: first the walk (the tenant's leaves pushed on a heap as
+  they are found), then the eviction; a step looks at about `max_work` nodes at most (children
+  scanned included; one node's children are scanned whole). The tree may change between steps:
+  a leaf touched since it was pushed goes back with its new time, a node dropped meanwhile is
+  skipped, and nodes created meanwhile are new, so not what LRU evicts first. The engine
+  takes one step per request of the worker.
+The global budget bounds the router's memory whatever the number of workers (sgl-router's
+per-worker budget did not), in key elements (`total_size`) and in bytes (`memory`: an estimate
+of what the tree's objects cost, `NODE_BYTES` a node, `TENANT_BYTES` a tenant entry, and the
+labels; measured in benchmarks/bench_core.py).
 
 Time is a parameter (`now`), never read from a clock; there are no locks: one event loop owns it.
 """
@@ -34,28 +50,56 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Union
 
-Key = str | tuple[int, ...]
-KeyLike = str | Sequence[int]
+# Union: `array` is not subscriptable at run time in Python 3.11, so the alias quotes it
+Key = Union[str, "array[int]"]
+KeyLike = Union[str, Sequence[int], "array[int]"]
+
+# Bytes the estimate charges (CPython 3.11, 64-bit; fitted in benchmarks/bench_core.py):
+NODE_BYTES = 420  # the node object and its two dicts (children, tenants), the map entry to it
+TENANT_BYTES = 60  # one tenant entry of a node: its slot in the dict and its time (a float)
+STR_BYTES = 49  # a str label's header (ASCII: 1 byte a character, else up to 4)
+ARRAY_BYTES = 64  # an array('I') label's header (4 bytes a token)
+PLACE_WALK = 64  # links walked to place a node in the leaf list by its time
 
 
 def normalize_key(key: KeyLike) -> Key:
-    """Strings stay strings; any sequence of ints becomes a tuple (sliceable and comparable)."""
-    if isinstance(key, str | tuple):
+    """Strings stay strings; any sequence of ints becomes an `array('I')` (compact, sliceable
+    and comparable)."""
+    if isinstance(key, str):
         return key
-    return tuple(key)
+    if isinstance(key, array) and key.typecode == "I":
+        return key
+    return array("I", key)
 
 
 class _Node:
-    __slots__ = ("children", "label", "parent", "tenants")
+    __slots__ = ("children", "label", "newer", "older", "parent", "tenants", "touched")
 
-    def __init__(self, label: Key, parent: _Node | None, tenants: dict[str, float]) -> None:
+    def __init__(
+        self, label: Key, parent: _Node | None, tenants: dict[str, float], touched: float
+    ) -> None:
         self.label = label
         self.parent = parent
         self.tenants = tenants
+        self.touched = touched  # the latest touch by any tenant
         self.children: dict[str | int, _Node] = {}
+        # neighbours in the leaf list (leaves only; None otherwise: a self-link would be a
+        # reference cycle, left for the garbage collector when the node is freed)
+        self.older: _Node | None = None
+        self.newer: _Node | None = None
+
+
+def label_bytes(label: Key) -> int:
+    """What a label costs in the memory estimate."""
+    if isinstance(label, str):
+        return STR_BYTES + (len(label) if label.isascii() else 4 * len(label))
+    return ARRAY_BYTES + 4 * len(label)
 
 
 def common_length(key: Key, pos: int, label: Key) -> int:
@@ -91,6 +135,17 @@ def _common_at(key: Key, pos: int, label: Key) -> int:
     return common_length(key, pos, label)
 
 
+class _Eviction:
+    """One tenant's eviction in progress (`RadixTree.evict_step`)."""
+
+    __slots__ = ("draining", "heap", "stack")
+
+    def __init__(self, stack: list[_Node]) -> None:
+        self.stack = stack  # nodes still to walk
+        self.heap: list[tuple[float, int, _Node]] = []  # its leaves found, oldest first
+        self.draining = False  # done: the heap is being freed, a slice per step
+
+
 class Path:
     """One walk of a key: the nodes it entered, the key position reached in each, and per
     tenant the longest prefix of the key it holds (its deepest node on the path)."""
@@ -123,10 +178,15 @@ class RadixTree:
     """The shared approximate tree; see the module docstring."""
 
     def __init__(self) -> None:
-        self._root = _Node("", None, {})
+        self._root = _Node("", None, {}, -math.inf)
+        self._leaves = _Node("", None, {}, -math.inf)  # the leaf list's sentinel: oldest next
+        self._leaves.older = self._leaves.newer = self._leaves
         self._sizes: dict[str, int] = {}
         self._total = 0
         self._nodes = 0
+        self._memory = 0
+        self.evicted_leaves = 0  # leaves `evict_global` has dropped (for statistics)
+        self._evictions: dict[str, _Eviction] = {}  # per tenant: `evict_step` in progress
         self._seq = itertools.count()  # heap tie-breaker: nodes are not comparable
         self._version = 0  # changes whenever nodes are created or freed (invalidates paths)
 
@@ -171,6 +231,20 @@ class RadixTree:
     def node_count(self) -> int:
         return self._nodes
 
+    @property
+    def memory(self) -> int:
+        """Estimated bytes of the tree's objects (see the module docstring)."""
+        return self._memory
+
+    def lru_leaves(self) -> list[tuple[Key, float]]:
+        """Every leaf's label and last touch, oldest first: the global eviction order."""
+        found = []
+        node = self._leaves.newer
+        while node is not None and node is not self._leaves:
+            found.append((node.label, node.touched))
+            node = node.newer
+        return found
+
     def tenants(self) -> list[str]:
         return [tenant for tenant, size in self._sizes.items() if size > 0]
 
@@ -210,10 +284,16 @@ class RadixTree:
             if touched is None:
                 self._sizes[tenant] = self._sizes.get(tenant, 0) + len(child.label)
                 child.tenants[tenant] = now
+                self._memory += TENANT_BYTES
             else:
                 prior = touched
                 if now > touched:  # keeps ancestors no older than descendants
                     child.tenants[tenant] = now
+            if now > child.touched:
+                child.touched = now
+                if not child.children:
+                    self._unlink(child)
+                    self._place(child)
             node, pos = child, end
         if pos < len(path.key):
             self._attach(node, path.key[pos:], tenant, now)
@@ -238,11 +318,75 @@ class RadixTree:
 
     def remove_tenant(self, tenant: str) -> int:
         """Forget everything `tenant` holds; returns the key elements it held."""
+        self._evictions.pop(tenant, None)
         held = self._sizes.get(tenant, 0)
         for node in reversed(list(self._held_nodes(tenant))):  # children before parents
             self._drop(node, tenant)
         self._sizes.pop(tenant, None)
         return held
+
+    def evict_step(self, tenant: str, max_size: int, max_work: int) -> int:
+        """One bounded step of `evict(tenant, max_size)` (see the module docstring); returns
+        the key elements it removed. `evicting(tenant)` tells whether work is left."""
+        before = self.size(tenant)
+        job = self._evictions.get(tenant)
+        if job is not None and job.draining:  # freeing a finished heap costs time too
+            del job.heap[-max_work:]
+            if not job.heap:
+                del self._evictions[tenant]
+            return 0
+        if before <= max_size:
+            if job is not None:
+                self._finish(tenant, job)
+            return 0
+        if job is None:
+            job = _Eviction([c for c in self._root.children.values() if tenant in c.tenants])
+            self._evictions[tenant] = job
+        work = 0
+        stack, heap = job.stack, job.heap
+        while stack and work < max_work:  # the walk: find the tenant's leaves
+            node = stack.pop()
+            work += 1 + len(node.children)  # the children are looked at
+            touched = node.tenants.get(tenant)
+            if touched is None:
+                continue  # dropped since it was stacked
+            held = [c for c in node.children.values() if tenant in c.tenants]
+            if held:
+                stack.extend(held)
+            else:
+                heapq.heappush(heap, (touched, next(self._seq), node))
+        if stack:
+            return 0
+        while heap and self._sizes[tenant] > max_size and work < max_work:
+            touched, _, node = heapq.heappop(heap)
+            work += 1 + len(node.children)
+            now = node.tenants.get(tenant)
+            if now is None or self._holds_a_child(node, tenant):
+                continue  # dropped, or no longer one of its leaves
+            if now != touched:  # touched again since: back in line at its new time
+                heapq.heappush(heap, (now, next(self._seq), node))
+                continue
+            parent = node.parent
+            self._drop(node, tenant)
+            if parent is None or parent is self._root or tenant not in parent.tenants:
+                continue
+            work += len(parent.children)
+            if not self._holds_a_child(parent, tenant):
+                heapq.heappush(heap, (parent.tenants[tenant], next(self._seq), parent))
+        if not heap or self._sizes[tenant] <= max_size:
+            self._finish(tenant, job)
+        return before - self._sizes[tenant]
+
+    def _finish(self, tenant: str, job: _Eviction) -> None:
+        """The eviction is over; what is left of its heap is freed over the next steps."""
+        job.stack.clear()
+        job.draining = True
+        if not job.heap:
+            del self._evictions[tenant]
+
+    def evicting(self, tenant: str) -> bool:
+        """An `evict_step` eviction of `tenant` has work left (freeing its heap included)."""
+        return tenant in self._evictions
 
     def evict(self, tenant: str, max_size: int) -> int:
         """Drop `tenant`'s least recently used leaves until it holds <= `max_size` elements."""
@@ -267,24 +411,23 @@ class RadixTree:
                 heapq.heappush(heap, (parent.tenants[tenant], next(self._seq), parent))
         return before - self._sizes[tenant]
 
-    def evict_global(self, max_total: int) -> int:
-        """Drop the least recently used leaves, whoever holds them, until the tree fits."""
+    def evict_global(
+        self, max_total: int, max_memory: int | None = None, max_leaves: int | None = None
+    ) -> int:
+        """Drop the least recently used leaves, whoever holds them, until the tree holds at
+        most `max_total` elements and `max_memory` bytes — or `max_leaves` leaves are gone."""
         before = self._total
-        if before <= max_total:
-            return 0
-        heap = [
-            (max(node.tenants.values()), next(self._seq), node)
-            for node in self._all_nodes()
-            if not node.children
-        ]
-        heapq.heapify(heap)
-        while heap and self._total > max_total:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            for tenant in list(node.tenants):
-                self._drop(node, tenant)
-            if parent is not None and parent is not self._root and not parent.children:
-                heapq.heappush(heap, (max(parent.tenants.values()), next(self._seq), parent))
+        dropped = 0
+        sentinel = self._leaves
+        while self._total > max_total or (max_memory is not None and self._memory > max_memory):
+            leaf = sentinel.newer
+            if leaf is None or leaf is sentinel:
+                break
+            if max_leaves is not None and dropped >= max_leaves:
+                break
+            self._free_leaf(leaf)
+            dropped += 1
+        self.evicted_leaves += dropped
         return before - self._total
 
     # -- inspection ------------------------------------------------------------------------
@@ -297,35 +440,110 @@ class RadixTree:
     # -- internals -------------------------------------------------------------------------
 
     def _attach(self, parent: _Node, label: Key, tenant: str, now: float) -> None:
-        parent.children[label[0]] = _Node(label, parent, {tenant: now})
+        if not parent.children and parent is not self._root:
+            self._unlink(parent)  # no longer a leaf
+        child = _Node(label, parent, {tenant: now}, now)
+        parent.children[label[0]] = child
+        self._place(child)
         self._version += 1
         self._sizes[tenant] = self._sizes.get(tenant, 0) + len(label)
         self._total += len(label)
         self._nodes += 1
+        self._memory += NODE_BYTES + TENANT_BYTES + label_bytes(label)
 
     def _split(self, node: _Node, at: int) -> _Node:
         """Cut `node`'s label at `at`; the new upper half keeps the tenants and touch times."""
         parent = node.parent
         assert parent is not None
-        upper = _Node(node.label[:at], parent, dict(node.tenants))
+        whole = label_bytes(node.label)
+        upper = _Node(node.label[:at], parent, dict(node.tenants), node.touched)
         node.label = node.label[at:]
         node.parent = upper
         upper.children[node.label[0]] = node
         parent.children[upper.label[0]] = upper
         self._nodes += 1
         self._version += 1
+        self._memory += (
+            NODE_BYTES
+            + TENANT_BYTES * len(upper.tenants)
+            + label_bytes(upper.label)
+            + label_bytes(node.label)
+            - whole
+        )
         return upper
 
     def _drop(self, node: _Node, tenant: str) -> None:
         """Remove `tenant` from a node it holds and none of whose children it holds."""
+        if len(node.tenants) == 1:  # no tenant will hold it, so none holds a child: free it
+            self._free_leaf(node)
+            return
         del node.tenants[tenant]
         self._sizes[tenant] -= len(node.label)
-        if not node.tenants:  # no tenant holds it, so none holds a child: free it
-            assert node.parent is not None and not node.children
-            del node.parent.children[node.label[0]]
-            self._total -= len(node.label)
-            self._nodes -= 1
-            self._version += 1
+        self._memory -= TENANT_BYTES
+        newest = max(node.tenants.values())
+        if newest < node.touched:
+            node.touched = newest
+            if not node.children:
+                self._unlink(node)
+                self._place(node)
+
+    def _free_leaf(self, node: _Node) -> None:
+        """Remove a leaf and every tenant's hold on it."""
+        parent = node.parent
+        assert parent is not None and not node.children
+        size = len(node.label)
+        for tenant in node.tenants:
+            self._sizes[tenant] -= size
+        self._memory -= NODE_BYTES + TENANT_BYTES * len(node.tenants) + label_bytes(node.label)
+        node.tenants = {}
+        del parent.children[node.label[0]]
+        self._unlink(node)
+        self._total -= size
+        self._nodes -= 1
+        self._version += 1
+        if not parent.children and parent is not self._root:
+            self._place(parent)  # a leaf now
+
+    # -- the leaf list (see the module docstring) -----------------------------------------
+
+    def _unlink(self, node: _Node) -> None:
+        older, newer = node.older, node.newer
+        if older is not None and newer is not None:
+            older.newer = newer
+            newer.older = older
+            node.older = node.newer = None
+
+    def _place(self, node: _Node) -> None:
+        """Link a leaf in by its last touch: at the newest end in the common case."""
+        sentinel = self._leaves
+        when = node.touched
+        after = sentinel.older  # the newest leaf
+        assert after is not None
+        if after is not sentinel and after.touched > when:
+            after = self._find_older(when)
+        newer = after.newer
+        assert newer is not None
+        node.older = after
+        node.newer = newer
+        newer.older = node
+        after.newer = node
+
+    def _find_older(self, when: float) -> _Node:
+        """The leaf to link a leaf touched at `when` after: the newest one not newer than it,
+        found from either end within `PLACE_WALK` links (else near the oldest end)."""
+        sentinel = self._leaves
+        node = sentinel.older
+        for _ in range(PLACE_WALK):
+            if node is None or node is sentinel or node.touched <= when:
+                return node or sentinel
+            node = node.older
+        node = sentinel
+        for _ in range(PLACE_WALK):
+            following = node.newer
+            if following is None or following is sentinel or following.touched > when:
+                return node
+            node = following
+        return node
 
     @staticmethod
     def _holds_a_child(node: _Node, tenant: str) -> bool:
@@ -396,7 +614,7 @@ class RadixTree:
 def _concat(head: Key, tail: Key) -> Key:
     if isinstance(head, str) and isinstance(tail, str):
         return head + tail
-    assert isinstance(head, tuple) and isinstance(tail, tuple)
+    assert isinstance(head, array) and isinstance(tail, array)
     return head + tail
 
 

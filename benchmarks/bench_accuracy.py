@@ -1,0 +1,269 @@
+"""How well the router's tree predicts what workers really have cached, per kind of traffic.
+
+Starts two `sglang-dp sim-worker --enable-cache-report` processes and a `sglang-dp router` in
+front of them (loopback, free ports), then drives two workloads and reads `/debug/stats`:
+
+- stream_chat: 6 conversations × 4 turns through the official `openai` client, streamed
+  WITHOUT `stream_options` (as the SDK sends by default), each turn resending the whole history
+  (the streamed answers included) under a shared ~2,400-character system prompt;
+- mixed: chat (streamed and not), `/v1/completions` with text prompts, and `/generate` with
+  `input_ids`, interleaved, each family sharing long prefixes.
+
+Agreement = Σ min(predicted, reported) / Σ reported cached tokens over the requests of the
+workload (1.0: every cached token was predicted). A separate router serves each workload, so
+neither inherits the other's learned estimates.
+
+`chat_token_key_us_p50`: what token-level routing costs on the event loop per chat request — the
+key of each turn of 8 conversations × 8 turns under a ~3,000-character system prompt (history
+resent every turn, ~3–6 k characters), through a chat template and a byte-level BPE tokenizer
+(4,000 merges, trained here); `_whole`: the same, encoding every conversation whole each turn
+(without the encoder's memo of pieces between added tokens).
+
+    python benchmarks/bench_accuracy.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from sglang_dp.launcher.process import free_port, stop_group
+
+SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "hum",
+]
+
+
+@contextmanager
+def process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own session; its process group is stopped (TERM, then KILL) at the end."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def get(url: str, timeout: float = 5) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def healthy(url: str) -> bool:
+    with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+        return bool(resp.status == 200)
+
+
+def post(url: str, body: dict[str, Any]) -> Any:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def wait_until(ready: Any, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except (OSError, urllib.error.HTTPError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def cluster(stack: ExitStack, workers: int = 2) -> str:
+    """Simulated workers and a router in front of them; returns the router's URL."""
+    urls = []
+    for _ in range(workers):
+        port = free_port()
+        argv = [SGLANG_DP, "sim-worker", "--port", str(port), "--enable-cache-report"]
+        proc = stack.enter_context(process([*argv, "--time-scale", "20", "--log-level", "warning"]))
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda url=url: healthy(url), proc, f"worker {url}")
+        urls.append(url)
+    port = free_port()
+    argv = [SGLANG_DP, "router", "--worker-urls", *urls, "--port", str(port)]
+    router = stack.enter_context(process([*argv, "--log-level", "warning"]))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: get(url + "/readiness")["healthy_workers"] >= workers, router, "the router")
+    return url
+
+
+def agreement(router: str) -> dict[str, float]:
+    workers = get(router + "/debug/stats")["workers"]
+    cached = sum(w["cached_tokens"] for w in workers)
+    agreed = sum(w["agreed_tokens"] for w in workers)
+    return {
+        "agreement": round(agreed / cached, 4) if cached else 0.0,
+        "cached_tokens": cached,
+        "predicted_tokens": sum(w["predicted_tokens"] for w in workers),
+        "prompt_tokens": sum(w["prompt_tokens"] for w in workers),
+        "requests_observed": sum(w["completed"] for w in workers),
+        "corrections": sum(w["corrections"] for w in workers),
+    }
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+def stream_chat(router: str, conversations: int = 6, turns: int = 4) -> dict[str, float]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=router + "/v1", api_key="none", max_retries=0)
+    rng = random.Random(1)
+    system = "You are a careful assistant. " + sentence(rng, 400)
+    histories = [[{"role": "system", "content": system}] for _ in range(conversations)]
+    for _ in range(turns):
+        for history in histories:  # conversations interleave, turn by turn
+            history.append({"role": "user", "content": sentence(rng, 20)})
+            stream = client.chat.completions.create(
+                model="default",
+                messages=history,
+                stream=True,
+                max_tokens=32,  # type: ignore[arg-type]
+            )
+            answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            history.append({"role": "assistant", "content": answer})
+    return agreement(router)
+
+
+def mixed_traffic(router: str, rounds: int = 8) -> dict[str, float]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=router + "/v1", api_key="none", max_retries=0)
+    rng = random.Random(2)
+    chat_system = "Answer briefly. " + sentence(rng, 300)
+    documents = [sentence(rng, 300) for _ in range(2)]
+    id_prefixes = [[rng.randrange(1000, 150_000) for _ in range(600)] for _ in range(2)]
+    chats = [[{"role": "system", "content": chat_system}] for _ in range(2)]
+    for i in range(rounds):
+        for n, history in enumerate(chats):
+            history.append({"role": "user", "content": sentence(rng, 15)})
+            if (i + n) % 2:
+                reply = client.chat.completions.create(
+                    model="default",
+                    messages=history,
+                    max_tokens=24,  # type: ignore[arg-type]
+                )
+                answer = reply.choices[0].message.content or ""
+            else:
+                stream = client.chat.completions.create(
+                    model="default",
+                    messages=history,
+                    stream=True,
+                    max_tokens=24,  # type: ignore[arg-type]
+                )
+                answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            history.append({"role": "assistant", "content": answer})
+        for document in documents:
+            prompt = document + " Question: " + sentence(rng, 12)
+            client.completions.create(model="default", prompt=prompt, max_tokens=16)
+        for prefix in id_prefixes:
+            ids = prefix + [rng.randrange(1000, 150_000) for _ in range(40)]
+            post(router + "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 8}})
+    return agreement(router)
+
+
+def chat_token_key_us() -> dict[str, float]:
+    import statistics
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from sglang_dp.router.keys import CHAT, HFEncoder, route_request
+
+    rng = random.Random(3)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4256,
+        special_tokens=["<s>", "<|start|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([sentence(rng, 200) for _ in range(200)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        fast.save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    encoder = HFEncoder(tokenizer)
+    whole = HFEncoder(tokenizer)
+    whole._splitter = None  # encodes every conversation whole
+    system = {"role": "system", "content": sentence(rng, 500)}
+    histories: list[list[dict[str, str]]] = [[system] for _ in range(8)]
+    costs: dict[str, list[float]] = {"memo": [], "whole": []}
+    for _ in range(8):
+        for history in histories:
+            history.append({"role": "user", "content": sentence(rng, 40)})
+            raw = json.dumps({"messages": history}).encode()
+            for name, which in (("memo", encoder), ("whole", whole)):
+                start = time.perf_counter()
+                route_request(CHAT, raw, which)
+                costs[name].append((time.perf_counter() - start) * 1e6)
+            history.append({"role": "assistant", "content": sentence(rng, 40)})
+    return {
+        "chat_token_key_us_p50": round(statistics.median(costs["memo"]), 1),
+        "chat_token_key_us_p50_whole": round(statistics.median(costs["whole"]), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    result: dict[str, Any] = {}
+    with ExitStack() as stack:
+        chat = stream_chat(cluster(stack))
+    with ExitStack() as stack:
+        mixed = mixed_traffic(cluster(stack))
+    result["stream_chat_prediction_agreement"] = chat["agreement"]
+    result["mixed_traffic_prediction_agreement"] = mixed["agreement"]
+    result |= chat_token_key_us()
+    result["stream_chat"] = chat
+    result["mixed_traffic"] = mixed
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, value in result.items():
+            print(f"{name:>36}  {value}")
+
+
+if __name__ == "__main__":
+    main()
