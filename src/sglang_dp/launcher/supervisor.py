@@ -441,8 +441,10 @@ class Supervisor:
         """Follow a ready worker's health (the monitor's) until its process exits, or until it
         has been unhealthy for `unhealthy_restart` s (it is stopped then); why it ended."""
         assert w.exited is not None and w.proc is not None and w.ready_at is not None
+        wait = self._health_interval
         while True:
-            await asyncio.wait([w.exited], timeout=self._health_interval)
+            await asyncio.wait([w.exited], timeout=wait)
+            wait = self._health_interval
             if w.exited.done():
                 return _describe_exit(w.exited.result())
             view = self._health.health_of(w.spec.url)
@@ -462,6 +464,8 @@ class Supervisor:
                     self._event(w, f"{reason}: stopping it to restart it")
                     await w.proc.terminate(min(self._kill_grace, HUNG_KILL_GRACE_S))
                     return reason
+                if self._unhealthy_restart:  # look again when its time is up, not later
+                    wait = min(wait, max(0.01, self._unhealthy_restart - for_s))
 
     def _became_ready(self, w: _Worker) -> None:
         w.ready_at = self._clock()

@@ -162,13 +162,14 @@ class WorkerMonitor:
 
     async def _check(self, health: WorkerHealth) -> None:
         assert self._session is not None
+        asked = self._clock()
         result = await probe(self._session, health.url, "/health", self._headers)
         if health.url not in self.workers:
             return  # removed while checking
         if result.ok:
             await self._succeed(health)
-        else:
-            self._fail(health, result.error, refused=result.refused)
+        else:  # unresponsive since it was asked, not since the probe gave up on it
+            self._fail(health, result.error, refused=result.refused, at=asked)
 
     async def _succeed(self, health: WorkerHealth) -> None:
         if health.state != "healthy":
@@ -186,11 +187,16 @@ class WorkerMonitor:
             await self._read_capacity(health)
 
     def _fail(
-        self, health: WorkerHealth, error: str, refused: bool, immediately: bool = False
+        self,
+        health: WorkerHealth,
+        error: str,
+        refused: bool,
+        immediately: bool = False,
+        at: float | None = None,
     ) -> None:
         health.failures += 1
         if health.failing_since is None:
-            health.failing_since = self._clock()
+            health.failing_since = self._clock() if at is None else at
         health.last_error = error
         health.refused = health.refused or refused
         down = refused or immediately or health.failures >= FAILURES_BEFORE_DOWN
