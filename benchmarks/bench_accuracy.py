@@ -27,17 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.process import free_port
+from support import get_json, process, wait_until
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 WORDS = [
@@ -58,23 +57,6 @@ WORDS = [
 ]
 
 
-@contextmanager
-def process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own session; its process group is stopped (TERM, then KILL) at the end."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        yield proc
-    finally:
-        stop_group(proc)
-
-
-def get(url: str, timeout: float = 5) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 def healthy(url: str) -> bool:
     with urllib.request.urlopen(url + "/health", timeout=2) as resp:
         return bool(resp.status == 200)
@@ -85,21 +67,6 @@ def post(url: str, body: dict[str, Any]) -> Any:
     request = urllib.request.Request(url, data, {"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as resp:
         return json.loads(resp.read())
-
-
-def wait_until(ready: Any, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if ready():
-                return
-        except (OSError, urllib.error.HTTPError, ValueError):
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 def cluster(stack: ExitStack, workers: int = 2) -> str:
@@ -116,12 +83,14 @@ def cluster(stack: ExitStack, workers: int = 2) -> str:
     argv = [SGLANG_DP, "router", "--worker-urls", *urls, "--port", str(port)]
     router = stack.enter_context(process([*argv, "--log-level", "warning"]))
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: get(url + "/readiness")["healthy_workers"] >= workers, router, "the router")
+    wait_until(
+        lambda: get_json(url + "/readiness")["healthy_workers"] >= workers, router, "the router"
+    )
     return url
 
 
 def agreement(router: str) -> dict[str, float]:
-    workers = get(router + "/debug/stats")["workers"]
+    workers = get_json(router + "/debug/stats")["workers"]
     cached = sum(w["cached_tokens"] for w in workers)
     agreed = sum(w["agreed_tokens"] for w in workers)
     return {

@@ -34,8 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,9 @@ import httptools
 import psutil
 import uvloop
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.process import free_port
 from sglang_dp.router.upstream import UpstreamError, UpstreamPool
+from support import get_json, process, wait_until
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 RESULTS = Path(__file__).with_name("results_faults.json")
@@ -68,26 +68,6 @@ TARGETS = {
 }
 
 
-@contextmanager
-def process(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own session; TERM to its process group at the end, KILL if it lingers."""
-    proc = subprocess.Popen(
-        [*argv, "--log-level", "error"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        stop_group(proc)
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=2) as reply:
-        return json.loads(reply.read())
-
-
 def healthy_workers(url: str) -> int:
     """The router's /readiness count (its 503 when none is healthy included)."""
     try:
@@ -96,24 +76,11 @@ def healthy_workers(url: str) -> int:
         return int(json.loads(refused.read())["healthy_workers"])
 
 
-def wait_until(check: Any, proc: subprocess.Popen[bytes], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
 def start_worker(stack: ExitStack, *args: str) -> str:
     port = free_port()
-    proc = stack.enter_context(process([SGLANG_DP, "sim-worker", "--port", str(port), *args]))
+    proc = stack.enter_context(
+        process([SGLANG_DP, "sim-worker", "--port", str(port), *args, "--log-level", "error"])
+    )
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: get_json(url + "/get_model_info"), proc, f"worker {url}")
     return url
@@ -124,7 +91,7 @@ def start_router(
 ) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     argv = [SGLANG_DP, "router", "--port", str(port), "--worker-urls", *workers, *args]
-    proc = stack.enter_context(process(argv))
+    proc = stack.enter_context(process([*argv, "--log-level", "error"]))
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: healthy_workers(url) == len(workers), proc, "router")
     return url, proc

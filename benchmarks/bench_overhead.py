@@ -52,8 +52,9 @@ from typing import Any
 import psutil
 import uvloop
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.process import free_port
 from sglang_dp.router.upstream import UpstreamPool
+from support import process
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 RESULTS = Path(__file__).with_name("results_overhead.json")
@@ -124,24 +125,6 @@ class Target:
 
 
 # --- processes
-
-
-@contextmanager
-def process(
-    argv: list[str], env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own session; TERM to its process group at the end, KILL if it lingers."""
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        yield proc
-    finally:
-        stop_group(proc)
 
 
 def answers(url: str) -> bool:
