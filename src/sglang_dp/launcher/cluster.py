@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
@@ -68,7 +70,7 @@ def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
             gpus=gpus,
             base_port=config.base_port,
             log_dir=Path(config.log_dir),
-            worker_args=("--enable-cache-report", *config.worker_args),
+            worker_args=config.all_worker_args,
             simulate=config.simulate,
             python=python,
             accepts_nccl_port=config.simulate or sglang_accepts_nccl_port(python),
@@ -89,7 +91,7 @@ def clear_leftovers(config: LaunchConfig) -> list[str]:
     if not found:
         return []
     pids = [pid for leftover in found for pid in leftover.pids]
-    launchers = sorted({f.launcher for f in found if f.launcher and _alive(f.launcher)})
+    launchers = sorted({f.launcher for f in found if f.launcher and psutil.pid_exists(f.launcher)})
     running = (
         f" (its launcher, pid {', '.join(map(str, launchers))}, still runs)" if launchers else ""
     )
@@ -106,16 +108,6 @@ def clear_leftovers(config: LaunchConfig) -> list[str]:
             f"could not kill pid(s) {' '.join(map(str, survivors))} of an earlier launch"
         )
     return [f"killed {len(pids)} process(es) left by an earlier launch: {' '.join(map(str, pids))}"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_ports(config: LaunchConfig, specs: list[WorkerSpec]) -> None:

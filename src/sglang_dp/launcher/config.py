@@ -115,6 +115,11 @@ class LaunchConfig:
             raise ValueError("--log-keep must be >= 0")
         self._check_ray()
 
+    @property
+    def all_worker_args(self) -> tuple[str, ...]:
+        """Every worker's extra flags: the cache report the router corrects from, then ours."""
+        return ("--enable-cache-report", *self.worker_args)
+
     def _check_ray(self) -> None:
         if self.ray is None:
             if self.placement != "pack":

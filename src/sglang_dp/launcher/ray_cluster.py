@@ -92,7 +92,7 @@ def template_specs(config: LaunchConfig, log_dir: Path) -> list[WorkerSpec]:
             gpus=virtual,
             base_port=config.base_port,
             log_dir=log_dir,
-            worker_args=("--enable-cache-report", *config.worker_args),
+            worker_args=config.all_worker_args,
             simulate=config.simulate,
             python=sys.executable,
             accepts_nccl_port=True,
@@ -112,7 +112,7 @@ def requests_for(specs: list[WorkerSpec], config: LaunchConfig) -> dict[int, Wor
             tp=config.tp,
             model_path=config.model,
             simulate=config.simulate,
-            worker_args=("--enable-cache-report", *config.worker_args),
+            worker_args=config.all_worker_args,
             base_port=config.base_port,
             log_path=str(spec.log_path),
         )

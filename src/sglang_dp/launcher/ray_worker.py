@@ -172,10 +172,8 @@ def free_band(request: WorkerRequest, layout: PortLayout, host: str) -> int:
 class RayWorkerProcess:
     """The driver's handle on one run of a worker in an actor (see the module docstring)."""
 
-    def __init__(self, spec: WorkerSpec, actor: Any, started: Started, local: bool) -> None:
+    def __init__(self, spec: WorkerSpec, actor: Any, started: Started) -> None:
         self.spec = spec
-        self.node_id = started.node_id
-        self.is_local = local  # on the driver's node: psutil can see its processes
         self._actor = actor
         self._pid = started.pid
         self._tail: list[str] = []
@@ -257,7 +255,6 @@ class RayWorkers:
         self._requests = requests
         self._start_timeout = start_timeout
         self._actor_class = ray.remote(WorkerActor)
-        self._driver_node = ray.get_runtime_context().get_node_id()
 
     async def spawn(self, spec: WorkerSpec) -> RayWorkerProcess:
         """Start worker `spec.index` in a new actor on its bundle; OSError if it cannot be."""
@@ -288,9 +285,7 @@ class RayWorkers:
         except BaseException:  # cancelled: no actor may outlive its handle
             kill_actor(actor)
             raise
-        return RayWorkerProcess(
-            _spec_of(started, spec), actor, started, started.node_id == self._driver_node
-        )
+        return RayWorkerProcess(_spec_of(started, spec), actor, started)
 
 
 def _spec_of(started: Started, template: WorkerSpec) -> WorkerSpec:

@@ -428,7 +428,7 @@ class Supervisor:
             if self._clock() - w.started_at > self._startup_timeout:
                 await w.proc.terminate(self._kill_grace)
                 return f"not ready after {self._startup_timeout:g} s (still {w.state})"
-            probed = await self._probe_while_alive(w, full=True)
+            probed = await self._probe_while_alive(w)
             if probed is None:
                 break
             if probed[0] == READY:
@@ -544,12 +544,12 @@ class Supervisor:
 
     # ------------------------------------------------------------------ helpers
 
-    async def _probe_while_alive(self, w: _Worker, full: bool) -> tuple[str, str] | None:
+    async def _probe_while_alive(self, w: _Worker) -> tuple[str, str] | None:
         """The probe's result, or None if the process exits first (a dying worker, or another
         program on its port that accepts but never answers, must not hold us for the timeout).
         """
         assert w.exited is not None
-        probe = asyncio.ensure_future(self._probe(w, full))
+        probe = asyncio.ensure_future(self._probe(w))
         either: list[asyncio.Future[Any]] = [probe, w.exited]
         try:
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -559,10 +559,10 @@ class Supervisor:
                 await asyncio.gather(probe, return_exceptions=True)
         return None if w.exited.done() or probe.cancelled() else probe.result()
 
-    async def _probe(self, w: _Worker, full: bool) -> tuple[str, str]:
-        """(DOWN | LOADING | READY, what went wrong): /health, and /get_model_info if full."""
+    async def _probe(self, w: _Worker) -> tuple[str, str]:
+        """(DOWN | LOADING | READY, what went wrong): /health, then /get_model_info."""
         assert self._session is not None
-        for path in ("/health", "/get_model_info") if full else ("/health",):
+        for path in ("/health", "/get_model_info"):
             result = await probe(self._session, w.spec.url, path, w.headers)
             if not result.ok:
                 return (DOWN if result.refused else LOADING), result.error
