@@ -93,7 +93,8 @@ class StreamTap:
                     continue
                 if isinstance(choices, list) and choices:
                     self._collect(choices[0])
-            kept.append(event + EVENT_END)
+            if self._strip:  # only then can an event be left out
+                kept.append(event + EVENT_END)
         if not dropped:
             return complete
         return b"".join(kept)
@@ -112,7 +113,7 @@ class StreamTap:
 
 
 def _event_data(event: bytes) -> bytes:
-    """The data of one SSE event (its `data:` lines joined), stripped."""
+    """The data of one SSE event (a single `data:` line, as SGLang writes them), stripped."""
     line = event.strip()
     if line.startswith(b"data:"):
         return line[5:].strip()
@@ -130,11 +131,9 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
 def last_data_event(events: bytes) -> bytes:
     """The data of the last `data: {...}` event in `events` (`[DONE]` and comments skipped)."""
     for event in reversed(events.split(EVENT_END)):
-        line = event.strip()
-        if line.startswith(b"data:"):
-            data = line[5:].strip()
-            if data.startswith(b"{"):
-                return data
+        data = _event_data(event)
+        if data.startswith(b"{"):
+            return data
     return b""
 
 

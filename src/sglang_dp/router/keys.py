@@ -358,13 +358,11 @@ def _find(haystack: list[int], needle: list[int]) -> int:
 
 
 def _is_ids(values: list[Any]) -> bool:
-    """Token ids: non-empty, all integers in array('I')'s range (checked in C)."""
+    """Token ids: non-empty, all integers in array('I')'s range."""
     if not values or not all(type(v) is int for v in values):
         return False
-    try:
-        array("I", values)
-    except OverflowError:
-        raise InvalidRequest(f"token ids must be integers from 0 to {MAX_TOKEN_ID}") from None
+    if min(values) < 0 or max(values) > MAX_TOKEN_ID:
+        raise InvalidRequest(f"token ids must be integers from 0 to {MAX_TOKEN_ID}")
     return True
 
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -389,27 +390,14 @@ class RadixTree:
         return tenant in self._evictions
 
     def evict(self, tenant: str, max_size: int) -> int:
-        """Drop `tenant`'s least recently used leaves until it holds <= `max_size` elements."""
-        before = self.size(tenant)
-        if before <= max_size:
-            return 0
-        heap = [
-            (node.tenants[tenant], next(self._seq), node)
-            for node in self._held_nodes(tenant)
-            if not self._holds_a_child(node, tenant)
-        ]
-        heapq.heapify(heap)
-        while heap and self._sizes[tenant] > max_size:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            self._drop(node, tenant)
-            if (
-                parent is not None
-                and parent is not self._root
-                and not self._holds_a_child(parent, tenant)
-            ):
-                heapq.heappush(heap, (parent.tenants[tenant], next(self._seq), parent))
-        return before - self._sizes[tenant]
+        """Drop `tenant`'s least recently used leaves until it holds <= `max_size` elements, in
+        one call: `evict_step` with no bound on its work (a step that only frees a finished
+        eviction's heap is followed by the real one)."""
+        removed = 0
+        while True:
+            removed += self.evict_step(tenant, max_size, sys.maxsize)
+            if not self.evicting(tenant):
+                return removed
 
     def evict_global(
         self, max_total: int, max_memory: int | None = None, max_leaves: int | None = None

@@ -34,6 +34,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sglang_dp.sim.calibration import attention_pairs
 from sglang_dp.sim.config import SimConfig
 
 GIB = 1 << 30
@@ -144,7 +145,7 @@ class CostModel:
         pairs = 0.0
         for cached, new in requests:
             tokens += new
-            pairs += new * cached + new * (new + 1) / 2
+            pairs += attention_pairs(cached, new)
         gpu = self.prefill_fixed_s + tokens / self.prefill_tokens_per_s
         return max(self.prefill_floor_s, gpu + self.prefill_per_pair_s * pairs)
 
