@@ -569,9 +569,7 @@ class _Connection(asyncio.Protocol):
         self._active = None
         self.tick = self._server.tick  # the idle time counts from the end of the response
         if not keep_alive or (self._server.shutting_down and not self._queue):
-            self.closed = True  # what the client pipelined after it is not answered
-            if self._transport is not None:
-                self._transport.close()
+            self.close_now()  # what the client pipelined after it is not answered
             return
         if self._queue:
             asyncio.get_running_loop().call_soon(self._dispatch_next)
@@ -593,7 +591,6 @@ class HttpServer:
         self.handler = handler
         self.max_body = max_body
         self.request_timeout = request_timeout
-        self.keepalive_timeout = keepalive_timeout
         self.max_connections = max_connections
         self.connections: set[_Connection] = set()
         self.shutting_down = False

@@ -428,18 +428,14 @@ class Proxy:
     ) -> bool:
         """A whole answer from the worker: relayed to the client, or (a status worth another
         worker) settled as a failure. True: try another worker."""
-        content_type, lines = relayed_headers(headers)
+        content_type, extra = self._client_head(job, dispatch.worker, headers)
         if status in RETRY_STATUSES:
             answer = (status, payload, content_type)
             return self._settle(job, dispatch, Fault.STATUS, f"answered {status}", answer)
-        worker = dispatch.worker
-        extra = job.rid_header + self._worker_line(worker) + lines
         job.responder.send(status, payload, content_type, extra)
         if status == 200:
             self._observe_body(dispatch, job.routed, payload)
-        job.release()
-        self._metrics.count(worker, status)
-        self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
+        self._finished(job, dispatch.worker, status)
         return False
 
     async def _relay_stream(
@@ -448,8 +444,7 @@ class Proxy:
         """Pass every chunk on as it arrives, waiting while the client's buffer is full (so
         the worker is not read meanwhile); then correct from the last complete SSE event."""
         responder = job.responder
-        content_type, lines = relayed_headers(upstream.headers)
-        extra = job.rid_header + self._worker_line(dispatch.worker) + lines
+        content_type, extra = self._client_head(job, dispatch.worker, upstream.headers)
         tap = StreamTap(job.routed.path, job.routed.strip_usage)
         responder.start_stream(upstream.status, content_type, extra)
         async for chunk in upstream:
@@ -462,8 +457,19 @@ class Proxy:
                     await drained
         responder.end()
         self._observe_stream(dispatch, job.routed, tap)
+        self._finished(job, dispatch.worker, upstream.status)
+
+    def _client_head(
+        self, job: _Job, worker: str, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes]:
+        """(content-type, header lines) of the client's answer relayed from `worker`'s."""
+        content_type, lines = relayed_headers(headers)
+        return content_type, job.rid_header + self._worker_line(worker) + lines
+
+    def _finished(self, job: _Job, worker: str, status: int) -> None:
+        """The worker's answer reached the client: end the attempt and count it."""
         job.release()
-        self._metrics.count(dispatch.worker, upstream.status)
+        self._metrics.count(worker, status)
         self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
 
     def _observe_body(self, dispatch: Dispatch, routed: Routed, payload: bytes) -> None:
