@@ -583,12 +583,16 @@ class SimWorker:
     def _model(self, parsed: api.ApiRequest) -> str:
         return parsed.model or self.config.model_name
 
-    def _instant_events(self, call: _Call, item: _Item) -> bytes:
-        """--instant streaming: the progress events, all at once (written with the last one)."""
+    def _instant_events(
+        self, call: _Call, item: _Item, start: int = 1, stop: int | None = None
+    ) -> bytes:
+        """--instant streaming: the progress events of tokens `start` to `stop` (exclusive;
+        default: the last one, which the final events carry), all at once."""
         step = max(1, self.config.stream_interval)
+        end = item.req.generated if stop is None else stop
         return b"".join(
             self._event(call, item, self._result(item, k), first=k == 1)
-            for k in range(1, item.req.generated, step)
+            for k in range(start, end, step)
         )
 
     def _final_events(self, call: _Call, item: _Item) -> bytes:
@@ -646,12 +650,7 @@ class SimWorker:
         limit = self.config.stall_after_tokens
         if limit is not None and item.req.generated > limit and not item.stall_until:
             if self.config.instant:  # what comes before the stall goes out now
-                step = max(1, self.config.stream_interval)
-                events = [
-                    self._event(call, item, self._result(item, k), first=k == 1)
-                    for k in range(1, limit + 1, step)
-                ]
-                responder.write(b"".join(events))
+                responder.write(self._instant_events(call, item, 1, limit + 1))
                 item.req.emitted = limit
             item.stall_until = self._loop.time() + self.config.stall_secs
         if item.stall_until:
@@ -659,16 +658,9 @@ class SimWorker:
             if left > 0:
                 self._loop.call_later(left, self._end_stream, call, item, responder)
                 return
-            if self.config.instant:  # the events after the stall
-                step = max(1, self.config.stream_interval)
-                start = item.req.emitted + 1
-                rest = b"".join(
-                    self._event(call, item, self._result(item, k))
-                    for k in range(start, item.req.generated, step)
-                )
-                responder.end(rest + self._final_events(call, item))
-                return
-        progress = self._instant_events(call, item) if self.config.instant else b""
+        # --instant: what was not sent before a stall (everything, without one: emitted is 0)
+        start = item.req.emitted + 1
+        progress = self._instant_events(call, item, start) if self.config.instant else b""
         responder.end(progress + self._final_events(call, item))
 
     def _final_body(self, call: _Call, parsed: api.ApiRequest) -> bytes:
