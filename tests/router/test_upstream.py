@@ -456,9 +456,11 @@ def test_connection_refused(run: Any) -> None:
     run(scenario)
 
 
-def test_running_out_of_file_descriptors_is_a_local_error(run: Any) -> None:
+def test_running_out_of_file_descriptors_is_a_local_error(run: Any, worker: Worker) -> None:
+    # The server is another process: one in this process would share the lowered limit, and
+    # its accept() could be the call that runs out, leaving the client waiting for a head.
     async def scenario() -> None:
-        async with answering(ok(b"{}")) as (url, _), pool_for_test() as pool:
+        async with pool_for_test() as pool:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             held: list[UpstreamResponse] = []
             # a limit a few descriptors above what is open now (this process only)
@@ -466,7 +468,7 @@ def test_running_out_of_file_descriptors_is_a_local_error(run: Any) -> None:
             try:
                 with pytest.raises(LocalResourceError, match="Too many open files"):
                     for _ in range(16):  # each held response keeps its connection busy
-                        held.append(await post(pool, url))
+                        held.append(await post_generate(pool, worker.url, generate()))
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             assert held  # some got through before the limit
