@@ -12,6 +12,7 @@ from sglang_dp.launcher.ray_cluster import (
     INSTALL_HINT,
     LOOPBACK_ENV,
     address_is_loopback,
+    split_address,
     template_specs,
 )
 from sglang_dp.launcher.run import run_launch
@@ -42,6 +43,11 @@ def test_options_that_do_not_go_with_ray_are_refused(
         ("127.0.0.1:6379", "127.0.0.1", True),
         ("10.0.0.1:6379", "127.0.0.1", False),
         ("auto", "127.0.0.1", False),
+        ("[::1]:6379", "127.0.0.1", True),
+        ("ray://[::1]:10001", "127.0.0.1", True),
+        ("ray://127.0.0.1:10001", "127.0.0.1", True),
+        ("[2001:db8::1]:6379", "127.0.0.1", False),
+        ("localhost:6379", "127.0.0.1", True),
     ],
 )
 def test_ray_is_kept_on_loopback_when_the_run_is(
@@ -49,6 +55,28 @@ def test_ray_is_kept_on_loopback_when_the_run_is(
 ) -> None:
     config = LaunchConfig(simulate=True, ray=ray, worker_host=worker_host)
     assert address_is_loopback(config) == loopback
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("10.0.0.1:6379", ("10.0.0.1", 6379)),
+        ("10.0.0.1", ("10.0.0.1", None)),
+        ("head.example:6379", ("head.example", 6379)),
+        ("[::1]:6379", ("::1", 6379)),
+        ("[::1]", ("::1", None)),
+        ("::1", ("::1", None)),
+        ("fe80::1:2", ("fe80::1:2", None)),
+        ("ray://[::1]:10001", ("::1", 10001)),
+        ("ray://head:10001", ("head", 10001)),
+        ("auto", ("auto", None)),
+        ("host:port", ("host", None)),
+    ],
+)
+def test_a_ray_address_splits_into_host_and_port(
+    address: str, expected: tuple[str, int | None]
+) -> None:
+    assert split_address(address) == expected
 
 
 def test_the_driver_plans_every_worker_and_refuses_flags_the_launcher_owns(tmp_path: Path) -> None:

@@ -72,12 +72,25 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def split_address(address: str) -> tuple[str, int | None]:
+    """(host, port or None) of a Ray address: `HOST:PORT`, `[V6]:PORT`, a bare host or IPv6
+    literal, each perhaps after `ray://`; brackets are dropped from the host."""
+    rest = address.split("://", 1)[-1]
+    if rest.startswith("["):
+        host, _, after = rest[1:].partition("]")
+        port = after.removeprefix(":")
+    elif rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+    else:  # no port, or an unbracketed IPv6 literal (which cannot carry one)
+        host, port = rest, ""
+    return host, int(port) if port.isdigit() else None
+
+
 def address_is_loopback(config: LaunchConfig) -> bool:
     """Whether this run talks to Ray over loopback only (module docstring)."""
     if config.ray == RAY_LOCAL:
         return is_loopback(config.worker_host)
-    host = (config.ray or "").rsplit(":", 1)[0].removeprefix("ray://")
-    return is_loopback(host)
+    return is_loopback(split_address(config.ray or "")[0])
 
 
 def template_specs(config: LaunchConfig, log_dir: Path) -> list[WorkerSpec]:
@@ -131,11 +144,11 @@ def alive_nodes(ray: ModuleType) -> list[NodeResources]:
 def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """LaunchError unless something accepts connections at a HOST:PORT address (Ray itself
     retries an unreachable one for minutes); other forms (auto, ray://) are left to Ray."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or "://" in address:
+    host, port = split_address(address)
+    if not host or port is None or "://" in address:
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout).close()
+        socket.create_connection((host, port), timeout).close()
     except OSError as exc:
         raise LaunchError(
             f"nothing answers at {address} ({exc.strerror or exc}): is the Ray head running "
