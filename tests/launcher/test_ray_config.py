@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from sglang_dp.launcher.config import RAY_LOCAL, LaunchConfig
+from sglang_dp.launcher.process import LogRotation
 from sglang_dp.launcher.ray_cluster import (
     INSTALL_HINT,
     LOOPBACK_ENV,
     address_is_loopback,
+    requests_for,
     split_address,
     template_specs,
 )
@@ -86,6 +88,12 @@ def test_the_driver_plans_every_worker_and_refuses_flags_the_launcher_owns(tmp_p
     bad = LaunchConfig(simulate=True, ray=RAY_LOCAL, worker_args=("--port", "1"))
     with pytest.raises(Exception, match="--port cannot be passed to the workers"):
         template_specs(bad, tmp_path)
+
+
+def test_each_ray_worker_is_asked_to_rotate_its_log_as_a_local_one_would(tmp_path: Path) -> None:
+    config = LaunchConfig(simulate=True, dp=2, ray=RAY_LOCAL, log_max_mb=0.5, log_keep=7)
+    requests = requests_for(template_specs(config, tmp_path), config)
+    assert {r.log_rotation for r in requests.values()} == {LogRotation(512 * 1024, 7)}
 
 
 def test_without_ray_installed_ray_says_how_to_get_it(

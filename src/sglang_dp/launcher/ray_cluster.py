@@ -38,7 +38,7 @@ from rich.markup import escape
 from sglang_dp.launcher.cluster import LaunchError
 from sglang_dp.launcher.config import RAY_LOCAL, LaunchConfig
 from sglang_dp.launcher.plan import WorkerSpec, plan_workers
-from sglang_dp.launcher.process import busy_ports
+from sglang_dp.launcher.process import LogRotation, busy_ports
 from sglang_dp.launcher.ray_plan import (
     RAY_STRATEGIES,
     NodeResources,
@@ -128,6 +128,7 @@ def requests_for(specs: list[WorkerSpec], config: LaunchConfig) -> dict[int, Wor
             worker_args=config.all_worker_args,
             base_port=config.base_port,
             log_path=str(spec.log_path),
+            log_rotation=LogRotation(config.log_rotation_bytes, config.log_keep),
         )
         for spec in specs
     }

@@ -50,6 +50,7 @@ from sglang_dp.launcher.plan import (
 )
 from sglang_dp.launcher.process import (
     KILL_WAIT_S,
+    LogRotation,
     WorkerProcess,
     busy_ports,
     sglang_accepts_nccl_port,
@@ -74,6 +75,7 @@ class WorkerRequest:
     worker_args: tuple[str, ...]
     base_port: int
     log_path: str  # absolute: the actor's working directory is Ray's
+    log_rotation: LogRotation
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class WorkerActor:
             simulated=request.simulate,
             host=host,
         )
-        self._proc = await WorkerProcess.spawn(spec)
+        self._proc = await WorkerProcess.spawn(spec, rotation=request.log_rotation)
         return Started(
             request.index, host, port, nccl_port, node_id, gpus, self._proc.pid, argv,
             request.log_path,
