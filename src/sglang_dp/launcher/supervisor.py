@@ -232,10 +232,8 @@ class Supervisor:
         self._retry_failed = retry_failed
         self._own_monitor: WorkerMonitor | None = None
         if health is None:
-            from sglang_dp.router.engine import RoutingEngine
-
             self._own_monitor = WorkerMonitor(
-                RoutingEngine(),
+                None,
                 interval=check_interval,
                 timeout=probe_timeout,
                 api_key=api_key_from_args(specs[0].argv) if specs else None,

@@ -86,11 +86,12 @@ async def probe(
 
 
 class WorkerMonitor:
-    """Checks workers' health and tells the engine who may take requests."""
+    """Checks workers' health and tells the engine who may take requests (with no engine, as
+    the launcher's supervisor runs it without a router: health only, capacity never read)."""
 
     def __init__(
         self,
-        engine: RoutingEngine,
+        engine: RoutingEngine | None,
         *,
         interval: float,
         timeout: float,
@@ -127,11 +128,12 @@ class WorkerMonitor:
         """Register a worker; it takes requests once a health check passes."""
         if url not in self.workers:
             self.workers[url] = WorkerHealth(url, since=self._clock())
-            self._engine.add_worker(url, healthy=False)
+            if self._engine is not None:
+                self._engine.add_worker(url, healthy=False)
             self._wake.set()
 
     def remove(self, url: str) -> None:
-        if self.workers.pop(url, None) is not None:
+        if self.workers.pop(url, None) is not None and self._engine is not None:
             self._engine.remove_worker(url)
 
     def report_failure(self, url: str, error: str, refused: bool) -> None:
@@ -174,16 +176,18 @@ class WorkerMonitor:
     async def _succeed(self, health: WorkerHealth) -> None:
         if health.state != "healthy":
             if health.refused and health.state == "unhealthy":
-                self._engine.reset_worker(health.url)
+                if self._engine is not None:
+                    self._engine.reset_worker(health.url)
                 self._on_event(f"{health.url} is back after a restart: its cache is empty")
             else:
                 self._on_event(f"{health.url} is healthy")
             health.state, health.failures, health.refused = "healthy", 0, False
             health.since = self._clock()
-            self._engine.set_healthy(health.url, True)
+            if self._engine is not None:
+                self._engine.set_healthy(health.url, True)
         health.failures = 0
         health.failing_since = None
-        if not health.capacity_known:
+        if self._engine is not None and not health.capacity_known:
             await self._read_capacity(health)
 
     def _fail(
@@ -206,12 +210,13 @@ class WorkerMonitor:
             health.state = "unhealthy"
             health.since = self._clock()
             health.capacity_known = False
-            self._engine.set_healthy(health.url, False)
+            if self._engine is not None:
+                self._engine.set_healthy(health.url, False)
 
     async def _read_capacity(self, health: WorkerHealth) -> None:
         import aiohttp
 
-        assert self._session is not None
+        assert self._session is not None and self._engine is not None
         try:
             async with self._session.get(
                 health.url + "/get_server_info", headers=self._headers
