@@ -84,6 +84,8 @@ def test_a_hot_prefix_spills_to_few_copies_not_everywhere() -> None:
     reasons = dict(engine.snapshot(0).reasons)
     assert reasons["imbalanced"] <= 3  # a new copy at most once per other worker
     assert reasons["imbalanced_hit"] >= 50  # the overflow follows the copies (70 with seed 0)
+    assert all(engine.decisions(reason) == n for reason, n in reasons.items())
+    assert engine.decisions("no such reason") == 0
     assert max(loads(engine).values()) - min(loads(engine).values()) <= 65
 
 

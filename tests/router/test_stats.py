@@ -59,7 +59,7 @@ def test_watch_imbalance_records_events_without_any_reader() -> None:
     events: list[str] = []
 
     async def scenario() -> None:
-        watching = asyncio.ensure_future(watch_imbalance(engine, events.append, lambda: 1.0, 0.01))
+        watching = asyncio.ensure_future(watch_imbalance(engine, events.append, 0.01))
         try:
             sent = iter(range(10**6))
 

@@ -434,6 +434,10 @@ class RoutingEngine:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def decisions(self, reason: str) -> int:
+        """How many routing decisions (or errors) so far had this reason."""
+        return self._reasons.get(reason, 0)
+
     def snapshot(self, now: float) -> EngineSnapshot:
         return EngineSnapshot(
             policy=self._policy.name,

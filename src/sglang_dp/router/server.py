@@ -120,7 +120,7 @@ class RouterServer:
         await self.monitor.start()
         await self.monitor.check_now()
         self._imbalance = asyncio.get_running_loop().create_task(
-            watch_imbalance(self.engine, self.record_event, self.state.clock)
+            watch_imbalance(self.engine, self.record_event)
         )
         files = raise_open_files_limit()
         # every client connection may need one to a worker, and the router some of its own

@@ -98,22 +98,20 @@ class ImbalanceWatch:
         return None
 
 
-def imbalanced_count(engine: RoutingEngine, now: float) -> int:
-    reasons = dict(engine.snapshot(now).reasons)
-    return sum(reasons.get(reason, 0) for reason in IMBALANCED)
+def imbalanced_count(engine: RoutingEngine) -> int:
+    return sum(engine.decisions(reason) for reason in IMBALANCED)
 
 
 async def watch_imbalance(
     engine: RoutingEngine,
     record: Callable[[str], None],
-    clock: Callable[[], float],
     interval: float = IMBALANCE_INTERVAL_S,
 ) -> None:
     """Every `interval` s, an event when the router enters or leaves imbalance mode."""
     watch = ImbalanceWatch()
-    watch.seen = imbalanced_count(engine, clock())  # what came before is not news
+    watch.seen = imbalanced_count(engine)  # what came before is not news
     while True:
         await asyncio.sleep(interval)
-        message = watch.update(imbalanced_count(engine, clock()))
+        message = watch.update(imbalanced_count(engine))
         if message:
             record(message)
