@@ -8,16 +8,16 @@
   the generated token ids where the worker reports them (`/generate`'s `output_ids`);
 - `outcome(routed, reply, ...)`: the `engine.Outcome` of an answer, its extended key included;
 - `StreamTap`: watches a relayed SSE stream chunk by chunk. `feed(chunk)` returns what to pass
-  on to the client and remembers the data of the last complete `data: {...}` event (the one
-  that carries `meta_info` / `usage`). It keeps only the bytes after the last event boundary
-  (`\\n\\n`), never a copy of the stream, and at most `MAX_PENDING` of them: a worker that never
-  ends an event cannot grow the router's memory. For OpenAI streams it also collects the
-  streamed output (choice 0's deltas, at most `MAX_OUTPUT` characters) so that it can be
-  inserted like a whole answer's; with `strip_usage` (the router asked for usage the client
-  did not) it passes on only complete events and drops the usage-only chunk (`choices: []`),
-  so the client receives byte for byte what the worker would have sent without the option.
-  An event still incomplete when the stream ends is then not passed on: SSE clients discard
-  an incomplete final event anyway.
+  on to the client and remembers the last complete `data: {...}` event (the one that carries
+  `meta_info` / `usage`; `last_reply()` gives it parsed, no event is parsed twice). It keeps
+  only the bytes after the last event boundary (`\\n\\n`), never a copy of the stream, and at
+  most `MAX_PENDING` of them: a worker that never ends an event cannot grow the router's memory.
+  For OpenAI streams it also collects the streamed output (choice 0's deltas, at most
+  `MAX_OUTPUT` characters) so that it can be inserted like a whole answer's; with `strip_usage`
+  (the router asked for usage the client did not) it passes on only complete events and drops
+  the usage-only chunk (`choices: []`), so the client receives byte for byte what the worker
+  would have sent without the option. An event still incomplete when the stream ends is then
+  not passed on: SSE clients discard an incomplete final event anyway.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class StreamTap:
     def __init__(self, path: str = GENERATE, strip_usage: bool = False) -> None:
         self._pending = b""  # what follows the last event boundary seen
         self._last = b""  # data of the last complete JSON event
+        self._last_reply: dict[str, Any] | None = None  # _last parsed (OpenAI events already are)
         self._openai = path != GENERATE
         self._chat = path == CHAT
         self._strip = strip_usage and self._openai
@@ -59,18 +60,20 @@ class StreamTap:
         if not self._openai:
             last = last_data_event(complete)
             if last:
-                self._last = last
+                self._last, self._last_reply = last, None
             return chunk
         kept = self._read_events(complete)
         return kept if self._strip else chunk
 
-    def last_event(self) -> bytes:
-        """The data of the last complete `data: {...}` event seen (b"" if none)."""
+    def last_reply(self) -> dict[str, Any] | None:
+        """The last complete `data: {...}` event seen, parsed (None if none, or not an object)."""
         if self._pending:  # a final event without its blank line still counts
             last = last_data_event(self._pending)
             if last:
-                return last
-        return self._last
+                return _json_object(last)
+        if self._last_reply is None and self._last:
+            self._last_reply = _json_object(self._last)
+        return self._last_reply
 
     def output(self) -> str | None:
         """The streamed output of an OpenAI stream (None for `/generate`: its last event
@@ -86,7 +89,7 @@ class StreamTap:
             data = _event_data(event)
             reply = _json_object(data) if data.startswith(b"{") else None
             if reply is not None:
-                self._last = data
+                self._last, self._last_reply = data, reply
                 choices = reply.get("choices")
                 if self._strip and choices == [] and "usage" in reply:
                     dropped = True

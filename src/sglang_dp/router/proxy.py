@@ -482,12 +482,8 @@ class Proxy:
             self._observe(dispatch, routed, first, None)
 
     def _observe_stream(self, dispatch: Dispatch, routed: Routed, tap: StreamTap) -> None:
-        event = tap.last_event()
-        try:
-            reply = orjson.loads(event) if event else None
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(reply, dict):
+        reply = tap.last_reply()
+        if reply is not None:
             # /generate's last event carries the whole text; OpenAI chunks only deltas
             self._observe(dispatch, routed, reply, tap.output())
 
