@@ -71,3 +71,31 @@ def test_streamed_chat_through_the_openai_client_is_corrected(two: Cluster) -> N
     assert total("cached_tokens") > 0
     assert total("agreed_tokens") >= 0.9 * total("cached_tokens")  # answers included
     assert total("corrections") == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_id_conversations_are_corrected_with_the_output_ids(
+    two: Cluster, stream: bool
+) -> None:
+    before = two.stats()["workers"]
+    # short prompts, long answers: a router blind to the output would predict half the hits
+    histories = [[5000 + 10 * stream + n, *range(20)] for n in range(3)]
+    for turn in range(3):
+        for history in histories:
+            history.extend([9000 + turn] * 4)  # the user's next question
+            body = {"input_ids": history, "sampling_params": {"max_new_tokens": 32}}
+            if stream:
+                history.extend(
+                    two.router.events("/generate", {**body, "stream": True})[-2]["output_ids"]
+                )
+            else:
+                history.extend(two.router.post("/generate", body).json()["output_ids"])
+    after = two.stats()["workers"]
+
+    def total(field: str) -> int:
+        return sum(w[field] for w in after) - sum(w[field] for w in before)
+
+    assert total("completed") == 9
+    assert total("cached_tokens") > 0
+    assert total("agreed_tokens") >= 0.9 * total("cached_tokens")  # answers included
+    assert total("corrections") == 0

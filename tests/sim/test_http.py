@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 
+from sglang_dp.sim.tokenizer import WordTokenizer
 from tests.processes import Worker, make_hf_tokenizer, sim_worker, wait_for
 
 WORDS = " ".join(f"w{i}" for i in range(300))
@@ -97,6 +98,20 @@ def test_generate_batch_and_input_ids(worker: Worker) -> None:
     assert ids["meta_info"]["prompt_tokens"] == 4
 
 
+def test_generate_reports_the_output_ids_a_next_turn_hits_in_the_cache(worker: Worker) -> None:
+    prompt = list(range(1000, 1040))
+    first = worker.post(
+        "/generate", {"input_ids": prompt, "sampling_params": {"max_new_tokens": 6}}
+    ).json()
+    out = first["output_ids"]
+    assert len(out) == 6 and WordTokenizer().encode(first["text"]) == out
+    turn = worker.post(
+        "/generate", {"input_ids": prompt + out + [7], "sampling_params": {"max_new_tokens": 1}}
+    ).json()
+    # the last output token was never run through the model: it is not in the cache
+    assert turn["meta_info"]["cached_tokens"] == len(prompt) + len(out) - 1
+
+
 def test_generate_stop_string(worker: Worker) -> None:
     full = generate(worker, "stop test", 20)["text"]
     stop = " " + full.split()[3]
@@ -118,6 +133,8 @@ def test_generate_stream_is_cumulative(worker: Worker) -> None:
     assert counts[0] == 1 and counts[-1] == 9 and len(counts) <= 1 + 9 // 2 + 1  # interval 2
     assert events[-2]["meta_info"]["finish_reason"]["type"] == "length"
     assert texts[-1] == generate(worker, "stream me", 9)["text"]
+    ids = [e["output_ids"] for e in events[:-1]]
+    assert [len(i) for i in ids] == counts and ids[-1][: len(ids[0])] == ids[0]
 
 
 @pytest.mark.parametrize(

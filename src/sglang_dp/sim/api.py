@@ -1,8 +1,9 @@
 """Request parsing and response shapes of SGLang's generation routes (pure, no I/O).
 
 - `/generate`: `text` (str or list) or `input_ids` (list or list of lists), `sampling_params`
-  (dict, or one per input), `stream`, `rid`. Response `{"text", "meta_info": {...}}`, a list
-  for list inputs; streamed events carry the CUMULATIVE text.
+  (dict, or one per input), `stream`, `rid`. Response `{"text", "output_ids", "meta_info":
+  {...}}`, a list for list inputs; streamed events carry the CUMULATIVE text and ids (SGLang's
+  default, without --incremental-streaming-output).
 - `/v1/completions`, `/v1/chat/completions`: OpenAI shapes; streamed chunks carry deltas.
   Chat prompts use a built-in template, one `<|role|>\\ncontent\\n` block per message and an
   `<|assistant|>\\n` header, so a conversation's prompt is a prefix of its next turn's (multi-turn
@@ -63,6 +64,7 @@ class Result:
     cached_tokens: int
     finish_reason: dict[str, Any] | None
     e2e_latency: float = 0.0
+    output_ids: list[int] = field(default_factory=list)  # the generated ids so far
 
 
 def _is_int(x: Any) -> bool:
@@ -283,8 +285,8 @@ def meta_info(r: Result) -> dict[str, Any]:
 
 
 def generate_body(r: Result) -> dict[str, Any]:
-    """One `/generate` answer (or streamed event: same shape, cumulative text)."""
-    return {"text": r.text, "meta_info": meta_info(r)}
+    """One `/generate` answer (or streamed event: same shape, cumulative text and ids)."""
+    return {"text": r.text, "output_ids": r.output_ids, "meta_info": meta_info(r)}
 
 
 def openai_finish(reason: dict[str, Any] | None) -> str | None:

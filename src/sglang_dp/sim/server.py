@@ -544,8 +544,9 @@ class SimWorker:
         else:
             text, reason, latency = self.outputs.text(out.start, tokens), None, 0.0
         return api.Result(
-            req.rid, text, len(req.prompt), tokens, req.cached_tokens, reason, latency
-        )
+            req.rid, text, len(req.prompt), tokens, req.cached_tokens, reason, latency,
+            out.ids[:tokens],
+        )  # fmt: skip
 
     def _progress(self, call: _Call, item: _Item, tokens: int) -> None:
         """Stream the text generated so far."""
