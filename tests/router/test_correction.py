@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from tests.processes import make_chat_tokenizer
 from tests.router.cluster import Cluster, cluster
 
 SYSTEM = " ".join(f"rule{i}" for i in range(300))
@@ -99,3 +101,30 @@ def test_token_id_conversations_are_corrected_with_the_output_ids(
     assert total("cached_tokens") > 0
     assert total("agreed_tokens") >= 0.9 * total("cached_tokens")  # answers included
     assert total("corrections") == 0
+
+
+def test_token_keyed_chat_agrees_with_a_worker_using_the_same_chat_template(
+    tmp_path: Path,
+) -> None:
+    folder = str(make_chat_tokenizer(tmp_path / "tok"))
+    worker_args = ("--time-scale", "1000", "--enable-cache-report", "--tokenizer-path", folder)
+    router_args = ("--routing-key", "tokens", "--tokenizer-path", folder)
+    with cluster(2, *router_args, worker_args=worker_args) as c:
+        client = openai.OpenAI(base_url=c.router.url + "/v1", api_key="x", max_retries=0)
+        histories: list[list[Any]] = [
+            [{"role": "system", "content": f"conversation {n}: the capital of France is Paris"}]
+            for n in range(3)
+        ]
+        for turn in range(3):
+            for history in histories:
+                history.append({"role": "user", "content": f"hello world {turn}"})
+                stream = client.chat.completions.create(
+                    model="m", messages=history, stream=True, max_tokens=12
+                )
+                answer = "".join(x.choices[0].delta.content or "" for x in stream if x.choices)
+                history.append({"role": "assistant", "content": answer})
+        workers = c.stats()["workers"]
+    cached = sum(w["cached_tokens"] for w in workers)
+    assert sum(w["completed"] for w in workers) == 9 and cached > 0
+    assert sum(w["agreed_tokens"] for w in workers) >= 0.9 * cached
+    assert sum(w["corrections"] for w in workers) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -25,11 +24,7 @@ from sglang_dp.router.keys import (
     route_request,
     without_last_token,
 )
-
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>"
-    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant\n{% endif %}"
-)
+from tests.processes import make_chat_tokenizer
 
 
 class Chars:
@@ -48,24 +43,9 @@ def routed(path: str, body: object, encode: Any = None) -> Routed:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A tiny byte-level BPE tokenizer with a chat template, trained here (nothing downloads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<s>", "<|start|>", "<|end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    corpus = ["hello world, the capital of France is Paris. " * 20, "You are a helpful assistant."]
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
-    fast.chat_template = TEMPLATE
-    folder: Path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(str(folder))
+    folder = make_chat_tokenizer(tmp_path_factory.mktemp("tokenizer"))
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

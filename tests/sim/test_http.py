@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from sglang_dp.sim.tokenizer import WordTokenizer
-from tests.processes import Worker, make_hf_tokenizer, sim_worker, wait_for
+from tests.processes import Worker, make_chat_tokenizer, make_hf_tokenizer, sim_worker, wait_for
 
 WORDS = " ".join(f"w{i}" for i in range(300))
 
@@ -404,3 +404,21 @@ def test_module_entry_startup_tokenizer_and_unknown_flags(tmp_path: Path) -> Non
     assert len(warnings) == 1 and "--watchdog-timeout 300" in warnings[0]
     assert "dfs-weight is not modelled" in log.read_text()
     assert "org/hub-name is not a local folder" in log.read_text()
+
+
+def test_chat_follows_the_tokenizers_chat_template(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = make_chat_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    history = [{"role": "user", "content": "hello world, the capital of France is"}]
+    with sim_worker("--tokenizer-path", str(folder), "--enable-cache-report") as w:
+        first = w.post("/v1/chat/completions", {"messages": history, "max_tokens": 5}).json()
+        text = tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        # as SGLang: the template's tokens (its own BOS), no special token added to them
+        assert first["usage"]["prompt_tokens"] == len(tok.encode(text, add_special_tokens=False))
+        answer = first["choices"][0]["message"]["content"]
+        history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Paris"}]
+        second = w.post("/v1/chat/completions", {"messages": history, "max_tokens": 5}).json()
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"]  # the last turn's prompt is a prefix

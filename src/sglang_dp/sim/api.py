@@ -7,7 +7,8 @@
 - `/v1/completions`, `/v1/chat/completions`: OpenAI shapes; streamed chunks carry deltas.
   Chat prompts use a built-in template, one `<|role|>\\ncontent\\n` block per message and an
   `<|assistant|>\\n` header, so a conversation's prompt is a prefix of its next turn's (multi-turn
-  cache hits work as with a real chat template).
+  cache hits work as with a real chat template); a `--tokenizer-path` tokenizer that has a chat
+  template renders them instead (`Tokenizer.encode_chat`, given `ApiRequest.messages`).
 
 Anything malformed raises `BadRequest` (the shell answers 400 with a JSON error); nothing here
 can raise anything else on user input.
@@ -51,6 +52,7 @@ class ApiRequest:
     include_usage: bool = False
     echo: bool = False
     model: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat: the conversation
 
 
 @dataclass
@@ -266,6 +268,7 @@ def parse_chat(body: Any) -> ApiRequest:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list")
     req.inputs[0].text = render_chat(messages)
+    req.messages = messages
     return req
 
 

@@ -437,11 +437,12 @@ class SimWorker:
         call = _Call(parsed, responder, oid=self._ids.next(), created=int(time.time()))
         rids: set[str] = set()
         for gen in parsed.inputs:
-            prompt = (
-                gen.input_ids
-                if gen.input_ids is not None
-                else self.tokenizer.encode(gen.text or "")
-            )
+            if gen.input_ids is not None:
+                prompt = gen.input_ids
+            elif parsed.kind == "chat":
+                prompt = self.tokenizer.encode_chat(parsed.messages, gen.text or "")
+            else:
+                prompt = self.tokenizer.encode(gen.text or "")
             max_new = self._check_lengths(len(prompt), gen.max_new_tokens)
             out = self.outputs.generate(prompt, max_new, gen.stop, gen.stop_token_ids)
             rid = gen.rid or self._ids.next()

@@ -25,6 +25,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
 
+from sglang_dp.sim.api import BadRequest
+
 _WORD = re.compile(r"\w+|[^\w\s]")
 _MAX_MEMO = 1 << 20  # words remembered by the word tokenizer (bounded memory on random text)
 _PIECE = 256  # characters per memoised piece of a prompt
@@ -111,6 +113,11 @@ class Tokenizer(Protocol):
         """Token ids of a prompt."""
         ...
 
+    def encode_chat(self, messages: list[dict[str, Any]], rendered: str) -> list[int]:
+        """Token ids of a chat prompt: the conversation through the tokenizer's own chat
+        template if it has one, else `rendered` (the built-in template's text)."""
+        ...
+
     def output_vocab(self) -> tuple[list[int], list[str]]:
         """Ids and text pieces of the output word cycle (`OUTPUT_WORDS`)."""
         ...
@@ -163,6 +170,9 @@ class WordTokenizer:
             start = end
         return ids
 
+    def encode_chat(self, messages: list[dict[str, Any]], rendered: str) -> list[int]:
+        return self.encode(rendered)
+
     def output_vocab(self) -> tuple[list[int], list[str]]:
         """Ids and text pieces of the output words (each piece is a space and the word)."""
         return [self._memo[w] for w in OUTPUT_WORDS], [" " + w for w in OUTPUT_WORDS]
@@ -180,6 +190,21 @@ class HFTokenizer:
         """Ids as SGLang computes them (special tokens such as BOS included)."""
         ids: list[int] = self._tok.encode(text)
         return ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], rendered: str) -> list[int]:
+        """As SGLang's chat route: `apply_chat_template(tokenize=True)`, which adds no special
+        tokens beyond the template's own (nor to the built-in template's text)."""
+        if not getattr(self._tok, "chat_template", None):
+            ids: list[int] = self._tok.encode(rendered, add_special_tokens=False)
+            return ids
+        try:
+            text = self._tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # a template may refuse a conversation (roles out of order)
+            raise BadRequest(f"the chat template rejects these messages: {exc}") from None
+        templated: list[int] = self._tok.encode(str(text), add_special_tokens=False)
+        return templated
 
     def output_vocab(self) -> tuple[list[int], list[str]]:
         """Output words that are one token with a leading space in this vocabulary."""
