@@ -283,6 +283,23 @@ def test_spread_uses_both_nodes_a_lost_node_is_replaced_and_sigkill_takes_the_wo
         wait_for(ray_cluster.all_released, timeout=30, what="resources and placement free")
 
 
+def test_a_hung_ray_worker_leaves_routing_is_replaced_through_its_actor_and_not_leaked(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    health = ("--health-check-interval-secs", "0.5", "--health-check-timeout-secs", "0.5")
+    with ray_launch(ray_cluster, 2, tmp_path, "--unhealthy-restart-secs", "1", *health) as run:
+        hung = workers_of(run)[0]
+        hung.suspend()  # alive, answering nothing: a hung collective
+        try:
+            wait_for(lambda: replaced(run, 2, {hung.pid}), timeout=60, what="a replacement")
+            wait_for(lambda: gone([hung]), timeout=10, what="the hung worker killed")
+            reply = run.router.post("/generate", {"text": "after", "sampling_params": {}})
+            assert reply.status == 200
+        finally:
+            if not gone([hung]):
+                hung.resume()
+
+
 def test_more_workers_than_gpus_is_a_clear_error_and_reserves_nothing(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
