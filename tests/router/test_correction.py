@@ -50,20 +50,26 @@ def test_the_client_gets_the_stream_it_would_get_from_the_worker(two: Cluster) -
     assert kept[-2]["choices"] == [] and kept[-2]["usage"]["prompt_tokens"] > 300
 
 
-def test_streamed_chat_through_the_openai_client_is_corrected(two: Cluster) -> None:
-    before = two.stats()["workers"]
-    client = openai.OpenAI(base_url=two.router.url + "/v1", api_key="x", max_retries=0)
+def chat_conversations(router: str, system: str, question: str) -> None:
+    """Three conversations of three streamed turns each through the `openai` client, every
+    answer sent back in the next turn (`system` and `question` are formatted with n / turn)."""
+    client = openai.OpenAI(base_url=router + "/v1", api_key="x", max_retries=0)
     histories: list[list[Any]] = [
-        [{"role": "system", "content": f"conversation {n} " + SYSTEM}] for n in range(3)
+        [{"role": "system", "content": system.format(n=n)}] for n in range(3)
     ]
     for turn in range(3):
         for history in histories:
-            history.append({"role": "user", "content": f"question {turn}"})
+            history.append({"role": "user", "content": question.format(turn=turn)})
             stream = client.chat.completions.create(
                 model="m", messages=history, stream=True, max_tokens=12
             )
             answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             history.append({"role": "assistant", "content": answer})
+
+
+def test_streamed_chat_through_the_openai_client_is_corrected(two: Cluster) -> None:
+    before = two.stats()["workers"]
+    chat_conversations(two.router.url, "conversation {n} " + SYSTEM, "question {turn}")
     after = two.stats()["workers"]
 
     def total(field: str) -> int:
@@ -110,19 +116,8 @@ def test_token_keyed_chat_agrees_with_a_worker_using_the_same_chat_template(
     worker_args = ("--time-scale", "1000", "--enable-cache-report", "--tokenizer-path", folder)
     router_args = ("--routing-key", "tokens", "--tokenizer-path", folder)
     with cluster(2, *router_args, worker_args=worker_args) as c:
-        client = openai.OpenAI(base_url=c.router.url + "/v1", api_key="x", max_retries=0)
-        histories: list[list[Any]] = [
-            [{"role": "system", "content": f"conversation {n}: the capital of France is Paris"}]
-            for n in range(3)
-        ]
-        for turn in range(3):
-            for history in histories:
-                history.append({"role": "user", "content": f"hello world {turn}"})
-                stream = client.chat.completions.create(
-                    model="m", messages=history, stream=True, max_tokens=12
-                )
-                answer = "".join(x.choices[0].delta.content or "" for x in stream if x.choices)
-                history.append({"role": "assistant", "content": answer})
+        system = "conversation {n}: the capital of France is Paris"
+        chat_conversations(c.router.url, system, "hello world {turn}")
         workers = c.stats()["workers"]
     cached = sum(w["cached_tokens"] for w in workers)
     assert sum(w["completed"] for w in workers) == 9 and cached > 0
