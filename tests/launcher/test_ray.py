@@ -241,6 +241,8 @@ def test_four_workers_get_their_own_gpus_route_by_cache_survive_kills_and_leave_
         devices = {p.environ()["CUDA_VISIBLE_DEVICES"] for p in workers}
         assert len(devices) == 4  # distinct GPUs: pack placed all four on the 4-GPU head
         assert len({raylet_of(p) for p in workers}) == 1
+        records = [run.log_dir / f"worker-{i}.log.pids" for i in range(4)]
+        assert all(r.is_file() for r in records)  # where the supervisor samples CPU and memory
 
         groups = {g: f"group {g} {SYSTEM}" for g in range(4)}
         post = lambda text: run.router.post(  # noqa: E731

@@ -17,6 +17,7 @@ from sglang_dp.launcher.ray_cluster import (
     split_address,
     template_specs,
 )
+from sglang_dp.launcher.ray_worker import Started, local_pids_path
 from sglang_dp.launcher.run import run_launch
 from sglang_dp.router.config import RouterConfig
 from tests.processes import free_port
@@ -94,6 +95,16 @@ def test_each_ray_worker_is_asked_to_rotate_its_log_as_a_local_one_would(tmp_pat
     config = LaunchConfig(simulate=True, dp=2, ray=RAY_LOCAL, log_max_mb=0.5, log_keep=7)
     requests = requests_for(template_specs(config, tmp_path), config)
     assert {r.log_rotation for r in requests.values()} == {LogRotation(512 * 1024, 7)}
+
+
+def test_a_ray_worker_on_this_machine_is_sampled_from_its_shims_record(tmp_path: Path) -> None:
+    log = tmp_path / "worker-0.log"
+
+    def started(host: str) -> Started:
+        return Started(0, host, 31000, None, "node", (0,), 123, ("x",), str(log))
+
+    assert local_pids_path(started("127.0.0.1")) == tmp_path / "worker-0.log.pids"
+    assert local_pids_path(started("192.0.2.7")) is None  # another node: its pids are not ours
 
 
 def test_without_ray_installed_ray_says_how_to_get_it(

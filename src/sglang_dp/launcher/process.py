@@ -143,7 +143,7 @@ class OwnedProcess:
         """Start `argv` with `env`, its output appended to `log_path` after `header`."""
         _check_executable(argv, env)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        pids_path = log_path.with_name(log_path.name + ".pids")
+        pids_path = pids_path_of(log_path)
         with open(log_path, "ab") as log:
             offset = log.seek(0, os.SEEK_END)
             log.write(header.encode())
@@ -225,6 +225,11 @@ class WorkerProcess(OwnedProcess):
         worker = await cls.start(spec.argv, spec.env, spec.log_path, _header(spec), rotation)
         worker.spec = spec
         return worker
+
+
+def pids_path_of(log_path: Path) -> Path:
+    """Where the shim of the command logging to `log_path` records its tree."""
+    return log_path.with_name(log_path.name + ".pids")
 
 
 def spawn_worker(rotation: LogRotation = LogRotation()) -> Spawner:

@@ -11,8 +11,9 @@
                               KILL, exactly as locally), then the actor is killed (ray.kill)
 
 `RayWorkerProcess` has the public surface of `process.WorkerProcess` (spec, pid, returncode,
-wait(), log_tail(), terminate(grace)), so the supervisor runs Ray workers as it runs local
-ones: readiness, health, restarts with backoff. One actor lives for one run of its worker: when
+wait(), log_tail(), terminate(grace), and `pids_path` when the worker runs on this machine), so
+the supervisor runs Ray workers as it runs local ones: readiness, health, restarts with backoff,
+and CPU and memory for those on this machine. One actor lives for one run of its worker: when
 the worker exits, its last log lines are fetched and the actor is killed, which frees the bundle
 for the replacement.
 
@@ -53,6 +54,8 @@ from sglang_dp.launcher.process import (
     LogRotation,
     WorkerProcess,
     busy_ports,
+    is_local_address,
+    pids_path_of,
     sglang_accepts_nccl_port,
     sglang_importable,
 )
@@ -176,6 +179,7 @@ class RayWorkerProcess:
 
     def __init__(self, spec: WorkerSpec, actor: Any, started: Started) -> None:
         self.spec = spec
+        self.pids_path = local_pids_path(started)  # the supervisor samples CPU and memory
         self._actor = actor
         self._pid = started.pid
         self._tail: list[str] = []
@@ -222,6 +226,13 @@ class RayWorkerProcess:
         kill_actor(self._actor)  # its bundle is free for the replacement
         self._returncode = code
         return code
+
+
+def local_pids_path(started: Started) -> Path | None:
+    """The shim's record of the worker's tree when the worker runs on this machine (its pids
+    mean these processes), else None: a record of another node's pids, seen here through a
+    shared log directory, would name unrelated local processes."""
+    return pids_path_of(Path(started.log_path)) if is_local_address(started.host) else None
 
 
 def kill_actor(actor: Any) -> None:
