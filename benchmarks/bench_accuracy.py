@@ -107,6 +107,19 @@ def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
 
+def chat(client: Any, history: list[dict[str, str]], max_tokens: int, stream: bool) -> str:
+    """The answer to `history`, streamed (deltas joined) or whole."""
+    if not stream:
+        reply = client.chat.completions.create(
+            model="default", messages=history, max_tokens=max_tokens
+        )
+        return str(reply.choices[0].message.content or "")
+    chunks = client.chat.completions.create(
+        model="default", messages=history, stream=True, max_tokens=max_tokens
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
 def stream_chat(router: str, conversations: int = 6, turns: int = 4) -> dict[str, float]:
     from openai import OpenAI
 
@@ -117,14 +130,7 @@ def stream_chat(router: str, conversations: int = 6, turns: int = 4) -> dict[str
     for _ in range(turns):
         for history in histories:  # conversations interleave, turn by turn
             history.append({"role": "user", "content": sentence(rng, 20)})
-            stream = client.chat.completions.create(
-                model="default",
-                messages=history,
-                stream=True,
-                max_tokens=32,  # type: ignore[arg-type]
-            )
-            answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-            history.append({"role": "assistant", "content": answer})
+            history.append({"role": "assistant", "content": chat(client, history, 32, True)})
     return agreement(router)
 
 
@@ -140,21 +146,7 @@ def mixed_traffic(router: str, rounds: int = 8) -> dict[str, float]:
     for i in range(rounds):
         for n, history in enumerate(chats):
             history.append({"role": "user", "content": sentence(rng, 15)})
-            if (i + n) % 2:
-                reply = client.chat.completions.create(
-                    model="default",
-                    messages=history,
-                    max_tokens=24,  # type: ignore[arg-type]
-                )
-                answer = reply.choices[0].message.content or ""
-            else:
-                stream = client.chat.completions.create(
-                    model="default",
-                    messages=history,
-                    stream=True,
-                    max_tokens=24,  # type: ignore[arg-type]
-                )
-                answer = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+            answer = chat(client, history, 24, stream=(i + n) % 2 == 0)
             history.append({"role": "assistant", "content": answer})
         for document in documents:
             prompt = document + " Question: " + sentence(rng, 12)
