@@ -538,20 +538,12 @@ def test_head_of_a_stream_has_no_body() -> None:
         assert client.response()[:3:2] == (200, b"alive")
 
 
-def test_http_1_0_stream_is_close_delimited_not_chunked() -> None:
+@pytest.mark.parametrize("headers", [b"", b"connection: keep-alive\r\n"])
+def test_http_1_0_stream_is_close_delimited_not_chunked(headers: bytes) -> None:
+    # a keep-alive HTTP/1.0 client too: without chunking, only the close can end the stream
     with running(streamed) as server:
         client = server.connect()
-        client.send(b"GET /s HTTP/1.0\r\n\r\n")
-        head = client.read_until(b"\r\n\r\n")
-        assert b"transfer-encoding" not in head and b"connection: close" in head
-        assert client.read_exactly(len(b"data: 1\n\ndata: 2\n\n")) == b"data: 1\n\ndata: 2\n\n"
-        assert client.closed()
-
-
-def test_http_1_0_keep_alive_client_gets_a_close_delimited_stream_too() -> None:
-    with running(streamed) as server:
-        client = server.connect()
-        client.send(b"GET /s HTTP/1.0\r\nconnection: keep-alive\r\n\r\n")
+        client.send(b"GET /s HTTP/1.0\r\n" + headers + b"\r\n")
         head = client.read_until(b"\r\n\r\n")
         assert b"transfer-encoding" not in head and b"connection: close" in head
         assert client.read_exactly(len(b"data: 1\n\ndata: 2\n\n")) == b"data: 1\n\ndata: 2\n\n"

@@ -302,17 +302,26 @@ def test_a_hung_ray_worker_leaves_routing_is_replaced_through_its_actor_and_not_
                 hung.resume()
 
 
+def launch_until_exit(
+    ray_cluster: RayCluster, dp: int, tmp_path: Path, *extra: str, simulate: bool = True
+) -> tuple[int, str]:
+    """A `launch --ray` on the cluster that is expected to exit: its status and output."""
+    argv = launch_argv(dp, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
+    if not simulate:
+        argv.remove("--simulate")
+    result = subprocess.run(
+        [*argv, ray_cluster.address, *extra], capture_output=True, timeout=120, check=False,
+        start_new_session=True,
+    )  # fmt: skip
+    return result.returncode, result.stdout.decode() + result.stderr.decode()
+
+
 def test_more_workers_than_gpus_is_a_clear_error_and_reserves_nothing(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
     dp = int(ray_cluster.total()["GPU"]) + 1  # the second node may have been lost already
-    argv = launch_argv(dp, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
-    result = subprocess.run(
-        [*argv, ray_cluster.address], capture_output=True, timeout=120, check=False,
-        start_new_session=True,
-    )  # fmt: skip
-    output = result.stdout.decode() + result.stderr.decode()
-    assert result.returncode == 2, output
+    code, output = launch_until_exit(ray_cluster, dp, tmp_path)
+    assert code == 2, output
     assert f"cannot hold {dp} × {{GPU: 1, CPU: 1}}: missing 1 GPU" in output
     assert ray_cluster.all_released() and not sim_workers()
 
@@ -320,13 +329,8 @@ def test_more_workers_than_gpus_is_a_clear_error_and_reserves_nothing(
 def test_a_worker_failing_at_startup_on_ray_shows_its_log_and_leaves_nothing(
     ray_cluster: RayCluster, tmp_path: Path
 ) -> None:
-    argv = launch_argv(2, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
-    result = subprocess.run(
-        [*argv, ray_cluster.address, "--", "--time-scale", "-1"], capture_output=True,
-        timeout=120, check=False, start_new_session=True,
-    )  # fmt: skip
-    output = result.stdout.decode() + result.stderr.decode()
-    assert result.returncode == 1, output
+    code, output = launch_until_exit(ray_cluster, 2, tmp_path, "--", "--time-scale", "-1")
+    assert code == 1, output
     assert "failed to start" in output and "--time-scale must be positive" in output
     wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")
 
@@ -336,14 +340,10 @@ def test_real_workers_on_a_node_without_sglang_say_so(
 ) -> None:
     if importlib.util.find_spec("sglang") is not None:
         pytest.skip("sglang is installed here")
-    argv = launch_argv(1, free_port(), tmp_path / "logs", "--no-dashboard", "--ray")
-    argv.remove("--simulate")
-    result = subprocess.run(
-        [*argv, ray_cluster.address, "--model-path", "some/model"], capture_output=True,
-        timeout=120, check=False, start_new_session=True,
-    )  # fmt: skip
-    output = result.stdout.decode() + result.stderr.decode()
-    assert result.returncode == 1, output
+    code, output = launch_until_exit(
+        ray_cluster, 1, tmp_path, "--model-path", "some/model", simulate=False
+    )
+    assert code == 1, output
     assert "sglang is not importable by" in output and "on node 127.0.0.1" in output
     wait_for(ray_cluster.all_released, timeout=10, what="resources and placement free")
 

@@ -69,13 +69,7 @@ def _stream(events: list[bytes]) -> bytes:
 def test_tap_passes_every_byte_and_finds_the_last_event(values: list[int], cuts: list[int]) -> None:
     raw = _stream([b'{"n": %d}' % v for v in values])
     tap = StreamTap()
-    out, at, i = [], 0, 0
-    while at < len(raw):
-        size = cuts[i % len(cuts)]
-        out.append(tap.feed(raw[at : at + size]))
-        at += size
-        i += 1
-    assert b"".join(out) == raw
+    assert _feed_in_cuts(tap, raw, cuts) == raw
     assert tap.last_reply() == {"n": values[-1]}
 
 
