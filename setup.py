@@ -16,6 +16,7 @@ from setuptools import setup
 COMPILED = [
     "src/sglang_dp/router/tree.py",
     "src/sglang_dp/router/policies.py",
+    "src/sglang_dp/router/prices.py",
     "src/sglang_dp/router/engine.py",
     "src/sglang_dp/httpserver.py",
     "src/sglang_dp/router/upstream.py",

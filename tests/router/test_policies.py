@@ -50,7 +50,7 @@ def test_cache_aware_below_threshold_goes_to_least_loaded_not_smallest_tree() ->
 
 
 def test_cache_aware_miss_goes_to_the_least_pending_prefill_then_least_loaded() -> None:
-    cache_aware = make_policy(PolicyConfig(seed=7))
+    cache_aware = make_policy(PolicyConfig(policy="cache_aware", seed=7))
     loads = dict(zip(W, [1, 9, 9, 3]))
     pending = dict(zip(W, [4000, 200, 200, 4000]))
     worker, reason = cache_aware.choose(loads, {"w0": 10}, 100, pending)
@@ -170,7 +170,7 @@ def test_cache_aware_takes_a_longest_match_or_a_least_pending_worker(
     c: Candidates, pending: list[int]
 ) -> None:
     queued = {f"w{i}": p for i, p in enumerate(pending)}
-    worker, reason = make_policy(PolicyConfig(seed=0)).choose(*c, queued)
+    worker, reason = make_policy(PolicyConfig(policy="cache_aware", seed=0)).choose(*c, queued)
     low = min(c.loads.values())
     near = [w for w in c.loads if c.loads[w] <= low + 32]  # half the default abs threshold
     if reason == "cache_hit":

@@ -25,7 +25,7 @@ class Source:
 
 def imbalanced_engine() -> RoutingEngine:
     """cache_aware with thresholds so low that any load gap overrides the cache."""
-    policy = PolicyConfig(balance_abs_threshold=0, balance_rel_threshold=1.0)
+    policy = PolicyConfig("cache_aware", balance_abs_threshold=0, balance_rel_threshold=1.0)
     engine = RoutingEngine(EngineConfig(policy))
     engine.add_worker("http://a")
     engine.add_worker("http://b")

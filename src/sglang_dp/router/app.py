@@ -322,7 +322,7 @@ def _debug_route(state: RouterState) -> Endpoint:
             path = _guess_path(raw)
         try:
             routed = route_request(path, raw, state.encode)
-            explanation = state.engine.explain(routed.key)
+            explanation = state.engine.explain(routed.key, now=state.clock())
         except InvalidRequest as exc:
             return error(str(exc), 400)
         except NoWorkerAvailable as exc:
@@ -345,6 +345,7 @@ def _debug_route(state: RouterState) -> Endpoint:
                         "matched": explanation.matches[url],
                         "load": load,
                         "pending": explanation.pending[url],
+                        "estimate": estimate_dict(explanation.estimates[url]),
                     }
                     for url, load in explanation.loads.items()
                 ],
@@ -353,6 +354,18 @@ def _debug_route(state: RouterState) -> Endpoint:
         )
 
     return debug_route
+
+
+def estimate_dict(parts: tuple[float, float, float, float]) -> dict[str, float]:
+    """A worker's estimated time to first token (s) and its parts, as `/debug/route` shows it."""
+    base, queue, prefill, decode = parts
+    return {
+        "ttft_s": round(base + queue + prefill + decode, 6),
+        "base_s": round(base, 6),
+        "queue_s": round(queue, 6),
+        "prefill_s": round(prefill, 6),
+        "decode_s": round(decode, 6),
+    }
 
 
 def _guess_path(raw: bytes) -> str:

@@ -15,6 +15,18 @@ A `Dispatch` is the in-flight handle: the worker's in-flight count goes up in `r
 exactly once, by whichever of observe/fail/release comes first, so a `finally` makes a leak
 impossible (streams that end early, timeouts, client disconnects included).
 
+Queues and prices (what `least_ttft` routes by, `prices.py`): a routed request's uncached key
+elements wait in its worker's prefill queue until its first token comes (`first_token`, called
+by the shell on a stream's first chunk), it ends, or its estimated time to first token has
+passed `DEADLINE` times over (an answer that is not streamed says nothing earlier); then it
+counts as running. Each streamed answer's time to first token, with the queue it waited behind
+and its real uncached elements (from `cached_tokens`), updates its worker's `PriceFit` in
+`observe`. Workers are priced alike unless they differ: the fleet's prices (the median of the
+workers that have learned theirs from `WARMUP` answers, else `set_prior`'s, else the default)
+serve every worker whose own prefill price is within `DISTINCT` of the fleet's, so that noise in
+one fit does not send all idle traffic to one of identical GPUs; a slower GPU, or another model
+or TP size, gets its own. A worker that joins starts from the fleet's prices.
+
 Correction (`observe`), the proposal's fourth phase that sgl-router never built:
 - the worker now caches prompt + output: insert the extended key for it;
 - predicted tokens = matched elements / elements-per-token, capped at prompt_tokens - 1 as SGLang
@@ -38,8 +50,10 @@ worker (`RadixTree.evict_step`), until it fits.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -47,6 +61,15 @@ from typing import NamedTuple
 from sglang_dp.options import nested, option
 from sglang_dp.router.keys import KIND_IDS, KIND_TEXT, KINDS
 from sglang_dp.router.policies import PolicyConfig, make_policy
+from sglang_dp.router.prices import (
+    WARMUP,
+    PriceFit,
+    Prices,
+    WorkerLoad,
+    default_prices,
+    estimate,
+    estimate_parts,
+)
 from sglang_dp.router.tree import Key, KeyLike, Path, RadixTree
 
 TOLERANCE_TOKENS = 8  # below this a misprediction is noise (token boundaries, templates)
@@ -57,6 +80,8 @@ EVICT_STEP = 256  # leaves one request may evict from the whole tree (bounds the
 EVICT_STEP_WORK = 1024  # nodes one request may look at to cut its worker's share (~1-3 ms)
 EWMA = 0.05  # weight of one response in an elements-per-token estimate (after the first 20)
 CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
+DEADLINE = 1.5  # a queued request counts as running after this many times its estimated ttft
+DISTINCT = 0.25  # a worker's own prices serve it when its prefill price is this far off the fleet's
 _NOTHING: frozenset[str] = frozenset()
 
 
@@ -108,6 +133,7 @@ class Explanation(NamedTuple):
     matches: dict[str, int]  # routable workers only, in worker order
     loads: dict[str, int]
     pending: dict[str, int]  # uncached key elements in flight (cache_aware's misses use it)
+    estimates: dict[str, tuple[float, float, float, float]]  # s: base, queue, prefill, decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,20 +174,28 @@ class _WorkerState:
         "corrections",
         "errors",
         "evicted",
+        "fit",
         "generation",
         "healthy",
         "in_flight",
+        "load",
         "mispredicted",
         "pending",
         "predicted_tokens",
         "prompt_tokens",
+        "queue_deadlines",
+        "queued",
         "resets",
         "routed",
         "url",
     )
 
-    def __init__(self, url: str, capacity_tokens: int | None) -> None:
+    def __init__(self, url: str, capacity_tokens: int | None, prior: Prices) -> None:
         self.url = url
+        self.fit = PriceFit(prior)
+        self.load = WorkerLoad(self.fit.prices)
+        self.queued: dict[int, int] = {}  # dispatch id -> its uncached elements, first token due
+        self.queue_deadlines: list[tuple[float, int]] = []  # heap: when each counts as running
         self.healthy = True
         self.capacity_tokens = capacity_tokens
         self.budget = math.inf  # learned share of the tree, in key elements
@@ -189,6 +223,9 @@ class Dispatch:
     _state: _WorkerState
     _generation: int
     released: bool = False
+    ahead: int = 0  # key elements queued on the worker before this one
+    running: int = 0  # the worker's requests past their first token when this was routed
+    first_token_at: float | None = None
 
     def __init__(  # written out for mypyc: see Outcome
         self,
@@ -202,6 +239,8 @@ class Dispatch:
         _state: _WorkerState,
         _generation: int,
         released: bool = False,
+        ahead: int = 0,
+        running: int = 0,
     ) -> None:
         self.id = id
         self.decision = decision
@@ -213,6 +252,9 @@ class Dispatch:
         self._state = _state
         self._generation = _generation
         self.released = released
+        self.ahead = ahead
+        self.running = running
+        self.first_token_at = None
 
     @property
     def worker(self) -> str:
@@ -240,6 +282,10 @@ class WorkerStats:
     tree_size: int
     budget: float  # its learned share budget (inf: unbounded but for the global budget)
     capacity_tokens: int | None
+    queued: int = 0  # key elements of prefill waiting for their first token
+    running: int = 0  # requests in flight past their first token
+    prices: tuple[float, float, float] = (0.0, 0.0, 0.0)  # s: base, per element, per running
+    price_samples: int = 0  # answers the prices were fitted from
 
     @property
     def hit_rate(self) -> float:
@@ -283,13 +329,17 @@ class RoutingEngine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self._policy = make_policy(self.config.policy)
-        self._policy_name = self._policy.name
         self._tree = RadixTree()
         self._workers: dict[str, _WorkerState] = {}
         self._routable: tuple[_WorkerState, ...] = ()
         self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
         self._pending: dict[str, int] = {}  # ... and their uncached key elements in flight
+        self._costs: dict[str, WorkerLoad] = {}  # ... and their queues and prices (least_ttft)
+        self._policy = make_policy(self.config.policy, self._costs)
+        self._policy_name = self._policy.name
+        self._prior: Prices | None = None  # set_prior's, for workers that join
+        self._fleet = default_prices(1.0 if self.config.token_keys else CHARS_PER_TOKEN)
+        self._fitted = 0  # samples since the fleet was last priced
         self._ids = itertools.count(1)
         self._max_memory = self.config.max_tree_memory_mb << 20
         self._reasons: dict[str, int] = {}  # a Counter's item assignment is several times slower
@@ -309,9 +359,10 @@ class RoutingEngine:
     ) -> None:
         """Register a worker with an empty share; re-adding an existing one is a no-op."""
         if url not in self._workers:
-            state = _WorkerState(url, capacity_tokens)
+            state = _WorkerState(url, capacity_tokens, self._fleet)
             state.healthy = healthy
             self._workers[url] = state
+            self._price_fleet()
             self._refresh_routable()
 
     def remove_worker(self, url: str) -> None:
@@ -333,6 +384,13 @@ class RoutingEngine:
         if state is not None:
             state.capacity_tokens = capacity_tokens
 
+    def set_prior(self, prices: Prices) -> None:
+        """Prices to start from until answers say otherwise (a simulated worker's profile)."""
+        self._prior = prices
+        for state in self._workers.values():
+            state.fit.reset_prior(prices)
+        self._price_fleet()
+
     def reset_worker(self, url: str) -> None:
         """The worker restarted or flushed its cache: it holds nothing any more."""
         state = self._workers.get(url)
@@ -351,45 +409,68 @@ class RoutingEngine:
 
     # -- routing ---------------------------------------------------------------------------
 
-    def explain(self, key: KeyLike, exclude: Iterable[str] = ()) -> Explanation:
-        """The decision the policy would take now, with no side effect on tree or loads.
+    def explain(
+        self, key: KeyLike, exclude: Iterable[str] = (), now: float | None = None
+    ) -> Explanation:
+        """The decision the policy would take now, with no side effect on tree or loads
+        (queues past their deadline at `now` are settled first, as `route` would).
 
         Random and round-robin policies advance their generator, so two dry runs may differ.
         """
+        if now is not None:
+            self._settle_queues(now)
         loads = self._candidates(exclude).copy()
         path = self._tree.walk(key)
         decision = self._decide(path, loads)
         matches = {w: path.matched.get(w, 0) for w in loads}
-        return Explanation(decision, matches, loads, {w: self._pending[w] for w in loads})
+        length = len(path.key)
+        estimates = {w: estimate_parts(self._costs[w], length - matches[w]) for w in loads}
+        pending = {w: self._pending[w] for w in loads}
+        return Explanation(decision, matches, loads, pending, estimates)
 
     def route(self, key: KeyLike, now: float, exclude: Iterable[str] = ()) -> Dispatch:
         """Choose a worker, count the request in flight there and speculate: insert the key."""
+        self._settle_queues(now)
         path = self._tree.walk(key)
         decision = self._decide(path, self._candidates(exclude))
         state = self._workers[decision.worker]
         prior = self._tree.insert_at(path, state.url, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
         uncached = decision.key_length - decision.matched
+        load = state.load
         dispatch = Dispatch(
             next(self._ids), decision, path.key, now, prior, oldest, uncached, state,
-            state.generation,
+            state.generation, False, load.queued, load.running,
         )  # fmt: skip
         state.in_flight[dispatch.id] = now
         state.pending += uncached
+        due = now + DEADLINE * estimate(load, uncached)
+        state.queued[dispatch.id] = uncached
+        heapq.heappush(state.queue_deadlines, (due, dispatch.id))
+        load.queued += uncached
         self._sync_load(state)
         state.routed += 1
         self._reasons[decision.reason] = self._reasons.get(decision.reason, 0) + 1
         self._enforce_budgets(state)
         return dispatch
 
+    def first_token(self, dispatch: Dispatch, now: float) -> None:
+        """The request's first token came (a stream's first chunk): its prefill is done."""
+        if dispatch.first_token_at is None:
+            dispatch.first_token_at = now
+        if not dispatch.released:
+            self._start_running(dispatch._state, dispatch.id)
+
     def observe(self, dispatch: Dispatch, outcome: Outcome, now: float) -> None:
-        """The correction phase: the worker's real `cached_tokens` repairs the tree."""
+        """The correction phase: the worker's real `cached_tokens` repairs the tree, and a
+        streamed answer's time to first token its prices."""
         self.release(dispatch)
         state = dispatch._state
         state.completed += 1
         if outcome.prompt_tokens <= 0:
             return
         self._learn_elements_per_token(dispatch, outcome)
+        self._learn_prices(dispatch, outcome)
         predicted = self._predicted_tokens(dispatch, outcome)
         state.prompt_tokens += outcome.prompt_tokens
         state.cached_tokens += outcome.cached_tokens
@@ -428,9 +509,15 @@ class RoutingEngine:
         """End the request's in-flight accounting; only the first call has an effect."""
         if not dispatch.released:
             dispatch.released = True
-            dispatch._state.in_flight.pop(dispatch.id, None)
-            dispatch._state.pending -= dispatch.uncached
-            self._sync_load(dispatch._state)
+            state = dispatch._state
+            state.in_flight.pop(dispatch.id, None)
+            state.pending -= dispatch.uncached
+            uncached = state.queued.pop(dispatch.id, None)
+            if uncached is None:
+                state.load.running -= 1
+            else:
+                state.load.queued -= uncached
+            self._sync_load(state)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -458,6 +545,54 @@ class RoutingEngine:
         self._routable = tuple(s for s in self._workers.values() if s.healthy)
         self._loads = {s.url: len(s.in_flight) for s in self._routable}
         self._pending = {s.url: s.pending for s in self._routable}
+        self._costs.clear()  # the policy holds this very dict
+        self._costs.update((s.url, s.load) for s in self._routable)
+
+    def _price_fleet(self) -> None:
+        """The fleet's prices, and which workers they serve (see the module docstring)."""
+        learned = [s.fit.prices for s in self._workers.values() if s.fit.samples >= WARMUP]
+        if learned:
+            self._fleet = Prices(
+                statistics.median(p.base for p in learned),
+                statistics.median(p.prefill for p in learned),
+                statistics.median(p.decode for p in learned),
+            )
+        elif self._prior is not None:
+            self._fleet = self._prior
+        fleet = self._fleet
+        for state in self._workers.values():
+            own = state.fit.prices
+            ratio = own.prefill / fleet.prefill if fleet.prefill > 0 else 1.0
+            distinct = abs(ratio - 1.0) > DISTINCT and state.fit.samples >= WARMUP
+            state.load.prices = own if distinct else fleet
+
+    def _settle_queues(self, now: float) -> None:
+        """Queued requests past their deadline count as running (their first token is due)."""
+        for state in self._routable:
+            deadlines = state.queue_deadlines
+            while deadlines and deadlines[0][0] <= now:
+                self._start_running(state, heapq.heappop(deadlines)[1])
+
+    @staticmethod
+    def _start_running(state: _WorkerState, dispatch_id: int) -> None:
+        uncached = state.queued.pop(dispatch_id, None)
+        if uncached is not None:
+            state.load.queued -= uncached
+            state.load.running += 1
+
+    def _learn_prices(self, dispatch: Dispatch, outcome: Outcome) -> None:
+        """A streamed answer's time to first token, against the work it waited for."""
+        if dispatch.first_token_at is None:
+            return
+        kind = outcome.kind if 0 <= outcome.kind < len(KINDS) else KIND_TEXT
+        own = max(outcome.prompt_tokens - outcome.cached_tokens, 0) * self._per_token[kind]
+        state = dispatch._state
+        ttft = dispatch.first_token_at - dispatch.sent_at
+        if state.fit.add(ttft, dispatch.ahead + own, dispatch.running):
+            self._fitted += 1
+            if self._fitted * 8 >= len(self._workers):  # every sample up to 8 workers
+                self._fitted = 0
+                self._price_fleet()
 
     def _sync_load(self, state: _WorkerState) -> None:
         if state.url in self._loads and self._workers.get(state.url) is state:
@@ -552,6 +687,10 @@ class RoutingEngine:
             tree_size=self._tree.size(state.url),
             budget=min(state.budget, self._ceiling(state)),
             capacity_tokens=state.capacity_tokens,
+            queued=state.load.queued,
+            running=state.load.running,
+            prices=state.load.prices.as_tuple(),
+            price_samples=state.fit.samples,
         )
 
 

@@ -9,6 +9,17 @@ seeded `random.Random`, and ties are broken at random so that, at low load, miss
 to the first worker (an sgl-router bug).
 
 Policies and settings (defaults):
+- `least_ttft` (the default): the worker where this request's first token would come soonest,
+  by `prices.estimate`: its prefill queue (uncached key elements routed there whose first token
+  has not come) plus this request's key elements it does not hold, priced in seconds by the
+  worker's fitted prices, plus its decode load (running requests × their price). Near-ties
+  (within 1 % or 2 ms of the cheapest) go to the longest match if it is above
+  `cache_threshold`, then the less loaded; else as cache_aware's misses go (least pending
+  prefill, then least loaded, then at random: new prefixes spread over idle workers).
+  A request still goes where its prefix is, unless waiting there costs more than recomputing
+  the prefix elsewhere [cache_hit: the longest match; recompute: the longest match was dearer;
+  least_wait: no worker holds any of it]. No count threshold: a worker that joins late or comes
+  back from a restart has an empty queue, so it is the cheapest for the next misses at once.
 - `cache_aware` (sgl-router's semantics and flag names): if max_load - min_load >
   `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), the loads
   are imbalanced: take the best-matching worker among those not overloaded (load within half of
@@ -37,6 +48,7 @@ Best-match ties go to the less loaded worker, then at random.
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections.abc import Callable, Mapping
@@ -44,8 +56,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sglang_dp.options import option
+from sglang_dp.router.prices import WorkerLoad, default_prices, estimate
 
 POLICY_NAMES = (
+    "least_ttft",
     "cache_aware",
     "threshold",
     "variance",
@@ -58,6 +72,9 @@ POLICY_NAMES = (
 
 Choice = tuple[str, str]  # (worker, reason); a plain tuple: this is the hot path
 NO_PENDING: Mapping[str, int] = {}
+NO_LOADS: Mapping[str, WorkerLoad] = {}
+TIE = 0.01  # least_ttft: estimates within 1 % of the cheapest are a tie (the fit is no finer)
+TIE_S = 0.002  # ... or within 2 ms of it (a few dozen tokens of prefill: not worth a detour)
 
 
 class Policy(Protocol):
@@ -81,7 +98,7 @@ class Policy(Protocol):
 class PolicyConfig:
     """The routing policy and its settings; flag names shared with sgl-router mean the same."""
 
-    policy: str = option("cache_aware", "Routing policy.", choices=POLICY_NAMES)
+    policy: str = option("least_ttft", "Routing policy.", choices=POLICY_NAMES)
     cache_threshold: float = option(
         0.3, "Match rate above which the best-matching worker is taken."
     )
@@ -157,6 +174,57 @@ def best_match(loads: Mapping[str, int], matched: Mapping[str, int], rng: random
 
 
 # -- the policies -----------------------------------------------------------------------------
+
+
+class LeastTtft:
+    name = "least_ttft"
+
+    def __init__(
+        self, config: PolicyConfig, rng: random.Random, costs: Mapping[str, WorkerLoad]
+    ) -> None:
+        self._threshold = config.cache_threshold
+        self._rng = rng
+        self._costs = costs  # the engine's, kept current by it
+        self._idle = WorkerLoad(default_prices(1.0))  # for a worker missing from `costs`
+
+    def choose(
+        self,
+        loads: Mapping[str, int],
+        matched: Mapping[str, int],
+        key_length: int,
+        pending: Mapping[str, int] = NO_PENDING,
+    ) -> Choice:
+        estimates: list[tuple[float, str, int]] = []
+        cheapest = math.inf
+        longest = 0
+        for worker in loads:
+            held = matched.get(worker, 0)
+            cost = estimate(self._costs.get(worker, self._idle), key_length - held)
+            estimates.append((cost, worker, held))
+            cheapest = min(cheapest, cost)
+            longest = max(longest, held)
+        limit = max(cheapest * (1.0 + TIE), cheapest + TIE_S)
+        tied = {w: held for cost, w, held in estimates if cost <= limit}
+        worker = self._break_tie(tied, loads, pending, key_length)
+        if longest == 0:
+            return worker, "least_wait"
+        return worker, "cache_hit" if matched.get(worker, 0) == longest else "recompute"
+
+    def _break_tie(
+        self,
+        tied: dict[str, int],
+        loads: Mapping[str, int],
+        pending: Mapping[str, int],
+        key_length: int,
+    ) -> str:
+        """The longer match when it is worth following, else cache_aware's miss rule."""
+        if len(tied) == 1:
+            return next(iter(tied))
+        best = max(tied.values())
+        if best > self._threshold * key_length:
+            near = {w: loads[w] for w, held in tied.items() if held == best}
+            return least_loaded(near, self._rng)
+        return least_pending({w: loads[w] for w in tied}, pending, self._rng)
 
 
 class CacheAware:
@@ -320,6 +388,10 @@ _POLICIES: dict[str, Callable[[PolicyConfig, random.Random], Policy]] = {
 }
 
 
-def make_policy(config: PolicyConfig) -> Policy:
-    """The policy named in `config`, with its own seeded random generator."""
-    return _POLICIES[config.policy](config, random.Random(config.seed))
+def make_policy(config: PolicyConfig, costs: Mapping[str, WorkerLoad] = NO_LOADS) -> Policy:
+    """The policy named in `config`, with its own seeded random generator; `least_ttft` reads
+    the workers' queues and prices from `costs` (the engine's, kept current by it)."""
+    rng = random.Random(config.seed)
+    if config.policy == "least_ttft":
+        return LeastTtft(config, rng, costs)
+    return _POLICIES[config.policy](config, rng)

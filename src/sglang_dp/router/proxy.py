@@ -16,7 +16,8 @@ For `/generate`, `/v1/completions` and `/v1/chat/completions` (POST):
    `x-request-id` (the client's, or a new one: a random prefix per router and a counter) and
    `x-sglang-dp-worker` headers name the request and the worker;
 6. the worker's `cached_tokens` / `prompt_tokens` (the body's `meta_info` or `usage`; for
-   streams, the last event) correct the tree (`engine.observe`).
+   streams, the last event) correct the tree (`engine.observe`); a stream's first chunk tells
+   the engine its first token came (`engine.first_token`: the queue and price fit).
 
 Two ways through, one set of decisions. The common request — not a stream, and its worker has
 an idle keep-alive connection — runs without a task or a coroutine: `handle` routes it and
@@ -447,7 +448,11 @@ class Proxy:
         content_type, extra = self._client_head(job, dispatch.worker, upstream.headers)
         tap = StreamTap(job.routed.path, job.routed.strip_usage)
         responder.start_stream(upstream.status, content_type, extra)
+        waiting = True  # for the first chunk: SGLang sends it with the first token
         async for chunk in upstream:
+            if waiting:
+                waiting = False
+                self._engine.first_token(dispatch, self._clock())
             out = tap.feed(chunk)
             if out:
                 responder.write(out)
