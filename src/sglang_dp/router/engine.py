@@ -17,9 +17,10 @@ impossible (streams that end early, timeouts, client disconnects included).
 
 Queues and prices (what `least_ttft` routes by, `prices.py`): a routed request's uncached key
 elements wait in its worker's prefill queue until its first token comes (`first_token`, called
-by the shell on a stream's first chunk), it ends, or its estimated time to first token has
-passed `DEADLINE` times over (an answer that is not streamed says nothing earlier); then it
-counts as running. Each streamed answer's time to first token, with the queue it waited behind
+by the shell on a stream's first chunk), it ends, or — not streamed, so nothing will say
+earlier — its estimated time to first token has passed `DEADLINE` times over; then it counts
+as running. (A stream keeps its place until its first chunk: a worker that stalls looks as
+busy as it is.) Each streamed answer's time to first token, with the queue it waited behind
 and its real uncached elements (from `cached_tokens`), updates its worker's `PriceFit` in
 `observe`. Workers are priced alike unless they differ: the fleet's prices (the median of the
 workers that have learned theirs from `WARMUP` answers, else `set_prior`'s, else the default)
@@ -428,8 +429,13 @@ class RoutingEngine:
         pending = {w: self._pending[w] for w in loads}
         return Explanation(decision, matches, loads, pending, estimates)
 
-    def route(self, key: KeyLike, now: float, exclude: Iterable[str] = ()) -> Dispatch:
-        """Choose a worker, count the request in flight there and speculate: insert the key."""
+    def route(
+        self, key: KeyLike, now: float, exclude: Iterable[str] = (), streamed: bool = False
+    ) -> Dispatch:
+        """Choose a worker, count the request in flight there and speculate: insert the key.
+
+        `streamed`: the shell will report the first token (`first_token`), so the request
+        waits in its worker's queue until then, with no deadline."""
         self._settle_queues(now)
         path = self._tree.walk(key)
         decision = self._decide(path, self._candidates(exclude))
@@ -444,9 +450,10 @@ class RoutingEngine:
         )  # fmt: skip
         state.in_flight[dispatch.id] = now
         state.pending += uncached
-        due = now + DEADLINE * estimate(load, uncached)
         state.queued[dispatch.id] = uncached
-        heapq.heappush(state.queue_deadlines, (due, dispatch.id))
+        if not streamed:
+            due = now + DEADLINE * estimate(load, uncached)
+            heapq.heappush(state.queue_deadlines, (due, dispatch.id))
         load.queued += uncached
         self._sync_load(state)
         state.routed += 1

@@ -13,9 +13,9 @@ A worker's time to first token for a request is modelled as
 
 `PriceFit` learns the prices of one worker from answered requests (`add(ttft, work, running)`,
 work = queued ahead + the request's real uncached elements, from its `cached_tokens`): a ridge
-regression of ttft on (1, work, running) over exponentially weighted sufficient statistics
-(each sample's weight decays by `DECAY` per new sample: a half-life of ~69 samples), pulled
-toward a prior (`Prices`: the defaults below, a simulated worker's profile, or the fleet's
+regression of ttft on (work, running), centred (so the pull on a slope does not bend the base),
+over exponentially weighted sums (each sample's weight decays by `DECAY` per new sample: a
+half-life of ~69 samples), pulled toward a prior (`Prices`: the defaults below, a simulated worker's profile, or the fleet's
 prices for a worker that joins late) with the weight of `PRIOR_SAMPLES` samples. Nonsense never
 reaches it: a ttft that is not finite, ≤ 0 or above `MAX_TTFT_S`, or negative work, is refused;
 after `WARMUP` samples a ttft more than `OUTLIER`× off the prediction is ignored (unless
@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 
 DECAY = 0.99
-PRIOR_SAMPLES = 2.0
+PRIOR_SAMPLES = 1.0
 WARMUP = 8
 OUTLIER = 10.0
 OUTLIER_RUN = 5
@@ -91,16 +91,21 @@ def estimate_parts(load: WorkerLoad, uncached: int) -> tuple[float, float, float
 class PriceFit:
     """One worker's fitted prices (see the module docstring)."""
 
-    __slots__ = ("_rejected", "_sxx", "_sxy", "_weight", "prices", "prior", "refused", "samples")
+    __slots__ = (
+        "_rejected", "_sw", "_sx", "_sxx", "_sxy", "_sy", "prices", "prior", "refused", "samples"
+    )  # fmt: skip
 
     def __init__(self, prior: Prices) -> None:
         self.prior = prior
         self.prices = Prices(*prior.as_tuple())
         self.samples = 0  # accepted
         self.refused = 0  # nonsense or outliers
-        self._weight = 0.0  # decayed count of samples
-        self._sxx = [0.0] * 9  # Σ w x xᵀ, row-major 3×3, x = (1, work, running)
-        self._sxy = [0.0] * 3  # Σ w x y
+        # decayed sums over samples of x = (work, running) and y = ttft: Σw, Σx, Σy, Σxxᵀ, Σxy
+        self._sw = 0.0
+        self._sx = [0.0, 0.0]
+        self._sy = 0.0
+        self._sxx = [0.0, 0.0, 0.0]  # work², work·running, running²
+        self._sxy = [0.0, 0.0]
         self._rejected = 0  # outliers in a row
 
     def reset_prior(self, prior: Prices) -> None:
@@ -119,13 +124,15 @@ class PriceFit:
         if self.samples >= WARMUP and self._outlier(ttft, work, running):
             self.refused += 1
             return False
-        x = (1.0, work, running)
-        sxx, sxy = self._sxx, self._sxy
-        for i in range(3):
-            sxy[i] = DECAY * sxy[i] + x[i] * ttft
-            for j in range(3):
-                sxx[3 * i + j] = DECAY * sxx[3 * i + j] + x[i] * x[j]
-        self._weight = DECAY * self._weight + 1.0
+        self._sw = DECAY * self._sw + 1.0
+        self._sx[0] = DECAY * self._sx[0] + work
+        self._sx[1] = DECAY * self._sx[1] + running
+        self._sy = DECAY * self._sy + ttft
+        self._sxx[0] = DECAY * self._sxx[0] + work * work
+        self._sxx[1] = DECAY * self._sxx[1] + work * running
+        self._sxx[2] = DECAY * self._sxx[2] + running * running
+        self._sxy[0] = DECAY * self._sxy[0] + work * ttft
+        self._sxy[1] = DECAY * self._sxy[1] + running * ttft
         self.samples += 1
         self._solve()
         return True
@@ -141,46 +148,37 @@ class PriceFit:
         return False
 
     def _solve(self) -> None:
-        """Ridge regression toward the prior, then clamped to sane prices."""
-        prior = self.prior.as_tuple()
-        if self._weight <= 0.0:
-            self.prices = Prices(*prior)
+        """Ridge regression of the two slopes on centred features, pulled toward the prior's
+        as much as `PRIOR_SAMPLES` samples would; the base is what the mean leaves, pulled
+        likewise; then clamped to sane prices."""
+        prior = self.prior
+        w = self._sw
+        if w <= 0.0:
+            self.prices = Prices(*prior.as_tuple())
             return
-        a = list(self._sxx)
-        b = list(self._sxy)
-        for i in range(3):
-            # the prior weighs like PRIOR_SAMPLES samples of this feature's typical size
-            scale = a[4 * i] / self._weight if i else 1.0
-            strength = PRIOR_SAMPLES * max(scale, 1e-12)
-            a[4 * i] += strength
-            b[i] += strength * prior[i]
-        solved = solve3(a, b)
-        if solved is None:
+        mw, mr, my = self._sx[0] / w, self._sx[1] / w, self._sy / w
+        cww = max(self._sxx[0] / w - mw * mw, 0.0)
+        cwr = self._sxx[1] / w - mw * mr
+        crr = max(self._sxx[2] / w - mr * mr, 0.0)
+        cwy = self._sxy[0] / w - mw * my
+        cry = self._sxy[1] / w - mr * my
+        pull = PRIOR_SAMPLES / w
+        # a feature that never varied keeps the prior's slope: its pull cannot vanish
+        lw = pull * max(cww, 1e-12 * (1.0 + mw * mw))
+        lr = pull * max(crr, 1e-12 * (1.0 + mr * mr))
+        a00, a01, a11 = cww + lw, cwr, crr + lr
+        b0, b1 = cwy + lw * prior.prefill, cry + lr * prior.decode
+        det = a00 * a11 - a01 * a01
+        if not det > 0.0 or not math.isfinite(det):
             return  # keep the last prices
-        base, prefill, decode = solved
+        prefill = (b0 * a11 - a01 * b1) / det
+        decode = (a00 * b1 - a01 * b0) / det
+        base = my - prefill * mw - decode * mr
+        base = (w * base + PRIOR_SAMPLES * prior.base) / (w + PRIOR_SAMPLES)
+        if not all(math.isfinite(v) for v in (base, prefill, decode)):
+            return
         self.prices = Prices(
             min(max(base, 0.0), MAX_BASE_S),
-            min(max(prefill, prior[1] / PRICE_RANGE), prior[1] * PRICE_RANGE),
+            min(max(prefill, prior.prefill / PRICE_RANGE), prior.prefill * PRICE_RANGE),
             min(max(decode, 0.0), MAX_DECODE_S),
         )
-
-
-def solve3(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
-    """x with A x = b for a 3×3 row-major A (Gaussian elimination with partial pivoting);
-    None when A is singular."""
-    m = [[a[3 * i], a[3 * i + 1], a[3 * i + 2], b[i]] for i in range(3)]
-    for col in range(3):
-        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-300:
-            return None
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, 3):
-            f = m[r][col] / m[col][col]
-            for c in range(col, 4):
-                m[r][c] -= f * m[col][c]
-    x = [0.0, 0.0, 0.0]
-    for r in (2, 1, 0):
-        x[r] = (m[r][3] - sum(m[r][c] * x[c] for c in range(r + 1, 3))) / m[r][r]
-    if not all(math.isfinite(v) for v in x):
-        return None
-    return (x[0], x[1], x[2])

@@ -268,7 +268,8 @@ class Proxy:
         """A worker for the next attempt, or None when none is left (the client is answered)."""
         started = time.perf_counter()
         try:
-            dispatch = self._engine.route(job.routed.key, self._clock(), job.tried)
+            routed = job.routed
+            dispatch = self._engine.route(routed.key, self._clock(), job.tried, routed.stream)
         except NoWorkerAvailable as none:
             self._give_up(job, str(none))
             return None
