@@ -28,12 +28,9 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -42,11 +39,14 @@ import httptools
 import psutil
 import uvloop
 
-from sglang_dp.launcher.process import free_port
 from sglang_dp.router.upstream import UpstreamError, UpstreamPool
-from support import get_json, process, wait_until
+from support import (
+    get_json,
+    healthy_workers,
+    start_router,
+    start_worker,
+)
 
-SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 RESULTS = Path(__file__).with_name("results_faults.json")
 FAULTS: dict[str, tuple[str, ...]] = {
     "fail": ("--fail-rate", "1"),
@@ -66,35 +66,6 @@ TARGETS = {
     "shutdown_s_under_load": ("<=", 1.5),
     "inflight_after": ("<=", 0),
 }
-
-
-def healthy_workers(url: str) -> int:
-    """The router's /readiness count (its 503 when none is healthy included)."""
-    try:
-        return int(get_json(url + "/readiness")["healthy_workers"])
-    except urllib.error.HTTPError as refused:
-        return int(json.loads(refused.read())["healthy_workers"])
-
-
-def start_worker(stack: ExitStack, *args: str) -> str:
-    port = free_port()
-    proc = stack.enter_context(
-        process([SGLANG_DP, "sim-worker", "--port", str(port), *args, "--log-level", "error"])
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: get_json(url + "/get_model_info"), proc, f"worker {url}")
-    return url
-
-
-def start_router(
-    stack: ExitStack, workers: list[str], *args: str
-) -> tuple[str, subprocess.Popen[bytes]]:
-    port = free_port()
-    argv = [SGLANG_DP, "router", "--port", str(port), "--worker-urls", *workers, *args]
-    proc = stack.enter_context(process([*argv, "--log-level", "error"]))
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: healthy_workers(url) == len(workers), proc, "router")
-    return url, proc
 
 
 class _Reader:

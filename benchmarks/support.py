@@ -1,18 +1,23 @@
 """What several benchmark scripts need: a child process that is always stopped, JSON over HTTP,
-and polling for a condition while watching the process it depends on."""
+polling for a condition while watching the process it depends on, and simulated workers and
+a router started as the user would (`sglang-dp sim-worker`, `sglang-dp router`)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
-from sglang_dp.launcher.process import stop_group
+from sglang_dp.launcher.process import free_port, stop_group
+
+SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 
 
 @contextmanager
@@ -51,3 +56,32 @@ def wait_until(
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} not ready within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def healthy_workers(url: str) -> int:
+    """The router's /readiness count (its 503 when none is healthy included)."""
+    try:
+        return int(get_json(url + "/readiness")["healthy_workers"])
+    except urllib.error.HTTPError as refused:
+        return int(json.loads(refused.read())["healthy_workers"])
+
+
+def start_worker(stack: ExitStack, *args: str) -> str:
+    port = free_port()
+    proc = stack.enter_context(
+        process([SGLANG_DP, "sim-worker", "--port", str(port), *args, "--log-level", "error"])
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: get_json(url + "/get_model_info"), proc, f"worker {url}")
+    return url
+
+
+def start_router(
+    stack: ExitStack, workers: list[str], *args: str
+) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    argv = [SGLANG_DP, "router", "--port", str(port), "--worker-urls", *workers, *args]
+    proc = stack.enter_context(process([*argv, "--log-level", "error"]))
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: healthy_workers(url) == len(workers), proc, "router")
+    return url, proc

@@ -67,7 +67,7 @@ def test_a_prompt_is_explained_without_changing_the_tree(traffic: Any) -> None:
     assert data["route"]["decision"]["reason"] == "cache_hit"
     assert as_json(c)["tree"]["total_size"] == before
     text = inspect(c, "--prompt", SYSTEMS["B"] + "another").stdout
-    assert "> threshold 30 %" in text
+    assert "soonest first token (est." in text
 
 
 def test_a_chat_conversation_file_is_explained(traffic: Any, tmp_path: Path) -> None:

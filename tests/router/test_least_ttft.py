@@ -39,8 +39,8 @@ def test_the_default_policy_is_least_ttft() -> None:
 
 def test_a_prefix_stays_where_it_is_cached_while_waiting_there_is_cheap() -> None:
     engine = engine_with(4)
-    first = engine.route(list(range(2000)) + [1], now=0)
-    second = engine.route(list(range(2000)) + [2], now=0)
+    first = engine.route([*list(range(2000)), 1], now=0)
+    second = engine.route([*list(range(2000)), 2], now=0)
     assert second.worker == first.worker
     assert second.decision.reason == "cache_hit"
 
@@ -201,7 +201,7 @@ def test_least_ttft_takes_a_cheapest_worker(
         costs[f"w{i}"] = load
     policy = make_policy(PolicyConfig(seed=0), costs)
     held = {f"w{i}": matched[i] for i in range(len(queued))}
-    loads = {w: 0 for w in costs}
+    loads = dict.fromkeys(costs, 0)
     worker, reason = policy.choose(loads, held, key_length)
     longest = max(held.values())
 

@@ -2,13 +2,15 @@
 
 The data is the router's stats payload (`/debug/stats`, the same dict in process or over HTTP)
 plus, inside `launch`, the supervisor's per-worker process facts. `frame()` turns two successive
-payloads into rates and builds plain records; `render()` draws them:
+payloads into rates and builds plain records; `render()` draws them (wait: the router's estimate
+of the prefill queued there and its decode load, in seconds; prefill: its fitted prefill price
+as tokens per second, `prices.py`):
 
     ┌ sglang-dp · Llama-3.1-8B · cache_aware · http://127.0.0.1:30000 · up 0:12:04 ┐
     │ 41.2 req/s · 9,870 tok/s · cache hit 74.1 % (predicted 75.0 %) · tree 1.2 M   │
     └──────────────────────────────────────────────────────────────────────────────┘
-     #  GPU  port   state    queue          routed  match  hit   tree   restarts CPU  mem
-     0  0    31000  healthy  12 ██████▌     1,204   81 %   79 %  210 k  0        12 % 1.1 G
+     #  GPU  port   state    queue          wait    prefill   routed  match  hit   tree  ...
+     0  0    31000  healthy  12 ██████▌     0.42 s  7.1 k/s   1,204   81 %   79 %  210 k ...
     events: 22:41:03 worker 3 restarted · ...
 
 Rows come from plain records and a fresh table is built each frame (no widget state).
@@ -70,6 +72,8 @@ class WorkerRow:
     rss_bytes: int | None
     retry_in_s: float | None = None
     node: str = ""
+    wait_s: float | None = None  # estimated queue wait (s)
+    prefill_tokens_per_s: float | None = None  # its fitted prefill price, as a rate
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,10 @@ def frame(
             (done, tokens), (done0, tokens0) = _totals(stats), _totals(previous)
             rps, tps = (done - done0) / elapsed, (tokens - tokens0) / elapsed
     by_url = {p.url: p for p in processes}
-    rows = [_row(i, w, by_url.get(w["url"])) for i, w in enumerate(stats.get("workers", []))]
+    per_token = float(stats.get("elements_per_token", 1.0)) or 1.0
+    rows = [
+        _row(i, w, by_url.get(w["url"]), per_token) for i, w in enumerate(stats.get("workers", []))
+    ]
     known = {row.url for row in rows}
     rows += [_process_only_row(p) for p in processes if p.url not in known]
     rows.sort(key=lambda row: row.index)
@@ -132,7 +139,15 @@ def frame(
     )
 
 
-def _row(index: int, worker: Mapping[str, Any], facts: ProcessFacts | None) -> WorkerRow:
+def _row(
+    index: int, worker: Mapping[str, Any], facts: ProcessFacts | None, per_token: float
+) -> WorkerRow:
+    wait = rate = None
+    prices = worker.get("prices")
+    if isinstance(prices, (list, tuple)) and len(prices) == 3:
+        _, prefill, decode = (float(p) for p in prices)
+        wait = prefill * int(worker.get("queued", 0)) + decode * int(worker.get("running", 0))
+        rate = 1.0 / (prefill * per_token) if prefill > 0 else None
     return WorkerRow(
         index=facts.index if facts else index,
         url=worker["url"],
@@ -149,6 +164,8 @@ def _row(index: int, worker: Mapping[str, Any], facts: ProcessFacts | None) -> W
         rss_bytes=facts.rss_bytes if facts else None,
         retry_in_s=facts.retry_in_s if facts else None,
         node=facts.node if facts else "",
+        wait_s=wait,
+        prefill_tokens_per_s=rate,
     )
 
 
@@ -213,7 +230,8 @@ def worker_table(f: Frame) -> Table:
         table.add_column("node")
     for name, justify in (
         ("#", "right"), ("GPU", "left"), ("port", "right"), ("state", "left"),
-        ("queue", "left"), ("routed", "right"), ("match", "right"), ("hit", "right"),
+        ("queue", "left"), ("wait", "right"), ("prefill", "right"),
+        ("routed", "right"), ("match", "right"), ("hit", "right"),
         ("tree", "right"), ("restarts", "right"), ("CPU", "right"), ("mem", "right"),
     ):  # fmt: skip
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -226,6 +244,8 @@ def worker_table(f: Frame) -> Table:
             w.url.rsplit(":", 1)[-1],
             Text(state_text(w.state, w.retry_in_s), style=STATE_STYLES.get(w.state, "")),
             Text(f"{w.in_flight:>4} ") + Text(bar(w.in_flight, scale), style="cyan"),
+            "-" if w.wait_s is None else f"{w.wait_s:.2f} s",
+            "-" if w.prefill_tokens_per_s is None else human(w.prefill_tokens_per_s) + "/s",
             f"{w.routed:,}",
             percent(w.predicted_rate),
             percent(w.hit_rate),

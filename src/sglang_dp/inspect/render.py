@@ -123,6 +123,8 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     threshold = settings.get("cache_threshold", 0.0)
     held = f"{d['matched']:,} of {length:,} characters ({_pct(d['match_rate'])})"
     reason = d["reason"]
+    if d["policy"] == "least_ttft":
+        return _explain_least_ttft(route, names, held)
     if reason == "cache_hit" and d["policy"] == "variance":
         return f"{name} holds {held}, the most among workers not overloaded (μ + Kσ)"
     if reason == "cache_hit":
@@ -154,10 +156,42 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     return f"{name}, by the {d['policy']} policy (it does not look at the cache)"
 
 
+def _explain_least_ttft(route: Mapping[str, Any], names: Mapping[str, str], held: str) -> str:
+    d = route["decision"]
+    workers = route.get("workers", [])
+    name = names.get(d["worker"], d["worker"])
+    ttft = {w["url"]: w.get("estimate", {}).get("ttft_s", 0.0) for w in workers}
+    soonest = f"soonest first token (est. {_seconds(ttft.get(d['worker'], 0.0))})"
+    if d["reason"] == "least_wait":
+        return f"no worker holds any of it; {name}: {soonest}"
+    if d["reason"] == "cache_hit":
+        return f"{name} holds {held}: {soonest}"
+    best = max(workers, key=lambda w: w["matched"])
+    holder = names.get(best["url"], best["url"])
+    return (
+        f"{holder} holds most ({best['matched']:,}) but its queue makes it "
+        f"{_seconds(ttft.get(best['url'], 0.0))}; {name} recomputes: {soonest}"
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _estimate_cell(estimate: Mapping[str, float] | None) -> str:
+    if not estimate:
+        return "-"
+    parts = (("queue", "queue_s"), ("prefill", "prefill_s"), ("decode", "decode_s"))
+    shown = " + ".join(f"{label} {_seconds(estimate[k])}" for label, k in parts if estimate[k])
+    return f"{_seconds(estimate['ttft_s'])}" + (f" ({shown})" if shown else "")
+
+
 def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> RenderableType:
     names = worker_names(stats)
     table = Table(title="per worker", title_justify="left")
-    for column in ("worker", "url", "matched", "rate", "in flight", "pending prefill"):
+    for column in (
+        "worker", "url", "matched", "rate", "in flight", "pending prefill", "est. first token"
+    ):  # fmt: skip
         table.add_column(column, justify="left" if column in ("worker", "url") else "right")
     length = max(int(route.get("key_length", 0)), 1)
     chosen = route["decision"]["worker"]
@@ -171,6 +205,7 @@ def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> Rendera
             _pct(w["matched"] / length),
             str(w["load"]),
             f"{w.get('pending', 0):,}",
+            _estimate_cell(w.get("estimate")),
         )
     d = route["decision"]
     name = names.get(d["worker"], d["worker"])

@@ -15,8 +15,9 @@ A worker's time to first token for a request is modelled as
 work = queued ahead + the request's real uncached elements, from its `cached_tokens`): a ridge
 regression of ttft on (work, running), centred (so the pull on a slope does not bend the base),
 over exponentially weighted sums (each sample's weight decays by `DECAY` per new sample: a
-half-life of ~69 samples), pulled toward a prior (`Prices`: the defaults below, a simulated worker's profile, or the fleet's
-prices for a worker that joins late) with the weight of `PRIOR_SAMPLES` samples. Nonsense never
+half-life of ~69 samples), pulled toward a prior (`Prices`: the defaults below, a simulated
+worker's profile, or the fleet's prices for a worker that joins late) with the weight of
+`PRIOR_SAMPLES` samples. Nonsense never
 reaches it: a ttft that is not finite, ≤ 0 or above `MAX_TTFT_S`, or negative work, is refused;
 after `WARMUP` samples a ttft more than `OUTLIER`× off the prediction is ignored (unless
 `OUTLIER_RUN` in a row are: then the worker has really changed); fitted prices are clamped to
