@@ -9,16 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_dp.router.engine import EngineConfig, Outcome, RoutingEngine
-from sglang_dp.router.policies import TIE, TIE_S, PolicyConfig, make_policy
-from sglang_dp.router.prices import Prices, WorkerLoad, estimate
+from sglang_dp.router.policies import TIE_S, PolicyConfig, make_policy
+from sglang_dp.router.prices import Fleet, Prices, WorkerLoad, decode_time, estimate
 
 SYSTEM = "You are a helpful assistant. " * 40  # 1,160 characters
 PRICES = Prices(0.02, 1e-5, 1e-3)
+STEP = Prices(0.006, 1e-10, 1e-7)  # a decode step: batches matter little in these tests
 
 
 def engine_with(n: int, **policy: object) -> RoutingEngine:
     engine = RoutingEngine(EngineConfig(policy=PolicyConfig(seed=0, **policy), token_keys=True))
-    engine.set_prior(PRICES)
+    engine.set_prior(PRICES, STEP)
     for i in range(n):
         engine.add_worker(f"w{i}")
     return engine
@@ -95,7 +96,7 @@ def test_first_token_moves_a_request_from_the_queue_to_running() -> None:
 def test_a_request_with_no_first_token_counts_as_running_after_its_deadline() -> None:
     engine = engine_with(1)
     dispatch = engine.route(list(range(500)), now=0)
-    due = 1.5 * estimate(WorkerLoad(PRICES), 500)
+    due = 1.5 * estimate(WorkerLoad(PRICES, STEP), 500)
     engine.route([7], now=due * 0.9)
     assert queues(engine)["w0"][1] == 0
     engine.route([8], now=due * 1.01)
@@ -155,7 +156,7 @@ def test_streamed_answers_teach_each_worker_its_prices() -> None:
                 continue
             engine.first_token(dispatch, now=n + 0.01 + price * (dispatch.ahead + 500 + n))
             answer(engine, dispatch, now=n + 0.5)
-    prices = {w.url: w.prices for w in engine.snapshot(0).workers}
+    prices = {w.url: w.ttft_prices for w in engine.snapshot(0).workers}
     assert prices["w1"][1] > 2 * prices["w0"][1]
 
 
@@ -166,7 +167,7 @@ def test_nonsense_timings_do_not_move_the_prices(ttft: float) -> None:
     engine.first_token(dispatch, now=100.0 + ttft)
     answer(engine, dispatch, now=101)
     w = engine.snapshot(0).workers[0]
-    assert w.prices == PRICES.as_tuple() and w.price_samples == 0
+    assert w.ttft_prices == PRICES.as_tuple() and w.ttft_samples == 0
 
 
 def test_identical_workers_are_priced_alike_despite_noise() -> None:
@@ -178,8 +179,8 @@ def test_identical_workers_are_priced_alike_despite_noise() -> None:
         engine.first_token(dispatch, now=n + noise * (0.02 + 1e-5 * (dispatch.ahead + 800)))
         answer(engine, dispatch, now=n + 0.5)
     w0, w1 = engine.snapshot(0).workers
-    assert w0.price_samples > 8 and w1.price_samples > 8
-    assert w0.prices == w1.prices  # the fleet's: within 25 % of each other
+    assert w0.ttft_samples > 8 and w1.ttft_samples > 8
+    assert w0.ttft_prices == w1.ttft_prices  # the fleet's: within 25 % of each other
 
 
 @settings(max_examples=200, deadline=None)
@@ -192,24 +193,28 @@ def test_identical_workers_are_priced_alike_despite_noise() -> None:
 def test_least_ttft_takes_a_cheapest_worker(
     queued: list[int], running: list[int], matched: list[int], key_length: int
 ) -> None:
-    """Brute force over the estimate plus the recompute charge: the choice is within the tie
-    band of the cheapest."""
-    costs = {}
+    """Brute force over the estimate, the decode time and the recompute charge: the choice is
+    within the tie band of the cheapest."""
+    fleet = Fleet(100.0)
     for i, q in enumerate(queued):
-        load = WorkerLoad(PRICES)
+        load = WorkerLoad(PRICES, Prices(0.006, 2e-8, 1e-4))
         load.queued, load.running = q, running[i]
-        costs[f"w{i}"] = load
-    policy = make_policy(PolicyConfig(seed=0), costs)
+        load.in_flight, load.context = running[i] + q // 1000, (running[i] + q // 1000) * 2000
+        fleet.loads[f"w{i}"] = load
+    costs = fleet.loads
+    policy = make_policy(PolicyConfig(seed=0), fleet)
     held = {f"w{i}": matched[i] for i in range(len(queued))}
     loads = dict.fromkeys(costs, 0)
     worker, reason = policy.choose(loads, held, key_length)
     longest = max(held.values())
 
     def charge(w: str) -> float:
-        return estimate(costs[w], key_length - held[w]) + PRICES.prefill * (longest - held[w])
+        first = estimate(costs[w], key_length - held[w])
+        answer = decode_time(costs[w], key_length, fleet.outputs)
+        return first + answer + PRICES.per_element * (longest - held[w])
 
     cheapest = min(charge(w) for w in costs)
-    assert charge(worker) <= max(cheapest * (1 + TIE), cheapest + TIE_S) + 1e-12
+    assert charge(worker) <= cheapest + TIE_S + 1e-12
     if longest == 0:
         assert reason == "least_wait"
     else:

@@ -143,10 +143,10 @@ def _row(
     index: int, worker: Mapping[str, Any], facts: ProcessFacts | None, per_token: float
 ) -> WorkerRow:
     wait = rate = None
-    prices = worker.get("prices")
+    prices = worker.get("ttft_prices")
     if isinstance(prices, (list, tuple)) and len(prices) == 3:
-        _, prefill, decode = (float(p) for p in prices)
-        wait = prefill * int(worker.get("queued", 0)) + decode * int(worker.get("running", 0))
+        _, prefill, running = (float(p) for p in prices)
+        wait = prefill * int(worker.get("queued", 0)) + running * int(worker.get("running", 0))
         rate = 1.0 / (prefill * per_token) if prefill > 0 else None
     return WorkerRow(
         index=facts.index if facts else index,

@@ -181,16 +181,17 @@ def _seconds(value: float) -> str:
 def _estimate_cell(estimate: Mapping[str, float] | None) -> str:
     if not estimate:
         return "-"
-    parts = (("queue", "queue_s"), ("prefill", "prefill_s"), ("decode", "decode_s"))
+    parts = (("queue", "queue_s"), ("prefill", "prefill_s"), ("batch", "running_s"))
     shown = " + ".join(f"{label} {_seconds(estimate[k])}" for label, k in parts if estimate[k])
-    return f"{_seconds(estimate['ttft_s'])}" + (f" ({shown})" if shown else "")
+    ttft = f"{_seconds(estimate['ttft_s'])}" + (f" ({shown})" if shown else "")
+    return f"{ttft}, then {_seconds(estimate.get('decode_s', 0.0))} to answer"
 
 
 def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> RenderableType:
     names = worker_names(stats)
     table = Table(title="per worker", title_justify="left")
     for column in (
-        "worker", "url", "matched", "rate", "in flight", "pending prefill", "est. first token"
+        "worker", "url", "matched", "rate", "in flight", "pending prefill", "estimated"
     ):  # fmt: skip
         table.add_column(column, justify="left" if column in ("worker", "url") else "right")
     length = max(int(route.get("key_length", 0)), 1)

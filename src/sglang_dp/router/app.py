@@ -356,14 +356,16 @@ def _debug_route(state: RouterState) -> Endpoint:
     return debug_route
 
 
-def estimate_dict(parts: tuple[float, float, float, float]) -> dict[str, float]:
-    """A worker's estimated time to first token (s) and its parts, as `/debug/route` shows it."""
-    base, queue, prefill, decode = parts
+def estimate_dict(parts: tuple[float, float, float, float, float]) -> dict[str, float]:
+    """A worker's estimated first token (s) with its parts, and the time to generate the answer
+    there (`prices.estimate_parts`), as `/debug/route` shows them."""
+    base, queue, prefill, running, decode = parts
     return {
-        "ttft_s": round(base + queue + prefill + decode, 6),
+        "ttft_s": round(base + queue + prefill + running, 6),
         "base_s": round(base, 6),
         "queue_s": round(queue, 6),
         "prefill_s": round(prefill, 6),
+        "running_s": round(running, 6),
         "decode_s": round(decode, 6),
     }
 

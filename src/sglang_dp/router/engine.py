@@ -64,10 +64,12 @@ from sglang_dp.router.keys import KIND_IDS, KIND_TEXT, KINDS
 from sglang_dp.router.policies import PolicyConfig, make_policy
 from sglang_dp.router.prices import (
     WARMUP,
+    Fleet,
     PriceFit,
     Prices,
     WorkerLoad,
-    default_prices,
+    default_step_prices,
+    default_ttft_prices,
     estimate,
     estimate_parts,
 )
@@ -82,6 +84,7 @@ EVICT_STEP_WORK = 1024  # nodes one request may look at to cut its worker's shar
 EWMA = 0.05  # weight of one response in an elements-per-token estimate (after the first 20)
 CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
 DEADLINE = 1.5  # a queued request counts as running after this many times its estimated ttft
+OUTPUTS = 128.0  # tokens an answer has, until answers say (least_ttft's decode time)
 DISTINCT = 0.25  # a worker's own prices serve it when its prefill price is this far off the fleet's
 _NOTHING: frozenset[str] = frozenset()
 
@@ -134,7 +137,7 @@ class Explanation(NamedTuple):
     matches: dict[str, int]  # routable workers only, in worker order
     loads: dict[str, int]
     pending: dict[str, int]  # uncached key elements in flight (cache_aware's misses use it)
-    estimates: dict[str, tuple[float, float, float, float]]  # s: base, queue, prefill, decode
+    estimates: dict[str, tuple[float, float, float, float, float]]  # s: `prices.estimate_parts`
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +178,6 @@ class _WorkerState:
         "corrections",
         "errors",
         "evicted",
-        "fit",
         "generation",
         "healthy",
         "in_flight",
@@ -188,13 +190,18 @@ class _WorkerState:
         "queued",
         "resets",
         "routed",
+        "step_fit",
+        "ttft_fit",
         "url",
     )
 
-    def __init__(self, url: str, capacity_tokens: int | None, prior: Prices) -> None:
+    def __init__(
+        self, url: str, capacity_tokens: int | None, ttft_prior: Prices, step_prior: Prices
+    ) -> None:
         self.url = url
-        self.fit = PriceFit(prior)
-        self.load = WorkerLoad(self.fit.prices)
+        self.ttft_fit = PriceFit(ttft_prior)
+        self.step_fit = PriceFit(step_prior)
+        self.load = WorkerLoad(self.ttft_fit.prices, self.step_fit.prices)
         self.queued: dict[int, int] = {}  # dispatch id -> its uncached elements, first token due
         self.queue_deadlines: list[tuple[float, int]] = []  # heap: when each counts as running
         self.healthy = True
@@ -226,6 +233,8 @@ class Dispatch:
     released: bool = False
     ahead: int = 0  # key elements queued on the worker before this one
     running: int = 0  # the worker's requests past their first token when this was routed
+    context: int = 0  # key elements of the worker's requests in flight when this was routed
+    batch: int = 0  # the worker's requests in flight when this was routed
     first_token_at: float | None = None
 
     def __init__(  # written out for mypyc: see Outcome
@@ -242,6 +251,8 @@ class Dispatch:
         released: bool = False,
         ahead: int = 0,
         running: int = 0,
+        context: int = 0,
+        batch: int = 0,
     ) -> None:
         self.id = id
         self.decision = decision
@@ -255,6 +266,8 @@ class Dispatch:
         self.released = released
         self.ahead = ahead
         self.running = running
+        self.context = context
+        self.batch = batch
         self.first_token_at = None
 
     @property
@@ -285,8 +298,12 @@ class WorkerStats:
     capacity_tokens: int | None
     queued: int = 0  # key elements of prefill waiting for their first token
     running: int = 0  # requests in flight past their first token
-    prices: tuple[float, float, float] = (0.0, 0.0, 0.0)  # s: base, per element, per running
-    price_samples: int = 0  # answers the prices were fitted from
+    context: int = 0  # key elements of its requests in flight
+    # the prices it is routed by (`prices.Prices`: s, s per key element, s per request)
+    ttft_prices: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    step_prices: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    ttft_samples: int = 0  # answers its own fits learned from
+    step_samples: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -335,12 +352,14 @@ class RoutingEngine:
         self._routable: tuple[_WorkerState, ...] = ()
         self._loads: dict[str, int] = {}  # routable workers' in-flight counts, kept current
         self._pending: dict[str, int] = {}  # ... and their uncached key elements in flight
-        self._costs: dict[str, WorkerLoad] = {}  # ... and their queues and prices (least_ttft)
-        self._policy = make_policy(self.config.policy, self._costs)
+        per_token = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
+        self._view = Fleet(OUTPUTS)  # ... and their queues, batches and prices (least_ttft)
+        self._policy = make_policy(self.config.policy, self._view)
         self._policy_name = self._policy.name
-        self._prior: Prices | None = None  # set_prior's, for workers that join
-        self._fleet = default_prices(1.0 if self.config.token_keys else CHARS_PER_TOKEN)
+        self._priors = (default_ttft_prices(per_token), default_step_prices(per_token))
+        self._fleet = self._priors  # the prices of workers not distinct from the fleet
         self._fitted = 0  # samples since the fleet was last priced
+        self._answers = 0  # answers the output length was learned from
         self._ids = itertools.count(1)
         self._max_memory = self.config.max_tree_memory_mb << 20
         self._reasons: dict[str, int] = {}  # a Counter's item assignment is several times slower
@@ -360,7 +379,7 @@ class RoutingEngine:
     ) -> None:
         """Register a worker with an empty share; re-adding an existing one is a no-op."""
         if url not in self._workers:
-            state = _WorkerState(url, capacity_tokens, self._fleet)
+            state = _WorkerState(url, capacity_tokens, *self._fleet)
             state.healthy = healthy
             self._workers[url] = state
             self._price_fleet()
@@ -385,11 +404,12 @@ class RoutingEngine:
         if state is not None:
             state.capacity_tokens = capacity_tokens
 
-    def set_prior(self, prices: Prices) -> None:
+    def set_prior(self, ttft: Prices, step: Prices | None = None) -> None:
         """Prices to start from until answers say otherwise (a simulated worker's profile)."""
-        self._prior = prices
+        self._priors = (ttft, step or self._priors[1])
         for state in self._workers.values():
-            state.fit.reset_prior(prices)
+            state.ttft_fit.reset_prior(self._priors[0])
+            state.step_fit.reset_prior(self._priors[1])
         self._price_fleet()
 
     def reset_worker(self, url: str) -> None:
@@ -425,7 +445,11 @@ class RoutingEngine:
         decision = self._decide(path, loads)
         matches = {w: path.matched.get(w, 0) for w in loads}
         length = len(path.key)
-        estimates = {w: estimate_parts(self._costs[w], length - matches[w]) for w in loads}
+        fleet = self._view
+        estimates = {
+            w: estimate_parts(fleet.loads[w], length - matches[w], length, fleet.outputs)
+            for w in loads
+        }
         pending = {w: self._pending[w] for w in loads}
         return Explanation(decision, matches, loads, pending, estimates)
 
@@ -446,7 +470,7 @@ class RoutingEngine:
         load = state.load
         dispatch = Dispatch(
             next(self._ids), decision, path.key, now, prior, oldest, uncached, state,
-            state.generation, False, load.queued, load.running,
+            state.generation, False, load.queued, load.running, load.context, load.in_flight,
         )  # fmt: skip
         state.in_flight[dispatch.id] = now
         state.pending += uncached
@@ -455,6 +479,8 @@ class RoutingEngine:
             due = now + DEADLINE * estimate(load, uncached)
             heapq.heappush(state.queue_deadlines, (due, dispatch.id))
         load.queued += uncached
+        load.context += decision.key_length
+        load.in_flight += 1
         self._sync_load(state)
         state.routed += 1
         self._reasons[decision.reason] = self._reasons.get(decision.reason, 0) + 1
@@ -477,7 +503,7 @@ class RoutingEngine:
         if outcome.prompt_tokens <= 0:
             return
         self._learn_elements_per_token(dispatch, outcome)
-        self._learn_prices(dispatch, outcome)
+        self._learn_prices(dispatch, outcome, now)
         predicted = self._predicted_tokens(dispatch, outcome)
         state.prompt_tokens += outcome.prompt_tokens
         state.cached_tokens += outcome.cached_tokens
@@ -519,11 +545,14 @@ class RoutingEngine:
             state = dispatch._state
             state.in_flight.pop(dispatch.id, None)
             state.pending -= dispatch.uncached
+            load = state.load
             uncached = state.queued.pop(dispatch.id, None)
             if uncached is None:
-                state.load.running -= 1
+                load.running -= 1
             else:
-                state.load.queued -= uncached
+                load.queued -= uncached
+            load.context -= dispatch.decision.key_length
+            load.in_flight -= 1
             self._sync_load(state)
 
     # -- reading ---------------------------------------------------------------------------
@@ -552,26 +581,17 @@ class RoutingEngine:
         self._routable = tuple(s for s in self._workers.values() if s.healthy)
         self._loads = {s.url: len(s.in_flight) for s in self._routable}
         self._pending = {s.url: s.pending for s in self._routable}
-        self._costs.clear()  # the policy holds this very dict
-        self._costs.update((s.url, s.load) for s in self._routable)
+        self._view.loads = {s.url: s.load for s in self._routable}
 
     def _price_fleet(self) -> None:
         """The fleet's prices, and which workers they serve (see the module docstring)."""
-        learned = [s.fit.prices for s in self._workers.values() if s.fit.samples >= WARMUP]
-        if learned:
-            self._fleet = Prices(
-                statistics.median(p.base for p in learned),
-                statistics.median(p.prefill for p in learned),
-                statistics.median(p.decode for p in learned),
-            )
-        elif self._prior is not None:
-            self._fleet = self._prior
-        fleet = self._fleet
-        for state in self._workers.values():
-            own = state.fit.prices
-            ratio = own.prefill / fleet.prefill if fleet.prefill > 0 else 1.0
-            distinct = abs(ratio - 1.0) > DISTINCT and state.fit.samples >= WARMUP
-            state.load.prices = own if distinct else fleet
+        states = self._workers.values()
+        ttft = fleet_prices([s.ttft_fit for s in states], self._priors[0])
+        step = fleet_prices([s.step_fit for s in states], self._priors[1])
+        self._fleet = (ttft, step)
+        for state in states:
+            state.load.ttft = own_or_fleet(state.ttft_fit, ttft)
+            state.load.step = own_or_fleet(state.step_fit, step)
 
     def _settle_queues(self, now: float) -> None:
         """Queued requests past their deadline count as running (their first token is due)."""
@@ -587,15 +607,27 @@ class RoutingEngine:
             state.load.queued -= uncached
             state.load.running += 1
 
-    def _learn_prices(self, dispatch: Dispatch, outcome: Outcome) -> None:
-        """A streamed answer's time to first token, against the work it waited for."""
-        if dispatch.first_token_at is None:
+    def _learn_prices(self, dispatch: Dispatch, outcome: Outcome, now: float) -> None:
+        """A streamed answer's time to first token against the work it waited for, and its
+        mean decode step against the batch it joined; every answer's length."""
+        tokens = outcome.completion_tokens
+        if tokens > 0:
+            self._answers += 1
+            weight = max(EWMA, 1.0 / self._answers)
+            self._view.outputs += weight * (tokens - self._view.outputs)
+        first = dispatch.first_token_at
+        if first is None:
             return
         kind = outcome.kind if 0 <= outcome.kind < len(KINDS) else KIND_TEXT
         own = max(outcome.prompt_tokens - outcome.cached_tokens, 0) * self._per_token[kind]
         state = dispatch._state
-        ttft = dispatch.first_token_at - dispatch.sent_at
-        if state.fit.add(ttft, dispatch.ahead + own, dispatch.running):
+        work = dispatch.ahead + own
+        learned = state.ttft_fit.add(first - dispatch.sent_at, work, dispatch.running)
+        if tokens >= 2:
+            step = (now - first) / (tokens - 1)
+            context = dispatch.context + dispatch.decision.key_length
+            learned = state.step_fit.add(step, context, dispatch.batch + 1) or learned
+        if learned:
             self._fitted += 1
             if self._fitted * 8 >= len(self._workers):  # every sample up to 8 workers
                 self._fitted = 0
@@ -696,8 +728,11 @@ class RoutingEngine:
             capacity_tokens=state.capacity_tokens,
             queued=state.load.queued,
             running=state.load.running,
-            prices=state.load.prices.as_tuple(),
-            price_samples=state.fit.samples,
+            context=state.load.context,
+            ttft_prices=state.load.ttft.as_tuple(),
+            step_prices=state.load.step.as_tuple(),
+            ttft_samples=state.ttft_fit.samples,
+            step_samples=state.step_fit.samples,
         )
 
 
@@ -707,3 +742,23 @@ def whole_numbers(key: str, matched: int) -> int:
     spaces = key.count(" ", 0, matched)
     ends_at_a_number = matched >= len(key) or key[matched] == " "
     return spaces + 1 if matched > 0 and ends_at_a_number else spaces
+
+
+def fleet_prices(fits: list[PriceFit], prior: Prices) -> Prices:
+    """The median prices of the fits learned from `WARMUP` answers, else the prior."""
+    learned = [f.prices for f in fits if f.samples >= WARMUP]
+    if not learned:
+        return prior
+    return Prices(
+        statistics.median(p.base for p in learned),
+        statistics.median(p.per_element for p in learned),
+        statistics.median(p.per_request for p in learned),
+    )
+
+
+def own_or_fleet(fit: PriceFit, fleet: Prices) -> Prices:
+    """A worker's own prices when its per-element price is `DISTINCT` from the fleet's."""
+    if fit.samples < WARMUP or fleet.per_element <= 0:
+        return fleet
+    ratio = fit.prices.per_element / fleet.per_element
+    return fit.prices if abs(ratio - 1.0) > DISTINCT else fleet

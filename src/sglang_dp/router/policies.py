@@ -9,21 +9,24 @@ seeded `random.Random`, and ties are broken at random so that, at low load, miss
 to the first worker (an sgl-router bug).
 
 Policies and settings (defaults):
-- `least_ttft` (the default): the worker where this request's first token would come soonest,
-  by `prices.estimate`: its prefill queue (uncached key elements routed there whose first token
-  has not come) plus this request's key elements it does not hold, priced in seconds by the
-  worker's fitted prices, plus its decode load (running requests × their price); recomputing
-  a prefix that another worker holds is charged `recompute_penalty` (1.0) times its prefill
-  again, for the requests it delays behind it (in a saturated burst every recomputation
-  lengthens the whole run: without the charge, spills cost 13 % more prefill). Near-ties
-  (within 1 % or 2 ms of the cheapest) go to the longest match if it is above
-  `cache_threshold`, then the less loaded; else as cache_aware's misses go (least pending
-  prefill, then least loaded, then at random: new prefixes spread over idle workers).
-  A request still goes where its prefix is, unless waiting there costs more than recomputing
-  the prefix elsewhere (twice over, by default) [cache_hit: the longest match; recompute: the
-  longest match was dearer; least_wait: no worker holds any of it]. No count threshold: a
-  worker that joins late or comes back from a restart has an empty queue, so it is the
-  cheapest for the next misses at once.
+- `least_ttft` (the default): the worker where this request would be answered soonest, by
+  `prices`: its time to first token there (the prefill queued ahead of it: uncached key
+  elements routed there whose first token has not come; its own key elements the worker does
+  not hold; the running requests) plus the time to generate its answer in that worker's batch
+  (decode steps slow down with the context in flight: a crowded worker is dear even for a
+  cache hit, so an idle one takes work, as NVIDIA Dynamo counts active decode blocks), priced
+  in seconds by the worker's fitted prices. Recomputing a prefix that another worker holds is
+  charged `recompute_penalty` (1.0) times its prefill again, for the requests it delays behind
+  it (in a saturated burst every recomputation lengthens the whole run: without the charge,
+  spills cost 13 % more prefill). Near-ties (within 2 ms of the cheapest) go to the
+  longest match if it is above `cache_threshold`, then the less loaded; else as cache_aware's
+  misses go (least pending prefill, then least loaded, then at random: new prefixes spread
+  over idle workers). A request still goes where its prefix is, unless waiting there costs
+  more than recomputing the prefix elsewhere (twice over, by default) [cache_hit: the longest
+  match; recompute: the longest match was dearer; least_wait: no worker holds any of it].
+  No count threshold: a worker that joins late or comes back from a restart has an empty
+  queue and batch, so it takes the next misses at once, and cache hits once the others'
+  batches are crowded enough to pay for the recomputation.
 - `cache_aware` (sgl-router's semantics and flag names): if max_load - min_load >
   `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), the loads
   are imbalanced: take the best-matching worker among those not overloaded (load within half of
@@ -60,7 +63,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sglang_dp.options import option
-from sglang_dp.router.prices import WorkerLoad, default_prices, estimate
+from sglang_dp.router.prices import (
+    Fleet,
+    WorkerLoad,
+    decode_time,
+    default_step_prices,
+    default_ttft_prices,
+    estimate,
+)
 
 POLICY_NAMES = (
     "least_ttft",
@@ -76,9 +86,7 @@ POLICY_NAMES = (
 
 Choice = tuple[str, str]  # (worker, reason); a plain tuple: this is the hot path
 NO_PENDING: Mapping[str, int] = {}
-NO_LOADS: Mapping[str, WorkerLoad] = {}
-TIE = 0.01  # least_ttft: estimates within 1 % of the cheapest are a tie (the fit is no finer)
-TIE_S = 0.002  # ... or within 2 ms of it (a few dozen tokens of prefill: not worth a detour)
+TIE_S = 0.002  # least_ttft: within 2 ms of the cheapest is a tie (a few dozen prefill tokens)
 
 
 class Policy(Protocol):
@@ -190,14 +198,13 @@ def best_match(loads: Mapping[str, int], matched: Mapping[str, int], rng: random
 class LeastTtft:
     name = "least_ttft"
 
-    def __init__(
-        self, config: PolicyConfig, rng: random.Random, costs: Mapping[str, WorkerLoad]
-    ) -> None:
+    def __init__(self, config: PolicyConfig, rng: random.Random, fleet: Fleet) -> None:
         self._threshold = config.cache_threshold
         self._penalty = config.recompute_penalty
         self._rng = rng
-        self._costs = costs  # the engine's, kept current by it
-        self._idle = WorkerLoad(default_prices(1.0))  # for a worker missing from `costs`
+        self._fleet = fleet  # the engine's, kept current by it
+        # for a worker missing from the fleet (the policy used alone)
+        self._idle = WorkerLoad(default_ttft_prices(1.0), default_step_prices(1.0))
 
     def choose(
         self,
@@ -211,14 +218,16 @@ class LeastTtft:
             longest = max(longest, matched.get(worker, 0))
         estimates: list[tuple[float, str, int]] = []
         cheapest = math.inf
+        fleet = self._fleet
         for worker in loads:
             held = matched.get(worker, 0)
-            load = self._costs.get(worker, self._idle)
+            load = fleet.loads.get(worker, self._idle)
             cost = estimate(load, key_length - held)
-            cost += self._penalty * load.prices.prefill * (longest - held)
+            cost += decode_time(load, key_length, fleet.outputs)
+            cost += self._penalty * load.ttft.per_element * (longest - held)
             estimates.append((cost, worker, held))
             cheapest = min(cheapest, cost)
-        limit = max(cheapest * (1.0 + TIE), cheapest + TIE_S)
+        limit = cheapest + TIE_S
         tied = {w: held for cost, w, held in estimates if cost <= limit}
         worker = self._break_tie(tied, loads, pending, key_length)
         if longest == 0:
@@ -403,10 +412,10 @@ _POLICIES: dict[str, Callable[[PolicyConfig, random.Random], Policy]] = {
 }
 
 
-def make_policy(config: PolicyConfig, costs: Mapping[str, WorkerLoad] = NO_LOADS) -> Policy:
+def make_policy(config: PolicyConfig, fleet: Fleet | None = None) -> Policy:
     """The policy named in `config`, with its own seeded random generator; `least_ttft` reads
-    the workers' queues and prices from `costs` (the engine's, kept current by it)."""
+    the workers' queues and prices from `fleet` (the engine's, kept current by it)."""
     rng = random.Random(config.seed)
     if config.policy == "least_ttft":
-        return LeastTtft(config, rng, costs)
+        return LeastTtft(config, rng, fleet or Fleet(0.0))
     return _POLICIES[config.policy](config, rng)

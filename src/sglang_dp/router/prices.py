@@ -1,31 +1,39 @@
-"""What work costs on a worker, in seconds: the estimate `least_ttft` routes by, and its fit (pure).
+"""What a request would cost on a worker, in seconds: what `least_ttft` routes by, and the fits
+of its prices (pure).
 
-A worker's time to first token for a request is modelled as
+Two linear models per worker, each `base + per_element × elements + per_request × requests`:
 
-    ttft ≈ base + prefill × (queued + uncached) + decode × running
+    ttft ≈ base + per_element × (queued + uncached) + per_request × running
+    step ≈ base + per_element × (context + key) + per_request × (in flight + 1)
 
 - `queued`: key elements of prefill waiting on that worker when the request is routed: the
   requests routed there whose first token has not come yet, each net of what it was predicted
   to hold (SGLang runs waiting prefills before decode steps, so this is the work ahead);
 - `uncached`: the request's own key elements the worker does not hold;
 - `running`: its requests past their first token (decoding: they hold KV and steps);
-- `base`, `prefill` (s per key element), `decode` (s per running request): the worker's prices.
+- `step`: one decode step of that worker with this request in its batch; `context`: the key
+  elements of its requests in flight (each decode step reads their KV: SGLang's decode time
+  grows with it, 45 ns a token measured on an H200), `key` the request's own.
 
-`PriceFit` learns the prices of one worker from answered requests (`add(ttft, work, running)`,
-work = queued ahead + the request's real uncached elements, from its `cached_tokens`): a ridge
-regression of ttft on (work, running), centred (so the pull on a slope does not bend the base),
-over exponentially weighted sums (each sample's weight decays by `DECAY` per new sample: a
-half-life of ~69 samples), pulled toward a prior (`Prices`: the defaults below, a simulated
-worker's profile, or the fleet's prices for a worker that joins late) with the weight of
-`PRIOR_SAMPLES` samples. Nonsense never
-reaches it: a ttft that is not finite, ≤ 0 or above `MAX_TTFT_S`, or negative work, is refused;
-after `WARMUP` samples a ttft more than `OUTLIER`× off the prediction is ignored (unless
-`OUTLIER_RUN` in a row are: then the worker has really changed); fitted prices are clamped to
-[prior / `PRICE_RANGE`, prior × `PRICE_RANGE`] (base, decode: ≥ 0 and ≤ `MAX_BASE_S`,
-`MAX_DECODE_S`).
+`estimate(load, uncached)` is the ttft; `decode_time(load, key, outputs)` the time to generate
+`outputs` tokens there (`outputs` steps), what a request adds by joining a crowded batch.
 
-Default prior (Llama-3-8B on one H100-class GPU with SGLang, per token): prefill 50 µs
-(20k tokens/s), decode 0.2 ms per running request, base 20 ms.
+`PriceFit` learns one model's prices from answered requests (`add(y, elements, requests)`; ttft:
+work = queued ahead + the request's real uncached elements, from its `cached_tokens`; step:
+the mean step of a streamed answer after its first token): a ridge regression of y on
+(elements, requests), centred (so the pull on a slope does not bend the base), over
+exponentially weighted sums (each sample's weight decays by `DECAY` per new sample: a
+half-life of ~69 samples), pulled toward a prior (`Prices`: the defaults below, or the fleet's
+prices for a worker that joins late) with the weight of `PRIOR_SAMPLES` samples. Nonsense never
+reaches it: a y that is not finite, ≤ 0 or above `MAX_SECONDS`, or negative work, is refused;
+after `WARMUP` samples a y more than `OUTLIER`× off the prediction is ignored (unless
+`OUTLIER_RUN` in a row are: then the worker has really changed); fitted prices are clamped
+(per element: within `PRICE_RANGE`× of the prior; base and per request: ≥ 0 and ≤ `MAX_BASE_S`,
+`MAX_PER_REQUEST_S`).
+
+Default priors (Llama-3-8B on one H100-class GPU with SGLang, per token): ttft 20 ms + 50 µs a
+prefill token (20k tokens/s) + 0.2 ms a running request; a decode step 6 ms + 45 ns a token of
+context + 13 µs a request (the H200 measurement's fit, sim/cost_model.py).
 """
 
 from __future__ import annotations
@@ -38,55 +46,94 @@ WARMUP = 8
 OUTLIER = 10.0
 OUTLIER_RUN = 5
 PRICE_RANGE = 100.0
-MAX_TTFT_S = 600.0
+MAX_SECONDS = 600.0
 MAX_BASE_S = 10.0
-MAX_DECODE_S = 1.0
+MAX_PER_REQUEST_S = 1.0
+TTFT_BASE_S = 0.02
 PREFILL_S_PER_TOKEN = 50e-6
-DECODE_S_PER_RUNNING = 0.2e-3
-BASE_S = 0.02
+TTFT_S_PER_RUNNING = 0.2e-3
+STEP_BASE_S = 6e-3
+STEP_S_PER_CONTEXT_TOKEN = 45e-9
+STEP_S_PER_REQUEST = 13e-6
 
 
 class Prices:
-    """A worker's prices (see the module docstring); a plain record."""
+    """One model's prices (see the module docstring); a plain record."""
 
-    __slots__ = ("base", "decode", "prefill")
+    __slots__ = ("base", "per_element", "per_request")
 
-    def __init__(self, base: float, prefill: float, decode: float) -> None:
-        self.base = base
-        self.prefill = prefill  # s per key element
-        self.decode = decode  # s per running request
+    def __init__(self, base: float, per_element: float, per_request: float) -> None:
+        self.base = base  # s
+        self.per_element = per_element  # s per key element
+        self.per_request = per_request  # s per request
 
     def as_tuple(self) -> tuple[float, float, float]:
-        return (self.base, self.prefill, self.decode)
+        return (self.base, self.per_element, self.per_request)
 
 
-def default_prices(elements_per_token: float) -> Prices:
-    """The default prior, per key element (characters: about 4 to a token)."""
-    return Prices(BASE_S, PREFILL_S_PER_TOKEN / elements_per_token, DECODE_S_PER_RUNNING)
+def default_ttft_prices(elements_per_token: float) -> Prices:
+    """The default ttft prior, per key element (characters: about 4 to a token)."""
+    return Prices(TTFT_BASE_S, PREFILL_S_PER_TOKEN / elements_per_token, TTFT_S_PER_RUNNING)
+
+
+def default_step_prices(elements_per_token: float) -> Prices:
+    """The default decode-step prior, per key element of context."""
+    per_element = STEP_S_PER_CONTEXT_TOKEN / elements_per_token
+    return Prices(STEP_BASE_S, per_element, STEP_S_PER_REQUEST)
 
 
 class WorkerLoad:
-    """What `least_ttft` reads of one worker: its queue, its running requests, its prices.
+    """What `least_ttft` reads of one worker: its queue, its batch, its prices.
     The engine keeps one per worker current; the policy only reads it."""
 
-    __slots__ = ("prices", "queued", "running")
+    __slots__ = ("context", "in_flight", "queued", "running", "step", "ttft")
 
-    def __init__(self, prices: Prices) -> None:
+    def __init__(self, ttft: Prices, step: Prices) -> None:
         self.queued = 0  # key elements of prefill waiting (first token not come)
         self.running = 0  # requests in flight past their first token
-        self.prices = prices
+        self.in_flight = 0  # requests in flight
+        self.context = 0  # key elements of the requests in flight
+        self.ttft = ttft
+        self.step = step
+
+
+class Fleet:
+    """What `least_ttft` reads: every routable worker's `WorkerLoad`, and how many tokens an
+    answer has (its decode steps), learned from answers. The engine keeps it current."""
+
+    __slots__ = ("loads", "outputs")
+
+    def __init__(self, outputs: float) -> None:
+        self.loads: dict[str, WorkerLoad] = {}
+        self.outputs = outputs
 
 
 def estimate(load: WorkerLoad, uncached: int) -> float:
     """Estimated seconds to the first token of a request with `uncached` key elements."""
-    p = load.prices
-    return p.base + p.prefill * (load.queued + uncached) + p.decode * load.running
+    p = load.ttft
+    return p.base + p.per_element * (load.queued + uncached) + p.per_request * load.running
 
 
-def estimate_parts(load: WorkerLoad, uncached: int) -> tuple[float, float, float, float]:
-    """(base, queue wait, own prefill, decode load) in seconds: `estimate`'s sum, explained."""
-    p = load.prices
-    return (p.base, p.prefill * load.queued, p.prefill * uncached, p.decode * load.running)
+def decode_time(load: WorkerLoad, key_length: int, outputs: float) -> float:
+    """Estimated seconds to generate `outputs` tokens there, in a batch with its requests."""
+    p = load.step
+    context = load.context + key_length
+    return outputs * (p.base + p.per_element * context + p.per_request * (load.in_flight + 1))
+
+
+def estimate_parts(
+    load: WorkerLoad, uncached: int, key_length: int, outputs: float
+) -> tuple[float, float, float, float, float]:
+    """(base, queue wait, own prefill, running, decode time) in seconds: the first four are
+    `estimate`'s sum, the last `decode_time`."""
+    p = load.ttft
+    return (
+        p.base,
+        p.per_element * load.queued,
+        p.per_element * uncached,
+        p.per_request * load.running,
+        decode_time(load, key_length, outputs),
+    )
 
 
 class PriceFit:
@@ -114,9 +161,9 @@ class PriceFit:
         self.prior = prior
         self._solve()
 
-    def add(self, ttft: float, work: float, running: float) -> bool:
+    def add(self, ttft: float, work: float, running: float) -> bool:  # (y, elements, requests)
         """Learn from one answered request; False when the sample was refused."""
-        if not (0.0 < ttft <= MAX_TTFT_S) or not (work >= 0.0 and running >= 0.0):
+        if not (0.0 < ttft <= MAX_SECONDS) or not (work >= 0.0 and running >= 0.0):
             self.refused += 1  # also NaN: every comparison with it is false
             return False
         if not math.isfinite(work) or not math.isfinite(running):
@@ -140,7 +187,7 @@ class PriceFit:
 
     def _outlier(self, ttft: float, work: float, running: float) -> bool:
         p = self.prices
-        predicted = max(p.base + p.prefill * work + p.decode * running, 1e-3)
+        predicted = max(p.base + p.per_element * work + p.per_request * running, 1e-3)
         if ttft > OUTLIER * predicted or ttft * OUTLIER < predicted:
             self._rejected += 1
             if self._rejected < OUTLIER_RUN:
@@ -168,18 +215,18 @@ class PriceFit:
         lw = pull * max(cww, 1e-12 * (1.0 + mw * mw))
         lr = pull * max(crr, 1e-12 * (1.0 + mr * mr))
         a00, a01, a11 = cww + lw, cwr, crr + lr
-        b0, b1 = cwy + lw * prior.prefill, cry + lr * prior.decode
+        b0, b1 = cwy + lw * prior.per_element, cry + lr * prior.per_request
         det = a00 * a11 - a01 * a01
         if not det > 0.0 or not math.isfinite(det):
             return  # keep the last prices
-        prefill = (b0 * a11 - a01 * b1) / det
-        decode = (a00 * b1 - a01 * b0) / det
-        base = my - prefill * mw - decode * mr
+        per_element = (b0 * a11 - a01 * b1) / det
+        per_request = (a00 * b1 - a01 * b0) / det
+        base = my - per_element * mw - per_request * mr
         base = (w * base + PRIOR_SAMPLES * prior.base) / (w + PRIOR_SAMPLES)
-        if not all(math.isfinite(v) for v in (base, prefill, decode)):
+        if not all(math.isfinite(v) for v in (base, per_element, per_request)):
             return
         self.prices = Prices(
             min(max(base, 0.0), MAX_BASE_S),
-            min(max(prefill, prior.prefill / PRICE_RANGE), prior.prefill * PRICE_RANGE),
-            min(max(decode, 0.0), MAX_DECODE_S),
+            min(max(per_element, prior.per_element / PRICE_RANGE), prior.per_element * PRICE_RANGE),
+            min(max(per_request, 0.0), MAX_PER_REQUEST_S),
         )
