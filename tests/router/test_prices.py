@@ -33,7 +33,8 @@ def fitted(truth: Prices, samples: int = 200, seed: int = 0) -> PriceFit:
     fit = PriceFit(PRIOR)
     for _ in range(samples):
         work, running = rng.uniform(0, 200_000), rng.randint(0, 64)
-        assert fit.add(truth.base + truth.per_element * work + truth.per_request * running, work, running)
+        y = truth.base + truth.per_element * work + truth.per_request * running
+        assert fit.add(y, work, running)
     return fit
 
 
@@ -59,7 +60,8 @@ def test_exact_answers_recover_the_prices(base: float, prefill: float, decode: f
     # the prior still pulls a little (one sample's worth of ~87): the slope within a few
     # percent of its distance from the prior's, the estimate where the answers were (around
     # their mean) within 10 % (the base cannot go below 0 to make up for the slope)
-    assert abs(got.per_element - prefill) <= 0.03 * abs(PRIOR.per_element - prefill) + 1e-3 * prefill
+    gap = abs(PRIOR.per_element - prefill)
+    assert abs(got.per_element - prefill) <= 0.03 * gap + 1e-3 * prefill
     work, running = 100_000, 32
     want = base + prefill * work + decode * running
     assert got.base + got.per_element * work + got.per_request * running == pytest.approx(
