@@ -166,6 +166,8 @@ def _explain_least_ttft(route: Mapping[str, Any], names: Mapping[str, str], held
         return f"no worker holds any of it; {name}: {soonest}"
     if d["reason"] == "cache_hit":
         return f"{name} holds {held}: {soonest}"
+    if d["reason"] == "idle":
+        return f"{name} has nothing in flight, the cheapest is busy: no GPU idles ({soonest})"
     best = max(workers, key=lambda w: w["matched"])
     holder = names.get(best["url"], best["url"])
     return (

@@ -26,9 +26,9 @@ exponentially weighted sums (each sample's weight decays by `DECAY` per new samp
 half-life of ~69 samples), pulled toward a prior (`Prices`: the defaults below, or the fleet's
 prices for a worker that joins late) with the weight of `PRIOR_SAMPLES` samples. Nonsense never
 reaches it: a y that is not finite, ≤ 0 or above `MAX_SECONDS`, or negative work, is refused;
-after `WARMUP` samples a y more than `OUTLIER`× off the prediction is ignored (unless
-`OUTLIER_RUN` in a row are: then the worker has really changed); fitted prices are clamped
-(per element: within `PRICE_RANGE`× of the prior; base and per request: ≥ 0 and ≤ `MAX_BASE_S`,
+after `WARMUP` samples a y more than `OUTLIER`× off the prediction (at least
+`OUTLIER_FLOOR_S`) is ignored (unless `OUTLIER_RUN` in a row are: then the worker has really
+changed); fitted prices are clamped (per element: within `PRICE_RANGE`× of the prior; base and per request: ≥ 0 and ≤ `MAX_BASE_S`,
 `MAX_PER_REQUEST_S`).
 
 Default priors (Llama-3-8B on one H100-class GPU with SGLang, per token): ttft 20 ms + 50 µs a
@@ -45,6 +45,7 @@ PRIOR_SAMPLES = 1.0
 WARMUP = 8
 OUTLIER = 10.0
 OUTLIER_RUN = 5
+OUTLIER_FLOOR_S = 0.01  # predictions below this count as this (a biased fit's tiny ones)
 PRICE_RANGE = 100.0
 MAX_SECONDS = 600.0
 MAX_BASE_S = 10.0
@@ -187,7 +188,7 @@ class PriceFit:
 
     def _outlier(self, ttft: float, work: float, running: float) -> bool:
         p = self.prices
-        predicted = max(p.base + p.per_element * work + p.per_request * running, 1e-3)
+        predicted = max(p.base + p.per_element * work + p.per_request * running, OUTLIER_FLOOR_S)
         if ttft > OUTLIER * predicted or ttft * OUTLIER < predicted:
             self._rejected += 1
             if self._rejected < OUTLIER_RUN:
