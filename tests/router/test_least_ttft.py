@@ -197,13 +197,14 @@ def test_identical_workers_are_priced_alike_despite_noise() -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
+    decode_weight=st.sampled_from([0.0, 1.0, 3.0]),
     queued=st.lists(st.integers(0, 100_000), min_size=1, max_size=6),
     running=st.lists(st.integers(0, 64), min_size=6, max_size=6),
     matched=st.lists(st.integers(0, 3000), min_size=6, max_size=6),
     key_length=st.integers(3000, 6000),
 )
 def test_least_ttft_takes_a_cheapest_worker(
-    queued: list[int], running: list[int], matched: list[int], key_length: int
+    decode_weight: float, queued: list[int], running: list[int], matched: list[int], key_length: int
 ) -> None:
     """Brute force over the estimate, the decode time and the recompute charge: the choice is
     within the tie band of the cheapest."""
@@ -214,7 +215,7 @@ def test_least_ttft_takes_a_cheapest_worker(
         load.in_flight, load.context = running[i] + q // 1000, (running[i] + q // 1000) * 2000
         fleet.loads[f"w{i}"] = load
     costs = fleet.loads
-    policy = make_policy(PolicyConfig(seed=0), fleet)
+    policy = make_policy(PolicyConfig(seed=0, decode_weight=decode_weight), fleet)
     held = {f"w{i}": matched[i] for i in range(len(queued))}
     loads = dict.fromkeys(costs, 0)
     worker, reason = policy.choose(loads, held, key_length)
@@ -222,7 +223,7 @@ def test_least_ttft_takes_a_cheapest_worker(
 
     def charge(w: str) -> float:
         first = estimate(costs[w], key_length - held[w])
-        answer = decode_time(costs[w], key_length, fleet.outputs)
+        answer = decode_weight * decode_time(costs[w], key_length, fleet.outputs)
         return first + answer + PRICES.per_element * (longest - held[w])
 
     cheapest = min(charge(w) for w in costs)

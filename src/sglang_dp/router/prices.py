@@ -16,7 +16,8 @@ Two linear models per worker, each `base + per_element × elements + per_request
   grows with it, 45 ns a token measured on an H200), `key` the request's own.
 
 `estimate(load, uncached)` is the ttft; `decode_time(load, key, outputs)` the time to generate
-`outputs` tokens there (`outputs` steps), what a request adds by joining a crowded batch.
+`outputs` tokens there (`outputs` steps), what a request adds by joining a crowded batch
+(`least_ttft` counts it with `--decode-weight`; `/debug/route` always shows it).
 
 `PriceFit` learns one model's prices from answered requests (`add(y, elements, requests)`; ttft:
 work = queued ahead + the request's real uncached elements, from its `cached_tokens`; step:
@@ -28,8 +29,8 @@ prices for a worker that joins late) with the weight of `PRIOR_SAMPLES` samples.
 reaches it: a y that is not finite, ≤ 0 or above `MAX_SECONDS`, or negative work, is refused;
 after `WARMUP` samples a y more than `OUTLIER`× off the prediction (at least
 `OUTLIER_FLOOR_S`) is ignored (unless `OUTLIER_RUN` in a row are: then the worker has really
-changed); fitted prices are clamped (per element: within `PRICE_RANGE`× of the prior; base and per request: ≥ 0 and ≤ `MAX_BASE_S`,
-`MAX_PER_REQUEST_S`).
+changed); fitted prices are clamped (per element: within `PRICE_RANGE`× of the prior; base and
+per request: ≥ 0 and ≤ `MAX_BASE_S`, `MAX_PER_REQUEST_S`).
 
 Default priors (Llama-3-8B on one H100-class GPU with SGLang, per token): ttft 20 ms + 50 µs a
 prefill token (20k tokens/s) + 0.2 ms a running request; a decode step 6 ms + 45 ns a token of
