@@ -30,6 +30,11 @@ KV accounting (tokens): tree (`cache.size`, protected + evictable) + `held` (KV 
 tree: in-flight prefill chunks, output tokens of running requests, all prompts when the cache
 is disabled) ≤ capacity, with `reserved` = KV promised to admitted requests but not yet written.
 Eviction (LRU, unlocked leaves) happens only when an allocation needs room.
+
+Pages (`page_size` > 1): the cache holds whole pages, so `cached_tokens` is a multiple of the
+page size and the unaligned tail of an inserted prompt is freed, as SGLang frees it (the sim
+does not keep a chunked request's partial page: at most page_size − 1 tokens of drift).
+`kv_events`: the cache records SGLang's KV events (`cache.take_events()`).
 """
 
 from __future__ import annotations
@@ -109,10 +114,17 @@ class Stats:
 class Scheduler:
     """Waiting queue, running batch, radix cache and KV accounting (see module docstring)."""
 
-    def __init__(self, cost: CostModel, policy: str = "fcfs", cache_enabled: bool = True) -> None:
+    def __init__(
+        self,
+        cost: CostModel,
+        policy: str = "fcfs",
+        cache_enabled: bool = True,
+        page_size: int = 1,
+        kv_events: bool = False,
+    ) -> None:
         self.cost = cost
         self.policy = policy
-        self.cache = RadixCache(cache_enabled)
+        self.cache = RadixCache(cache_enabled, page_size, kv_events)
         self.capacity = cost.max_total_tokens
         self.waiting: list[SimRequest] = []
         self.running: dict[str, SimRequest] = {}
