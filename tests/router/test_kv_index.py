@@ -140,6 +140,20 @@ def test_gap_is_replayed_then_trusted_again() -> None:
     assert index.blocks("w") == {ids[0]}
 
 
+def test_live_batches_already_replayed_are_not_a_restart() -> None:
+    index = KvIndex(block_size=2)
+    index.apply("w", batch(0), 0.0)
+    assert index.apply("w", batch(2), 0.0) == 1
+    for seq in (1, 2, 3, 4):  # the replay brings what is still to come live, too
+        index.apply("w", batch(seq), 0.0, replayed=True)
+    index.replay_done("w", 0.0)
+    index.apply("w", batch(3), 0.0)
+    index.apply("w", batch(4), 0.0)
+    index.apply("w", batch(5), 0.0)
+    status = index.status("w")
+    assert status.restarts == 0 and status.last_seq == 5 and index.trusted("w")
+
+
 def test_lost_gap_and_joining_late_until_a_clear() -> None:
     index = KvIndex(block_size=2)
     assert index.apply("w", batch(5, AllBlocksCleared()), 0.0) == 0  # joined late: replay from 0

@@ -25,7 +25,9 @@ has stored", without hashing per request.
 Stream state per worker (`status(worker)`): seq handling follows the wire contract —
 - seq = last + 1: applied. A first batch with seq 0 starts a whole picture (SGLang's first batch
   carries its cache's reset: `AllBlocksCleared`).
-- a live seq ≤ last: the publisher restarted (its seq went back to 0): the picture is dropped.
+- a live seq ≤ the previous live seq: the publisher restarted (its seq went back to 0): the
+  picture is dropped. (A live seq ≤ last applied but above the previous live one came by replay
+  first: ignored.)
 - a gap (seq > last + 1, or a first seq > 0): later batches wait in order (at most
   `max_pending`) and `apply` returns the seq to replay from; replayed batches go through
   `apply(..., replayed=True)`; `replay_done` closes the attempt: a gap still open is lost.
@@ -101,6 +103,7 @@ class _Worker:
     foreign: set[int] = field(default_factory=set)  # ids of namespaced blocks it holds
     pending: dict[int, Batch] = field(default_factory=dict)  # seq -> batch after a gap
     started: bool = False  # has seen a batch since its start / last restart
+    live_seq: int | None = None  # highest seq seen on the live stream (in order there)
     whole: bool = False  # every event since a stream start or a clear was applied
     why: str = NO_EVENTS  # why not whole
 
@@ -201,12 +204,14 @@ class KvIndex:
         self.add_worker(worker)
         w = self._workers[worker]
         w.status.last_event_time = now
+        if not replayed:
+            # the live stream is in order: going back means a new publisher (seq from 0 again)
+            if w.live_seq is not None and batch.seq <= w.live_seq:
+                self._restart(worker)
+            w.live_seq = batch.seq
         last = w.status.last_seq
         if last is not None and batch.seq <= last:
-            if replayed:
-                return None  # already applied
-            self._restart(worker)
-            last = None
+            return None  # already applied (it came by replay first)
         if last is None:
             w.started = True
             if batch.seq != 0:

@@ -39,6 +39,7 @@ log = logging.getLogger("sglang_dp.router.kv_events")
 
 WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
 REPLAY_TIMEOUT_S = 2.0
+RCVHWM = 100_000  # SGLang's PUB high-water mark
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class KvSubscriber:
 
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
+        # live batches wait here while a replay runs: the default 1000 would drop them
+        sub.setsockopt(zmq.RCVHWM, RCVHWM)
         topic = source.topic.encode()
         sub.setsockopt(zmq.SUBSCRIBE, topic)
         sub.connect(source.endpoint)
