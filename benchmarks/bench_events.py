@@ -6,7 +6,8 @@ Starts three `sglang-dp sim-worker` processes publishing SGLang's KV events on l
 `no_replay` (5 % dropped, no replay socket). An in-process `KvSubscriber` feeds one `KvIndex`;
 a shared-prefix workload (24 system prompts of 300 words, each request one of them + 30 unique
 words, 8 requests in flight) runs against each worker; then each worker's `/debug/kv_blocks`
-(its cache's pages, hashed afresh) is compared with the index:
+(its cache's pages, hashed afresh) is compared with the index, while a trickle of requests goes
+on (a dropped last batch shows only when the next batch arrives):
 
 - `events_index_agreement`: |index ∩ real| / |index ∪ real| for `exact` (target ≥ 0.999);
 - `events_dropped_5pct_agreement`: the same for `dropped`, after replay (≥ 0.999);
@@ -113,7 +114,12 @@ async def drive(urls: dict[str, tuple[str, str | None]], requests: int) -> dict[
     out: dict[str, Any] = {}
     for name, (url, _) in urls.items():
         deadline = loop.time() + 5
+        tick = 0
         while True:
+            # a trickle of requests goes on, as live traffic would: a dropped last batch shows
+            # only when the next batch arrives
+            await loop.run_in_executor(None, post, url, f"tick {tick}")
+            tick += 1
             real = set(get_json(url + "/debug/kv_blocks")["blocks"])
             score = agreement(index.blocks(name), real)
             if score == 1.0 or loop.time() > deadline:

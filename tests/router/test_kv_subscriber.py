@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ from sglang_dp.router.kv_subscriber import EventSource, KvSubscriber, source_fro
 from tests.processes import Worker, free_port_band, run_on, sim_worker, until
 
 pytestmark = pytest.mark.slow
+FRESH = itertools.count()  # fresh prompts: new tokens, so new blocks and new events
 
 
 def events_worker(base: int, drop: float, replay: bool) -> Any:
@@ -72,9 +74,11 @@ def test_index_follows_a_worker_through_drops_by_replay(workers: tuple[Worker, W
         try:
             for round_ in range(3):
                 await traffic(w, 30, f"r{round_}")
-                real = await real_blocks(w)
 
-                async def agrees(real: set[int] = real) -> bool:
+                async def agrees() -> bool:
+                    # a dropped last batch shows only when the next one comes: keep traffic on
+                    await traffic(w, 1, f"tick{next(FRESH)}")
+                    real = await real_blocks(w)
                     return index.trusted("w") and index.blocks("w") == real
 
                 await until_async(agrees, "index == the worker's cache")
@@ -113,3 +117,57 @@ async def until_async(check: Any, what: str, timeout: float = 10.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def test_wrong_block_size_is_a_clear_reason(workers: tuple[Worker, Worker]) -> None:
+    w, _ = workers
+    info = w.get("/server_info").json()
+    replay = f"tcp://127.0.0.1:{info['kv_events']['endpoint_port_base'] + 1}"
+    source = source_from_server_info("w", w.url, info, replay)
+    assert source is not None
+
+    async def scenario() -> None:
+        index = KvIndex(block_size=8)  # the worker pages by 4
+        subscriber = KvSubscriber(index)
+        subscriber.add(source)
+        try:
+            await until_async(lambda: _traffic_then(w, index), "a rejected batch")
+            status = index.status("w")
+            assert not status.trusted and "block size 4, expected 8" in status.reason
+            assert index.blocks("w") == set()
+        finally:
+            await subscriber.close()
+
+    run_on("uvloop", scenario, timeout=60)
+
+
+async def _traffic_then(w: Worker, index: KvIndex) -> bool:
+    await traffic(w, 1, f"bs{next(FRESH)}")  # new tokens each time: new blocks, new events
+    return index.status("w").rejected > 0
+
+
+def test_a_restarted_publisher_drops_the_old_picture() -> None:
+    base = free_port_band(2)
+    source = EventSource("w", f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}", "kv")
+
+    async def scenario() -> None:
+        index = KvIndex(block_size=4)
+        subscriber = KvSubscriber(index)
+        subscriber.add(source)
+        try:
+            for life in range(2):
+                with events_worker(base, 0.0, True) as w:
+
+                    async def agrees(w: Worker = w, life: int = life) -> bool:
+                        # fresh traffic until the (re)connected SUB socket sees it
+                        await traffic(w, 1, f"life{life}n{next(FRESH)}")
+                        real = await real_blocks(w)
+                        return index.trusted("w") and index.blocks("w") == real
+
+                    await until_async(agrees, f"index == cache of life {life}")
+            status = index.status("w")
+            assert status.restarts + status.resyncs >= 1
+        finally:
+            await subscriber.close()
+
+    run_on("uvloop", scenario, timeout=90)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -149,3 +150,18 @@ def test_cached_tokens_are_whole_pages(publisher: tuple[Worker, int]) -> None:
         "/generate", {"text": text + " more", "sampling_params": {"max_new_tokens": 1}}
     ).json()
     assert body["meta_info"]["cached_tokens"] % 4 == 0 and body["meta_info"]["cached_tokens"] > 0
+
+
+def test_bad_config_and_taken_endpoint_exit_with_a_clear_error(
+    publisher: tuple[Worker, int], tmp_path: Path
+) -> None:
+    _, base = publisher
+    cases = [
+        ('{"publisher": "kafka"}', 2, "unknown publisher"),
+        (json.dumps({"publisher": "zmq", "endpoint": f"tcp://*:{base}"}), 1, "KV events endpoint"),
+    ]
+    for config, code, message in cases:
+        log = tmp_path / "stderr.log"
+        with sim_worker("--kv-events-config", config, ready=False, stderr_file=log) as w:
+            assert w.proc.wait(timeout=30) == code
+        assert message in log.read_text()

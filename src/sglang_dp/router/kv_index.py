@@ -26,8 +26,10 @@ Stream state per worker (`status(worker)`): seq handling follows the wire contra
 - seq = last + 1: applied. A first batch with seq 0 starts a whole picture (SGLang's first batch
   carries its cache's reset: `AllBlocksCleared`).
 - a live seq ≤ the previous live seq: the publisher restarted (its seq went back to 0): the
-  picture is dropped. (A live seq ≤ last applied but above the previous live one came by replay
-  first: ignored.)
+  picture is dropped. A restart seq alone cannot reveal (the new publisher already past the old
+  one's seq when the first live batch arrives) is handled by `forget` (the subscriber calls it
+  when its socket reconnects): the picture is dropped and rebuilt by replay from seq 0.
+  A live seq ≤ last applied but above the previous live one came by replay first: ignored.
 - a gap (seq > last + 1, or a first seq > 0): later batches wait in order (at most
   `max_pending`) and `apply` returns the seq to replay from; replayed batches go through
   `apply(..., replayed=True)`; `replay_done` closes the attempt: a gap still open is lost.
@@ -91,6 +93,7 @@ class StreamStatus:
     gaps_filled: int = 0
     gaps_lost: int = 0
     restarts: int = 0
+    resyncs: int = 0
     rejected: int = 0
     last_event_time: float | None = None
     replaying_from: int | None = None
@@ -137,6 +140,13 @@ class KvIndex:
 
     def workers(self) -> list[str]:
         return list(self._workers)
+
+    def forget(self, worker: str, reason: str) -> None:
+        """Drop a worker's picture and resync from seq 0 (its stream reconnected, or the worker
+        restarted: a new publisher whose seq may already be past the old one's)."""
+        self.add_worker(worker)
+        self._restart(worker, reason)
+        self._workers[worker].status.resyncs += 1
 
     def status(self, worker: str) -> StreamStatus:
         """The worker's stream state (a live record: copy it to keep it)."""
@@ -207,7 +217,8 @@ class KvIndex:
         if not replayed:
             # the live stream is in order: going back means a new publisher (seq from 0 again)
             if w.live_seq is not None and batch.seq <= w.live_seq:
-                self._restart(worker)
+                self._restart(worker, RESTARTED)
+                w.status.restarts += 1
             w.live_seq = batch.seq
         last = w.status.last_seq
         if last is not None and batch.seq <= last:
@@ -380,15 +391,15 @@ class KvIndex:
         w.blocks = set()
         w.foreign = set()
 
-    def _restart(self, worker: str) -> None:
+    def _restart(self, worker: str, reason: str) -> None:
         w = self._workers[worker]
         self._clear(worker)
         w.pending.clear()
+        w.live_seq = None
         s = w.status
-        s.restarts += 1
         s.last_seq = None
         s.replaying_from = None
-        w.whole, w.why = False, RESTARTED
+        w.whole, w.why = False, reason
 
     @staticmethod
     def _distrust(w: _Worker, reason: str) -> None:

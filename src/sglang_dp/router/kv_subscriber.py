@@ -11,8 +11,10 @@ asks the replay socket — a DEALER sending `[b"", start_seq]` — and applies t
 end marker, or until `replay_timeout` (default 2 s) passes; then `KvIndex.replay_done` decides
 whether the gap was filled. Live messages wait in the SUB socket meanwhile. Without a replay
 endpoint a gap is lost at once (the worker goes untrusted until its next clear or restart). An
-undecodable message goes to `KvIndex.reject`. A change of a worker's trust is logged once, with
-its reason. Nothing here blocks the loop; nothing is retried in a tight loop.
+undecodable message goes to `KvIndex.reject`. A reconnection of the SUB socket (the worker
+restarted, or the link broke) drops the worker's picture (`KvIndex.forget`), which is then
+rebuilt by replay from seq 0 when the next batch arrives. A change of a worker's trust is
+logged once, with its reason. Nothing here blocks the loop; nothing is retried in a tight loop.
 
 `source_from_server_info(worker, url, info)` builds the source a worker advertises in
 `/server_info` (`kv_events`, SGLang's descriptor): a wildcard host is replaced by the worker URL's
@@ -40,6 +42,7 @@ log = logging.getLogger("sglang_dp.router.kv_events")
 WILDCARD_HOSTS = ("*", "0.0.0.0", "::", "[::]", "")
 REPLAY_TIMEOUT_S = 2.0
 RCVHWM = 100_000  # SGLang's PUB high-water mark
+RECONNECTED = "event stream reconnected: resyncing from seq 0"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ class KvSubscriber:
         sub.setsockopt(zmq.RCVHWM, RCVHWM)
         topic = source.topic.encode()
         sub.setsockopt(zmq.SUBSCRIBE, topic)
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED)
+        watcher = asyncio.get_running_loop().create_task(self._watch(source.worker, monitor))
         sub.connect(source.endpoint)
         block_size = self.index.block_size
         try:
@@ -138,7 +143,20 @@ class KvSubscriber:
                         await self._replay(source, start)
                 self._log_trust(source.worker)
         finally:
+            watcher.cancel()
+            sub.disable_monitor()
+            monitor.close(linger=0)
             sub.close(linger=0)
+
+    async def _watch(self, worker: str, monitor: Any) -> None:
+        """Every connection after the first is a new stream, maybe a restarted publisher whose
+        seq is already past the old one: drop the picture, rebuild it from seq 0 by replay."""
+        connections = 0
+        while True:
+            await monitor.recv_multipart()
+            connections += 1
+            if connections > 1:
+                self.index.forget(worker, RECONNECTED)
 
     async def _replay(self, source: EventSource, start: int) -> None:
         """Ask the replay socket for every batch from `start`, apply them, close the attempt."""

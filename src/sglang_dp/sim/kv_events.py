@@ -137,23 +137,29 @@ class EventPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(config.hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
+        self._replay: Any = None
+        self._replay_task: asyncio.Task[None] | None = None
         endpoint = local_endpoint(config.endpoint, host)
-        if binds(config.endpoint):
-            self._pub.bind(endpoint)
-        else:
-            self._pub.connect(endpoint)
+        try:
+            if binds(config.endpoint):
+                self._pub.bind(endpoint)
+            else:
+                self._pub.connect(endpoint)
+            if config.replay_endpoint:
+                self._replay = self._ctx.socket(zmq.ROUTER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                replay_endpoint = local_endpoint(config.replay_endpoint, host)
+                self._replay.bind(replay_endpoint)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise OSError(f"KV events endpoint: {exc} ({config})") from None
         self._topic = config.topic.encode()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
         self._seq = 0
         self._drop_rate = drop_rate
         self._rng = random.Random(seed)
         self.published = self.dropped = 0
-        self._replay_task: asyncio.Task[None] | None = None
-        self._replay: Any = None
-        if config.replay_endpoint:
-            self._replay = self._ctx.socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.bind(local_endpoint(config.replay_endpoint, host))
+        if self._replay is not None:
             self._replay_task = asyncio.get_running_loop().create_task(self._serve_replay())
 
     def publish(self, batch: EventBatch) -> None:
