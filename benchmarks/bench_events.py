@@ -14,7 +14,8 @@ on (a dropped last batch shows only when the next batch arrives):
 - `events_no_replay_untrusted`: `no_replay` is marked untrusted (its reason is printed);
 - `events_ingested_per_s_per_core`: decode + apply of every batch `exact` published (read back
   from its replay socket), events per CPU second, in this process;
-- `events_route_us_p50_8w`: `KvIndex.match` p50 over 8 workers holding that stream, probes are
+- `events_match_us_p50_8w`: `KvIndex.match` p50 over 8 workers holding that stream (the match
+  only: the engine's route adds its policy), probes are
   cached paths + 7 unknown tokens.
 
     python benchmarks/bench_events.py [--json]
@@ -220,7 +221,7 @@ def main() -> None:
         "events_dropped_5pct_agreement": per_worker["dropped"]["agreement"],
         "events_no_replay_untrusted": not per_worker["no_replay"]["trusted"],
         "events_ingested_per_s_per_core": round(rate),
-        "events_route_us_p50_8w": round(route_p50(batches, random.Random(1)), 2),
+        "events_match_us_p50_8w": round(route_p50(batches, random.Random(1)), 2),
         "workers": per_worker,
     }
     if args.json:
