@@ -15,8 +15,7 @@ on (a dropped last batch shows only when the next batch arrives):
 - `events_ingested_per_s_per_core`: decode + apply of every batch `exact` published (read back
   from its replay socket), events per CPU second, in this process;
 - `events_match_us_p50_8w`: `KvIndex.match` p50 over 8 workers holding that stream (the match
-  only: the engine's route adds its policy), probes are
-  cached paths + 7 unknown tokens.
+  only: the engine's route adds its policy), probes are cached paths + 7 unknown tokens.
 
     python benchmarks/bench_events.py [--json]
 """
