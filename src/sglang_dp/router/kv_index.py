@@ -40,6 +40,12 @@ than its KV capacity: removals were missed; the picture is dropped to bound memo
 worker untrusted, with the reason, until its next `AllBlocksCleared` or publisher restart.
 Events keep being applied while untrusted (best effort), so trust returns exactly then.
 
+Speculation (`speculate(worker, tokens, now)`): the engine routes a request before its blocks'
+`BlockStored` arrives; its whole pages count as held by that worker for `ttl` (default 2 s, as
+llm-d) in `match(..., now=now)`. They live in a second page trie walked in lockstep with the
+confirmed one; each speculation queues only its deepest page, and `expire(now)` (also called by
+`speculate`) walks up from it, so memory follows the requests of the last `ttl` seconds.
+
 Settings: `block_size` (the workers' `--page-size`), `max_blocks` per worker (default 1 << 20;
 size it from the worker's capacity: max_total_num_tokens / block_size), `max_pending` batches
 waiting for a gap fill (default 10000). Events of another medium than the GPU (host-tier
@@ -48,16 +54,19 @@ copies) are ignored. Time is a parameter (`now`): last event time for silence ch
 
 from __future__ import annotations
 
+import heapq
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
+from itertools import count
 
 from sglang_dp.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, Event
 from sglang_dp.router.kv_events import Batch, Rejected
 
 MAX_BLOCKS = 1 << 20
 MAX_PENDING = 10_000
+SPECULATIVE_TTL_S = 2.0
 GPU = "GPU"
 NO_EVENTS = "no events yet"
 RESTARTED = "publisher restarted (seq went back): waiting for its seq 0"
@@ -79,6 +88,18 @@ class Block:
         self.holders: set[str] = set()
 
 
+class SpecNode:
+    """A page some workers probably hold: routed there, its event not seen yet."""
+
+    __slots__ = ("children", "expiry", "page", "parent")
+
+    def __init__(self, page: Page, parent: SpecNode | None) -> None:
+        self.page = page
+        self.parent = parent
+        self.children: dict[Page, SpecNode] = {}
+        self.expiry: dict[str, float] = {}  # worker -> until
+
+
 @dataclass
 class StreamStatus:
     """What the index knows about one worker's event stream (plain record, for display)."""
@@ -97,6 +118,7 @@ class StreamStatus:
     rejected: int = 0
     last_event_time: float | None = None
     replaying_from: int | None = None
+    speculative: int = 0  # speculative pages not yet expired (swept)
 
 
 @dataclass
@@ -125,6 +147,10 @@ class KvIndex:
         self._roots: dict[Page, Block] = {}
         self._blocks: dict[int, Block] = {}
         self._workers: dict[str, _Worker] = {}
+        self._spec_roots: dict[Page, SpecNode] = {}
+        self._spec_queue: list[tuple[float, int, str, SpecNode]] = []
+        self._spec_ticks = count()
+        self._spec_count: dict[str, int] = {}
 
     # ------------------------------------------------------------------ workers
 
@@ -154,6 +180,7 @@ class KvIndex:
         s = w.status
         s.blocks = len(w.blocks)
         s.foreign_blocks = len(w.foreign)
+        s.speculative = self._spec_count.get(worker, 0)
         s.trusted = w.whole and not w.pending
         if s.trusted:
             s.reason = ""
@@ -178,19 +205,34 @@ class KvIndex:
 
     # ------------------------------------------------------------------ matching
 
-    def match(self, tokens: Sequence[int], workers: Iterable[str] | None = None) -> dict[str, int]:
-        """Leading tokens of `tokens` each worker holds (whole pages; absent workers: 0)."""
+    def match(
+        self,
+        tokens: Sequence[int],
+        workers: Iterable[str] | None = None,
+        now: float | None = None,
+    ) -> dict[str, int]:
+        """Leading tokens of `tokens` each worker holds (whole pages; absent workers: 0).
+
+        With `now`, unexpired speculative entries (`speculate`) count as held too."""
         wanted = set(self._workers if workers is None else workers)
         out = dict.fromkeys(wanted, 0)
         p = self.block_size
-        children = self._roots
+        children: dict[Page, Block] | None = self._roots
+        spec_children = self._spec_roots if now is not None and self._spec_roots else None
         alive = wanted
         depth = 0
         for start in range(0, len(tokens) - p + 1, p):
-            block = children.get(tuple(tokens[start : start + p]))
-            if block is None:
+            page = tuple(tokens[start : start + p])
+            block = children.get(page) if children is not None else None
+            spec = spec_children.get(page) if spec_children is not None else None
+            if spec is not None and now is not None:
+                live = {w for w, until in spec.expiry.items() if until > now}
+                holders = live | block.holders if block is not None else live
+            elif block is not None:
+                holders = block.holders
+            else:
                 break
-            nxt = alive & block.holders
+            nxt = alive & holders
             if len(nxt) < len(alive):
                 for w in alive - nxt:
                     out[w] = depth
@@ -198,10 +240,63 @@ class KvIndex:
                     return out
             alive = nxt
             depth += p
-            children = block.children
+            children = block.children if block is not None else None
+            spec_children = spec.children if spec is not None else None
         for w in alive:
             out[w] = depth
         return out
+
+    # ------------------------------------------------------------------ speculation
+
+    def speculate(
+        self, worker: str, tokens: Sequence[int], now: float, ttl: float = SPECULATIVE_TTL_S
+    ) -> None:
+        """The whole pages of `tokens` count as held by `worker` until `now + ttl` (a request
+        routed there: its blocks are stored before their event arrives)."""
+        self.expire(now)
+        until = now + ttl
+        p = self.block_size
+        children = self._spec_roots
+        parent: SpecNode | None = None
+        count = self._spec_count
+        for start in range(0, len(tokens) - p + 1, p):
+            page = tuple(tokens[start : start + p])
+            node = children.get(page)
+            if node is None:
+                node = children[page] = SpecNode(page, parent)
+            if worker not in node.expiry:
+                count[worker] = count.get(worker, 0) + 1
+            # ancestors keep the latest expiry of anything under them: expiry walks up from the
+            # deepest node and stops where a later speculation still holds
+            node.expiry[worker] = max(until, node.expiry.get(worker, until))
+            children = node.children
+            parent = node
+        if parent is not None:
+            heapq.heappush(self._spec_queue, (until, next(self._spec_ticks), worker, parent))
+
+    def expire(self, now: float) -> None:
+        """Drop the speculative entries whose time has passed."""
+        queue = self._spec_queue
+        while queue and queue[0][0] <= now:
+            _, _, worker, node = heapq.heappop(queue)
+            self._expire_path(worker, node, now)
+
+    def speculative(self, worker: str) -> int:
+        """Speculative pages of a worker not yet swept (`expire`)."""
+        return self._spec_count.get(worker, 0)
+
+    def _expire_path(self, worker: str, node: SpecNode | None, now: float) -> None:
+        while node is not None:
+            until = node.expiry.get(worker)
+            if until is None or until > now:
+                return  # refreshed by a later speculation, and so is everything above
+            del node.expiry[worker]
+            self._spec_count[worker] -= 1
+            parent = node.parent
+            if not node.expiry and not node.children:
+                siblings = self._spec_roots if parent is None else parent.children
+                del siblings[node.page]
+            node = parent
 
     def matched_tokens(self, worker: str, tokens: Sequence[int]) -> int:
         """Leading tokens of `tokens` one worker holds."""
