@@ -32,8 +32,8 @@ is disabled) ≤ capacity, with `reserved` = KV promised to admitted requests bu
 Eviction (LRU, unlocked leaves) happens only when an allocation needs room.
 
 Pages (`page_size` > 1): the cache holds whole pages, so `cached_tokens` is a multiple of the
-page size and the unaligned tail of an inserted prompt is freed, as SGLang frees it (the sim
-does not keep a chunked request's partial page: at most page_size − 1 tokens of drift).
+page size; a prefilled prompt's partial last page stays `held` by its request until a later
+chunk fills it or the request ends, when the unaligned tail is freed, as SGLang frees it.
 `kv_events`: the cache records SGLang's KV events (`cache.take_events()`).
 """
 
@@ -333,12 +333,15 @@ class Scheduler:
         return Batch(t, t + duration, prefill=batch)
 
     def _complete_prefill(self, b: Batch, events: Events) -> None:
+        page = self.cache.page_size
         for req, chunk in b.prefill:
+            tail_before = req.prefilled % page
             req.prefilled += chunk
             if self.cache.enabled:
-                # the computed prompt joins the tree (shared from now on), still locked by req
+                # the computed prompt joins the tree (shared from now on), still locked by req;
+                # a partial last page stays the request's own (held) until it fills or ends
                 _, node = self.cache.insert(req.prompt[: req.prefilled], b.end)
-                self.held -= chunk
+                self.held -= chunk + tail_before - req.prefilled % page
                 self.cache.lock(node)
                 assert req.node is not None
                 self.cache.unlock(req.node)
@@ -420,7 +423,8 @@ class Scheduler:
                 self.cache.insert(
                     req.prompt[: req.prefilled] + (req.output[:kv_out] if whole else []), t
                 )
-                self.held -= kv_out
+                # the unaligned tail is freed, as SGLang frees it
+                self.held -= kv_out + req.prefilled % self.cache.page_size
             else:
                 self.held -= req.prefilled + kv_out
             self.cache.unlock(req.node)
