@@ -15,7 +15,9 @@ on (a dropped last batch shows only when the next batch arrives):
 - `events_ingested_per_s_per_core`: decode + apply of every batch `exact` published (read back
   from its replay socket), events per CPU second, in this process;
 - `events_match_us_p50_8w`: `KvIndex.match` p50 over 8 workers holding that stream (the match
-  only: the engine's route adds its policy), probes are cached paths + 7 unknown tokens.
+  only: the engine's route adds its policy), probes are cached paths + 7 unknown tokens;
+- `events_index_bytes_per_block`: what the index holds per block of that stream (tracemalloc;
+  the trie, digests, pages and the worker's id set, the decoded batches not counted).
 
     python benchmarks/bench_events.py [--json]
 """
@@ -200,6 +202,19 @@ def route_p50(batches: list[Batch], rng: random.Random) -> float:
     return statistics.median(times) / 1000
 
 
+def bytes_per_block(batches: list[Batch]) -> float:
+    """Memory the index holds per block of one worker (tracemalloc, after the whole stream)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    index = KvIndex(block_size=PAGE)
+    for b in batches:
+        index.apply("w", b, 0.0)
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return used / max(1, len(index.blocks("w")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object")
@@ -221,6 +236,7 @@ def main() -> None:
         "events_no_replay_untrusted": not per_worker["no_replay"]["trusted"],
         "events_ingested_per_s_per_core": round(rate),
         "events_match_us_p50_8w": round(route_p50(batches, random.Random(1)), 2),
+        "events_index_bytes_per_block": round(bytes_per_block(batches)),
         "workers": per_worker,
     }
     if args.json:
