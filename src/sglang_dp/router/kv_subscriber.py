@@ -90,6 +90,7 @@ class KvSubscriber:
         self._ctx = zmq.asyncio.Context()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._logged: dict[str, str] = {}
+        self._errors: dict[str, str] = {}
 
     def add(self, source: EventSource) -> None:
         """Subscribe to a worker's events (replaces a previous subscription of that worker)."""
@@ -134,19 +135,31 @@ class KvSubscriber:
         try:
             while True:
                 frames = await sub.recv_multipart(copy=True)
-                result = decode_message(frames, topic, block_size)
-                if isinstance(result, Rejected):
-                    self.index.reject(source.worker, result, self._clock())
-                else:
-                    start = self.index.apply(source.worker, result, self._clock())
-                    if start is not None:
-                        await self._replay(source, start)
+                try:
+                    await self._handle(source, frames, topic, block_size)
+                except Exception as exc:  # a bug must not leave a stale picture trusted
+                    reason = f"subscriber error: {exc!r}"
+                    if self._errors.get(source.worker) != reason:  # logged once
+                        self._errors[source.worker] = reason
+                        log.exception("KV events of %s: subscriber error", source.worker)
+                    self.index.forget(source.worker, reason)
                 self._log_trust(source.worker)
         finally:
             watcher.cancel()
             sub.disable_monitor()
             monitor.close(linger=0)
             sub.close(linger=0)
+
+    async def _handle(
+        self, source: EventSource, frames: list[bytes], topic: bytes, block_size: int
+    ) -> None:
+        result = decode_message(frames, topic, block_size)
+        if isinstance(result, Rejected):
+            self.index.reject(source.worker, result, self._clock())
+            return
+        start = self.index.apply(source.worker, result, self._clock())
+        if start is not None:
+            await self._replay(source, start)
 
     async def _watch(self, worker: str, monitor: Any) -> None:
         """Every connection after the first is a new stream, maybe a restarted publisher whose
