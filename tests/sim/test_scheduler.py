@@ -324,14 +324,15 @@ ops = st.lists(
 
 
 @settings(max_examples=120, deadline=None)
-@given(ops, st.sampled_from(["fcfs", "lpm"]), st.booleans())
+@given(ops, st.sampled_from(["fcfs", "lpm"]), st.booleans(), st.sampled_from([1, 1, 4, 7]))
 def test_kv_accounting_never_leaks(
-    program: list[tuple[str, int, int, int, float]], policy: str, enabled: bool
+    program: list[tuple[str, int, int, int, float]], policy: str, enabled: bool, page: int
 ) -> None:
     s = Scheduler(
         model(max_total_tokens=1500, chunked_prefill_size=300, max_running_requests=4),
         policy=policy,
         cache_enabled=enabled,
+        page_size=page,
     )
     t, n = 0.0, 0
     submitted: list[SimRequest] = []

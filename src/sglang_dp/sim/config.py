@@ -60,6 +60,18 @@ class SimConfig:
         "fcfs", "Waiting-queue order: fcfs or lpm (SGLang's other policies run as fcfs)."
     )
     disable_radix_cache: bool = option(False, "No prefix caching (every prompt is computed).")
+    page_size: int = option(
+        1,
+        "Tokens per KV page: the radix cache holds whole pages only, and KV events carry one "
+        "block per page.",
+    )
+    kv_events_config: str | None = option(
+        None,
+        'Publish KV cache events, as SGLang\'s JSON: e.g. \'{"publisher": "zmq", '
+        '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\' (fields '
+        "and defaults of SGLang's KVEventsConfig; a * host binds --host).",
+        type=str,
+    )
     enable_metrics: bool = option(False, "Serve Prometheus metrics at /metrics.")
     enable_cache_report: bool = option(
         False, "Report usage.prompt_tokens_details.cached_tokens on OpenAI routes."
@@ -123,6 +135,11 @@ class SimConfig:
     )
     # --- fault injection
     fail_rate: float = option(0.0, "Fraction of generation requests answered with HTTP 500.")
+    kv_events_drop_rate: float = option(
+        0.0,
+        "Fraction of KV event batches not sent (as past a full ZMQ high-water mark); they keep "
+        "their seq and stay in the replay buffer.",
+    )
     crash_after: int | None = option(
         None,
         "Exit the process when generation request N+1 arrives.",

@@ -15,23 +15,46 @@ algorithm. `match_prefix` and `insert` refresh the access time of the path they 
 Edges are Python lists compared slice-against-slice (C speed); only the one edge where a key
 diverges is searched token by token (binary search over slice equality). Pure: time is a
 parameter, no I/O. A disabled cache (`--disable-radix-cache`) matches nothing and stores nothing.
+
+Pages (`page_size`, SGLang's `--page-size`, default 1): with P > 1 the cache holds whole pages
+only, as SGLang's paged radix cache: keys are cut to a multiple of P before matching and
+inserting, edges split only at page boundaries, and a node's children are keyed by their first
+page. With P = 1 every code path is the token-level one above.
+
+KV events (`events=True`): every cache operation records what SGLang's radix cache records —
+`BlockStored` per page of a new node (ids chained from the parent node's last page, see
+`sglang_dp.kv_wire`), one `BlockRemoved` per evicted node with its pages' ids, and
+`AllBlocksCleared` on `reset` (also the one at construction, as SGLang's). `take_events()` hands
+them over (the shell publishes them as one batch). Off by default: no hashing, no records.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Hashable
 from itertools import count
+
+from sglang_dp.kv_wire import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Event,
+    chain_digests,
+    digest_to_id,
+)
 
 
 class Node:
     """One edge of the tree and the KV of its tokens."""
 
-    __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "touch")
+    __slots__ = ("children", "digests", "key", "last_access", "lock_ref", "parent", "touch")
 
     def __init__(self, key: list[int], parent: Node | None, now: float, touch: int) -> None:
         self.key = key
         self.parent = parent
-        self.children: dict[int, Node] = {}
+        self.children: dict[Hashable, Node] = {}
+        self.digests: list[bytes] | None = None  # per page, only when events are recorded
         self.lock_ref = 0
         self.last_access = now
         self.touch = touch  # tie-breaker for equal times: order of access
@@ -55,8 +78,13 @@ def _common_prefix(a: list[int], b: list[int], start: int) -> int:
 class RadixCache:
     """The tree plus its token counts (see module docstring)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, page_size: int = 1, events: bool = False) -> None:
+        if page_size < 1:
+            raise ValueError(f"page size must be at least 1, not {page_size}")
         self.enabled = enabled
+        self.page_size = page_size
+        self.record_events = events
+        self.events: list[Event] = []
         self._touches = count(1)
         self.reset()
 
@@ -64,8 +92,23 @@ class RadixCache:
         """Drop everything (flush_cache)."""
         self.root = Node([], None, 0.0, 0)
         self.root.lock_ref = 1  # never evicted
+        self.root.digests = []
         self.size = 0  # tokens in the tree
         self.evictable_size = 0  # tokens on unlocked nodes
+        if self.record_events:
+            self.events.append(AllBlocksCleared())
+
+    def take_events(self) -> list[Event]:
+        """The events recorded since the last call, oldest first."""
+        events, self.events = self.events, []
+        return events
+
+    def _child_key(self, key: list[int], i: int) -> Hashable:
+        return key[i] if self.page_size == 1 else tuple(key[i : i + self.page_size])
+
+    def _aligned(self, key: list[int]) -> list[int]:
+        p = self.page_size
+        return key if p == 1 else key[: len(key) - len(key) % p]
 
     @property
     def protected_size(self) -> int:
@@ -87,12 +130,17 @@ class RadixCache:
         """
         if not self.enabled:
             return 0, self.root
+        p = self.page_size
+        if p != 1:
+            key = self._aligned(key)
         node, i = self.root, 0
         while i < len(key):
-            child = node.children.get(key[i])
+            child = node.children.get(key[i] if p == 1 else tuple(key[i : i + p]))
             if child is None:
                 break
             n = _common_prefix(key, child.key, i)
+            if p != 1:
+                n -= n % p  # a partly matching page is not cached
             if n < len(child.key):
                 child = self._split(child, n)
             node, i = child, i + n
@@ -106,23 +154,30 @@ class RadixCache:
         assert parent is not None
         upper = Node(child.key[:n], parent, child.last_access, child.touch)
         upper.lock_ref = child.lock_ref
-        parent.children[upper.key[0]] = upper
+        parent.children[self._child_key(upper.key, 0)] = upper
         child.key = child.key[n:]
         child.parent = upper
-        upper.children[child.key[0]] = child
+        upper.children[self._child_key(child.key, 0)] = child
+        if child.digests is not None:  # the ids chain over the whole path: a split keeps them
+            pages = n // self.page_size
+            upper.digests, child.digests = child.digests[:pages], child.digests[pages:]
         return upper
 
     def insert(self, key: list[int], now: float) -> tuple[int, Node]:
         """Cache the KV of `key`: (how many tokens were new, the node ending at len(key))."""
+        if self.page_size != 1:
+            key = self._aligned(key)
         if not self.enabled or not key:
             return 0, self.root
         matched, node = self.match_prefix(key)
         added = len(key) - matched
         if added:
             leaf = Node(key[matched:], node, now, 0)
-            node.children[leaf.key[0]] = leaf
+            node.children[self._child_key(leaf.key, 0)] = leaf
             self.size += added
             self.evictable_size += added
+            if self.record_events:
+                self._record_stored(leaf)
             node = leaf
         self._touch(node, now)
         return added, node
@@ -154,13 +209,43 @@ class RadixCache:
             _, _, _, leaf = heapq.heappop(heap)
             parent = leaf.parent
             assert parent is not None
-            del parent.children[leaf.key[0]]
+            del parent.children[self._child_key(leaf.key, 0)]
             freed += len(leaf.key)
+            if self.record_events and leaf.digests:
+                ids = [digest_to_id(d) for d in leaf.digests]
+                self.events.append(BlockRemoved(ids, MEDIUM_GPU))
             if not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, parent.touch, id(parent), parent))
         self.size -= freed
         self.evictable_size -= freed
         return freed
+
+    def _record_stored(self, node: Node) -> None:
+        """One BlockStored per page of a new node, chained from its parent's last page."""
+        parent = node.parent
+        assert parent is not None and parent.digests is not None
+        prior = parent.digests[-1] if parent.digests else None
+        node.digests = chain_digests(node.key, self.page_size, prior)
+        parent_id = digest_to_id(prior) if prior is not None else None
+        p = self.page_size
+        for i, digest in enumerate(node.digests):
+            page = node.key[i * p : (i + 1) * p]
+            block_id = digest_to_id(digest)
+            self.events.append(
+                BlockStored([block_id], parent_id, page, len(page), None, MEDIUM_GPU)
+            )
+            parent_id = block_id
+
+    def block_ids(self) -> set[int]:
+        """The ids of every cached page, hashed afresh from the tree's tokens (a debug dump)."""
+        out: set[int] = set()
+        stack: list[tuple[Node, bytes | None]] = [(c, None) for c in self.root.children.values()]
+        while stack:
+            node, prior = stack.pop()
+            digests = chain_digests(node.key, self.page_size, prior)
+            out.update(digest_to_id(d) for d in digests)
+            stack.extend((c, digests[-1]) for c in node.children.values())
+        return out
 
     def _leaves(self) -> list[Node]:
         leaves, stack = [], [self.root]

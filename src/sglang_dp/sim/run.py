@@ -19,6 +19,7 @@ from typing import Any
 from sglang_dp.httpserver import serve
 from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
 from sglang_dp.sim.cost_model import resolve
+from sglang_dp.sim.kv_events import KvEventsConfig
 from sglang_dp.sim.server import SimWorker
 
 log = logging.getLogger("sglang_dp.sim")
@@ -28,7 +29,14 @@ def check_config(config: SimConfig) -> str | None:
     """A message if the options cannot work together, else None."""
     if config.time_scale <= 0:
         return "--time-scale must be positive"
-    for name in ("fail_rate", "hang_rate"):
+    if config.page_size < 1:
+        return "--page-size must be at least 1"
+    if config.kv_events_config:
+        try:
+            KvEventsConfig.parse(config.kv_events_config)
+        except ValueError as exc:
+            return str(exc)
+    for name in ("fail_rate", "hang_rate", "kv_events_drop_rate"):
         if not 0 <= getattr(config, name) <= 1:
             return f"--{name.replace('_', '-')} must be between 0 and 1"
     if config.stream_interval < 1:
@@ -72,6 +80,7 @@ async def _serve(config: SimConfig) -> None:
     await stop.wait()
     log.info("shutting down")
     server.close()
+    worker.close()
 
 
 def run_worker(config: SimConfig, extra_args: list[str]) -> None:

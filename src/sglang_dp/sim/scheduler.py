@@ -30,6 +30,11 @@ KV accounting (tokens): tree (`cache.size`, protected + evictable) + `held` (KV 
 tree: in-flight prefill chunks, output tokens of running requests, all prompts when the cache
 is disabled) ≤ capacity, with `reserved` = KV promised to admitted requests but not yet written.
 Eviction (LRU, unlocked leaves) happens only when an allocation needs room.
+
+Pages (`page_size` > 1): the cache holds whole pages, so `cached_tokens` is a multiple of the
+page size; a prefilled prompt's partial last page stays `held` by its request until a later
+chunk fills it or the request ends, when the unaligned tail is freed, as SGLang frees it.
+`kv_events`: the cache records SGLang's KV events (`cache.take_events()`).
 """
 
 from __future__ import annotations
@@ -109,10 +114,17 @@ class Stats:
 class Scheduler:
     """Waiting queue, running batch, radix cache and KV accounting (see module docstring)."""
 
-    def __init__(self, cost: CostModel, policy: str = "fcfs", cache_enabled: bool = True) -> None:
+    def __init__(
+        self,
+        cost: CostModel,
+        policy: str = "fcfs",
+        cache_enabled: bool = True,
+        page_size: int = 1,
+        kv_events: bool = False,
+    ) -> None:
         self.cost = cost
         self.policy = policy
-        self.cache = RadixCache(cache_enabled)
+        self.cache = RadixCache(cache_enabled, page_size, kv_events)
         self.capacity = cost.max_total_tokens
         self.waiting: list[SimRequest] = []
         self.running: dict[str, SimRequest] = {}
@@ -321,12 +333,15 @@ class Scheduler:
         return Batch(t, t + duration, prefill=batch)
 
     def _complete_prefill(self, b: Batch, events: Events) -> None:
+        page = self.cache.page_size
         for req, chunk in b.prefill:
+            tail_before = req.prefilled % page
             req.prefilled += chunk
             if self.cache.enabled:
-                # the computed prompt joins the tree (shared from now on), still locked by req
+                # the computed prompt joins the tree (shared from now on), still locked by req;
+                # a partial last page stays the request's own (held) until it fills or ends
                 _, node = self.cache.insert(req.prompt[: req.prefilled], b.end)
-                self.held -= chunk
+                self.held -= chunk + tail_before - req.prefilled % page
                 self.cache.lock(node)
                 assert req.node is not None
                 self.cache.unlock(req.node)
@@ -408,7 +423,8 @@ class Scheduler:
                 self.cache.insert(
                     req.prompt[: req.prefilled] + (req.output[:kv_out] if whole else []), t
                 )
-                self.held -= kv_out
+                # the unaligned tail is freed, as SGLang frees it
+                self.held -= kv_out + req.prefilled % self.cache.page_size
             else:
                 self.held -= req.prefilled + kv_out
             self.cache.unlock(req.node)

@@ -10,7 +10,11 @@ handler (`run_instant`), so a request costs one parse, one cache match and one w
 
 Streaming: SSE (`data: {json}\\n\\n`, ending `data: [DONE]\\n\\n`); `/generate` events carry the
 cumulative text, OpenAI chunks the delta. A client that disconnects aborts its request, which
-frees its KV. Fault injection applies to generation requests only and uses a seeded RNG, so
+frees its KV. KV events (`--kv-events-config`): after every call into the scheduler the events
+its cache recorded go out as one batch (`sim.kv_events.EventPublisher`); /server_info reports
+the publisher in `kv_events`, and `/debug/kv_blocks` dumps the ids of every cached page (hashed
+afresh from the tree) for agreement checks. Fault injection applies to generation requests only
+and uses a seeded RNG, so
 test runs repeat: `--fail-rate` (a 500), `--hang-rate` (never answered), `--crash-after N`
 (exit), `--garble-rate` (a head, one SSE event, 50 ms later bytes that are no valid chunk),
 `--close-after-head` (a head, then the connection closes), `--stall-after-tokens N
@@ -36,9 +40,11 @@ import orjson
 
 from sglang_dp import __version__
 from sglang_dp.httpserver import TEXT, HttpRequest, Responder
+from sglang_dp.kv_wire import EventBatch
 from sglang_dp.sim import api
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
+from sglang_dp.sim.kv_events import EventPublisher, KvEventsConfig, describe
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
 from sglang_dp.sim.tokenizer import (
     Output,
@@ -126,9 +132,23 @@ class SimWorker:
             tokenizer_folder(config.tokenizer_path, config.model_path)
         )
         self.outputs = OutputText(self.tokenizer, config.random_seed)
-        self.scheduler = Scheduler(
-            self.cost, config.schedule_policy, not config.disable_radix_cache
+        self.kv_events = (
+            KvEventsConfig.parse(config.kv_events_config)
+            if config.kv_events_config
+            else KvEventsConfig()
         )
+        self.scheduler = Scheduler(
+            self.cost,
+            config.schedule_policy,
+            not config.disable_radix_cache,
+            config.page_size,
+            self.kv_events.enabled,
+        )
+        self.publisher: EventPublisher | None = None
+        if self.kv_events.enabled:
+            self.publisher = EventPublisher(
+                self.kv_events, config.host, config.kv_events_drop_rate, config.random_seed
+            )
         self.metrics: SimMetrics | None = None
         if config.enable_metrics:
             # prometheus_client costs ~60 ms of start-up: only for workers that serve metrics
@@ -160,6 +180,7 @@ class SimWorker:
             "/get_load": {get: self._load},
             "/metrics": {get: self._metrics},
             "/flush_cache": {get: self._flush, post: self._flush},
+            "/debug/kv_blocks": {get: self._kv_blocks},
             "/abort_request": {post: self._abort},
             "/generate": {post: self._generation(api.parse_generate)},
             "/v1/completions": {post: self._generation(api.parse_completion)},
@@ -174,7 +195,21 @@ class SimWorker:
         self._last_now = t
         return t
 
+    def _publish_events(self) -> None:
+        """What the cache recorded since the last call goes out as one batch."""
+        if self.publisher is not None:
+            events = self.scheduler.cache.take_events()
+            if events:
+                self.publisher.publish(EventBatch(time.time(), events, 0))
+
+    def close(self) -> None:
+        """Close the KV events sockets (at shutdown)."""
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+
     def _schedule_wake(self) -> None:
+        self._publish_events()
         t = self.scheduler.next_event_time()
         if t is None:
             if self._wake is not None:
@@ -304,6 +339,7 @@ class SimWorker:
             internal_states=[{"last_gen_throughput": 0.0, "memory_usage": {}}],
             version=f"sglang-dp-sim {__version__}",
             simulated=True,
+            kv_events=describe(self.kv_events, c.page_size),
         )
         responder.send(200, orjson.dumps(info))
 
@@ -365,8 +401,16 @@ class SimWorker:
                 ),
             )
             return
+        self._publish_events()
         log.info("cache flushed")
         responder.send(200, b"Cache flushed.\n", TEXT)
+
+    def _kv_blocks(self, request: HttpRequest, responder: Responder) -> None:
+        self.scheduler.advance(self.now())
+        self._publish_events()
+        cache = self.scheduler.cache
+        body = {"block_size": cache.page_size, "blocks": sorted(cache.block_ids())}
+        responder.send(200, orjson.dumps(body))
 
     def _abort(self, request: HttpRequest, responder: Responder) -> None:
         try:
@@ -490,6 +534,7 @@ class SimWorker:
                 self.scheduler.run_instant(item.req, now)
                 self._calls[item.req.rid] = call
                 self._finished(item.req)
+            self._publish_events()
             return
         for item in call.items:
             self._calls[item.req.rid] = call
