@@ -20,9 +20,13 @@ from sglang_dp.router.config import RouterConfig
 def command(more_urls: tuple[str, ...], **values: Any) -> None:
     """Route requests to running SGLang workers by what they probably have cached.
 
-    Workers are given with --worker-urls (several after one flag, as sgl-router takes them).
+    Workers are given with --worker-urls (several after one flag, as sgl-router takes them),
+    or found with --service-discovery --selector app=sglang (several key=value after one flag).
     """
+    selectors = tuple(arg for arg in more_urls if "=" in arg and "://" not in arg)
+    more_urls = tuple(arg for arg in more_urls if arg not in selectors)
     values["worker_urls"] = tuple(values.get("worker_urls", ())) + more_urls
+    values["selector"] = tuple(values.get("selector", ())) + selectors
     try:
         config = build(RouterConfig, values)
     except ValueError as exc:
