@@ -170,6 +170,9 @@ class FakeKube:
         """Cut every open watch mid-stream (no terminating chunk)."""
         self._call(lambda: [w.queue.put_nowait(SEVER) for w in self._watches])
 
+    def resource_version(self) -> str:
+        return str(self._call(lambda: self._rv))
+
     def open_watches(self) -> int:
         return self._call(lambda: len(self._watches))
 

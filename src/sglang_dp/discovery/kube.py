@@ -275,7 +275,8 @@ class PodWatcher:
         if kind == "ERROR":
             code = obj.get("code", 0)
             code = code if isinstance(code, int) else 0
-            raise (Expired if code == 410 else ApiError)(code, str(obj.get("message", "")))
+            message = str(obj.get("message") or f"watch ERROR event: {str(obj)[:200]}")
+            raise (Expired if code == 410 else ApiError)(code, message)
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if version:
             self.resource_version = str(version)
