@@ -117,11 +117,11 @@ class PodDiscovery:
             self._record(f"pod {self.members[url].pod.label} is Ready again: {url} back")
 
     def _on_state(self, state: str, error: str) -> None:
-        if state == "stale":
-            log.warning("service discovery is stale (workers stay as they were): %s", error)
-            self._record(f"service discovery stale: {error}")
+        if state == "stale":  # a warning in the log, a line in the event log
+            message = f"service discovery is stale (workers stay as they were): {error}"
+            log.warning("%s", message)
+            self._state.events.append(message)
         else:
-            log.info("service discovery %s", state)
             self._record(f"service discovery {state}")
 
     def pod_of(self, url: str) -> Pod | None:
