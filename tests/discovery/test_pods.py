@@ -120,6 +120,12 @@ def test_an_unready_pod_is_held_then_released_keeping_its_worker() -> None:
     assert back.release == (url("10.0.0.1"),) and back.members[url("10.0.0.1")].routed
 
 
+def test_with_no_grace_an_unready_pod_leaves_at_once() -> None:
+    members = dict(run([pod("a")]).members)
+    plan = run([pod("a", ready=False)], members, now=3.0, grace=0.0)
+    assert [u for u, _ in plan.remove] == [url("10.0.0.1")] and not plan.hold
+
+
 def test_an_unready_pod_leaves_after_the_grace() -> None:
     members = dict(run([pod("a", "10.0.0.1", ready=False)], dict(run([pod("a")]).members)).members)
     kept = run([pod("a", ready=False)], members, now=29.9)
@@ -182,7 +188,7 @@ pods_strategy = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     history=st.lists(st.tuples(pods_strategy, st.floats(0, 20)), min_size=1, max_size=8),
     foreign_ip=st.sampled_from(IPS),

@@ -12,7 +12,7 @@ A pod's worker is `http://<pod IP>:<port>`. Per worker URL:
     no member, pod eligible ─────────────▶ add      (eligible: Running, Ready, not terminating)
     member, same pod, eligible, held ────▶ release  (takes new requests again)
     member, same pod, not eligible ──────▶ hold     (no new requests; its tree share is kept)
-      ... still not eligible after `grace` ▶ remove
+      ... still not eligible after `grace` ▶ remove (grace 0: at once)
     member, another pod (UID) on its IP ─▶ remove, then add the new pod if eligible
                                             (a new pod is a new worker with an empty cache)
     member, pod terminating / gone ──────▶ remove
@@ -166,10 +166,11 @@ def reconcile(
             kept[url] = Member(url, pod)
             if not member.routed:
                 release.append(url)
-        elif member.unready_since is not None and now - member.unready_since >= grace:
-            remove.append((url, f"pod {pod.label} unready for {grace:g} s"))
         else:
             since = now if member.unready_since is None else member.unready_since
+            if now - since >= grace:
+                remove.append((url, f"pod {pod.label} unready for {grace:g} s"))
+                continue
             kept[url] = Member(url, pod, routed=False, unready_since=since)
             if member.routed:
                 hold.append(url)
