@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from sglang_dp.discovery.kube import (
     connect,
 )
 from tests.discovery.fake_kube import FakeKube
-from tests.processes import until
+from tests.processes import free_port, until
 
 LABELS = {"app": "sglang"}
 
@@ -247,3 +249,15 @@ def test_backoff_grows_to_its_cap_with_jitter(failures: int, seed: int) -> None:
     assert ceiling / 2 <= wait <= ceiling and backoff.failures == failures + 1
     backoff.reset()
     assert backoff.next(random.Random(seed)) <= 0.2
+
+
+def test_without_the_client_the_router_names_the_extra_to_install() -> None:
+    code = (
+        "import sys; sys.modules['kubernetes_asyncio'] = None\n"  # as if not installed
+        "from sglang_dp.cli.main import main; main()"
+    )
+    argv = [sys.executable, "-c", code, "router", "--port", str(free_port()),
+            "--service-discovery", "--selector", "app=sglang"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'sglang-dp[kubernetes]'" in done.stderr

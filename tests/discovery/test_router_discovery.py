@@ -208,6 +208,9 @@ def _outage(kube: FakeKube, view: View) -> None:
     outage.start()
     try:
         wait_for(lambda: view.stats()["discovery"]["state"] == "stale", what="stale")
+        metrics = view.router.get("/metrics").body.decode()
+        assert "sglang_dp_discovery_stale 1.0" in metrics
+        assert 'sglang_dp_discovery_pods{condition="ready"} 2.0' in metrics
         assert len(view.routable()) == 2
         assert view.generate("during the outage") in view.routable()
     finally:

@@ -5,6 +5,9 @@
         remove ▶ router.app.remove_worker   add ▶ router.app.add_worker      │
         hold / release ▶ WorkerMonitor.hold (no new requests; tree share kept) ◀┘
 
+`status()` is `/debug/stats`'s "discovery"; the same facts are in `/metrics` (a collector on
+the router's registry, read at scrape time).
+
 Workers join through the same helpers as `POST /workers`, so health checks, the event log and
 `/workers` treat them alike: a discovered worker takes requests once its first health check
 passes (the monitor checks a new worker at once). Workers added by hand are never touched. A
@@ -17,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from sglang_dp.discovery.config import DiscoveryConfig
 from sglang_dp.discovery.kube import PodApi, PodWatcher, connect
@@ -51,6 +57,7 @@ class PodDiscovery:
         self.members: dict[str, Member] = {}
         self.watcher: PodWatcher | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        state.metrics.registry.register(_DiscoveryCollector(self))
 
     async def start(self) -> None:
         """Connect, LIST once (DiscoveryError on 401/403 or no configuration), register the
@@ -153,6 +160,37 @@ class PodDiscovery:
                 for p in pods
             ],
         }
+
+
+class _DiscoveryCollector(Collector):
+    """`/metrics` at scrape time: sglang_dp_discovery_stale (1: the API server cannot be read,
+    workers are as they were), sglang_dp_discovery_pods{condition} (selected pods: ready,
+    unready, terminating), sglang_dp_discovery_{lists,watches}_total (requests made)."""
+
+    def __init__(self, discovery: PodDiscovery) -> None:
+        self._discovery = discovery
+
+    def collect(self) -> Iterator[Metric]:
+        watcher = self._discovery.watcher
+        stale = GaugeMetricFamily(
+            "sglang_dp_discovery_stale", "1 while the pods cannot be listed or watched"
+        )
+        stale.add_metric([], 1.0 if watcher is not None and watcher.state == "stale" else 0.0)
+        yield stale
+        pods = GaugeMetricFamily(
+            "sglang_dp_discovery_pods", "Selected pods by condition", labels=["condition"]
+        )
+        counts = dict.fromkeys(("ready", "unready", "terminating"), 0)
+        for pod in watcher.pods.values() if watcher else ():
+            counts["terminating" if pod.terminating else "ready" if pod.ready else "unready"] += 1
+        for condition, count in counts.items():
+            pods.add_metric([condition], count)
+        yield pods
+        for name, value in (("lists", watcher.lists if watcher else 0),
+                            ("watches", watcher.watches if watcher else 0)):  # fmt: skip
+            yield CounterMetricFamily(
+                f"sglang_dp_discovery_{name}", f"{name.upper()} requests made", value=value
+            )
 
 
 def pod_dict(pod: Pod, routed: bool) -> dict[str, Any]:
