@@ -229,12 +229,17 @@ def test_wrong_rbac_is_a_clear_error_at_start(tmp_path: Path, workers: PodWorker
         assert "pods: get, list, watch" in done.stderr
 
 
-def test_workers_added_by_hand_are_left_alone(tmp_path: Path, workers: PodWorkers) -> None:
+def test_workers_added_by_hand_are_left_alone_and_pods_removed_by_hand_come_back(
+    tmp_path: Path, workers: PodWorkers
+) -> None:
     with FakeKube() as kube, sim_worker() as hand:
         kube.add_pod("sglang-0", workers.ips[0], LABELS)
         with discovering(kube, tmp_path, workers, 1) as view:
             assert view.router.post("/workers", {"url": hand.url}).status == 201
             wait_for(lambda: len(view.routable()) == 2, what="hand-added worker healthy")
+            pod_url = workers.url(0)  # a discovered worker removed by hand: back while Ready
+            assert view.router.request("DELETE", f"/workers?url={pod_url}").status == 200
+            wait_for(lambda: pod_url in view.routable(), what="the pod's worker back")
             kube.delete("sglang-0")
             wait_for(lambda: view.routable() == {hand.url}, what="pod gone, hand one kept")
             assert "pod" not in view.workers()[hand.url]
