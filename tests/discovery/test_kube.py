@@ -261,3 +261,13 @@ def test_without_the_client_the_router_names_the_extra_to_install() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stderr
     assert "pip install 'sglang-dp[kubernetes]'" in done.stderr
+
+
+def test_in_a_cluster_without_a_service_account_token_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
+    cfg = DiscoveryConfig(service_discovery=True, selector=("app=x",))
+    with pytest.raises(DiscoveryError, match="service account did not load"):
+        asyncio.run(connect(cfg))

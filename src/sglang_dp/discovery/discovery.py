@@ -131,10 +131,6 @@ class PodDiscovery:
         else:
             self._record(f"service discovery {state}")
 
-    def pod_of(self, url: str) -> Pod | None:
-        member = self.members.get(url)
-        return member.pod if member else None
-
     def pod_record(self, url: str) -> dict[str, Any] | None:
         """What `/workers` shows of a discovered worker's pod (None: not discovered)."""
         member = self.members.get(url)

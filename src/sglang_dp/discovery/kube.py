@@ -148,14 +148,20 @@ async def connect(config: DiscoveryConfig) -> KubePodApi:
             "--service-discovery needs the Kubernetes client: pip install 'sglang-dp[kubernetes]'"
         ) from None
     configuration = client.Configuration()
+    in_cluster = config.kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     try:
-        if config.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if in_cluster:
             kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
             await kube_config.load_kube_config(
                 config_file=config.kubeconfig, client_configuration=configuration
             )
     except (kube_config.ConfigException, OSError, ValueError, TypeError) as exc:
+        if in_cluster:
+            raise DiscoveryError(
+                f"in a cluster, but the pod's service account did not load ({exc}); is "
+                "automountServiceAccountToken off? (or give --kubeconfig)"
+            ) from exc
         where = config.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise DiscoveryError(
             f"no Kubernetes configuration: not in a cluster and {where} did not load ({exc}); "
