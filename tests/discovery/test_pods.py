@@ -169,6 +169,13 @@ def test_a_members_own_pod_wins_its_address_over_a_newcomer() -> None:
     assert plan.hold == (url("10.0.0.1"),) and not plan.add and not plan.remove
 
 
+def test_a_member_that_leaves_frees_its_address_for_a_ready_pod_at_once() -> None:
+    members = dict(run([pod("a", uid="a"), pod("b", uid="b", phase="Pending")]).members)
+    plan = run([pod("a", uid="a", phase="Pending"), pod("b", uid="b")], members, grace=0.0)
+    assert [u for u, _ in plan.remove] == [url("10.0.0.1")]
+    assert [m.pod.uid for m in plan.add] == ["b"]
+
+
 # --- reconcile: properties over any history ------------------------------------------------
 
 IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", ""]

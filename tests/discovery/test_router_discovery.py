@@ -191,6 +191,7 @@ def test_an_api_server_restart_and_watch_expiry_keep_the_workers(
             kube.expire()
             wait_for(lambda: view.stats()["discovery"]["lists"] == 2, what="re-LIST after 410")
             assert view.stats()["discovery"]["state"] == "synced"
+            wait_for(lambda: kube.requests["watch"] == 2 and kube.open_watches() == 1)
             kube.sever()  # a cut watch: resumed from its resourceVersion, no LIST
             wait_for(lambda: kube.requests["watch"] == 3, what="watch again")
             assert kube.requests["list"] == 2

@@ -174,7 +174,8 @@ def reconcile(
             kept[url] = Member(url, pod, routed=False, unready_since=since)
             if member.routed:
                 hold.append(url)
-    for url, pod in chosen.items():
+    # a free address takes its best pod, whoever held it before (that member may just have left)
+    for url, pod in choose_pods(pods, port, {}).items():
         if url not in kept and url not in foreign and pod.eligible:
             kept[url] = member = Member(url, pod)
             add.append(member)
