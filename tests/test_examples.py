@@ -30,7 +30,7 @@ def run(example: str, *args: str) -> str:
 
 
 def test_every_example_opens_with_a_line_on_what_it_shows() -> None:
-    for path in EXAMPLES.iterdir():
+    for path in sorted(p for p in EXAMPLES.rglob("*") if p.is_file()):
         text = path.read_text()
         first = text.split('"""')[1] if path.suffix == ".py" else text.splitlines()[1]
         assert len(first.strip()) > 20, path.name

@@ -20,13 +20,23 @@ from sglang_dp.router.config import RouterConfig
 def command(more_urls: tuple[str, ...], **values: Any) -> None:
     """Route requests to running SGLang workers by what they probably have cached.
 
-    Workers are given with --worker-urls (several after one flag, as sgl-router takes them).
+    Workers are given with --worker-urls (several after one flag, as sgl-router takes them),
+    or found with --service-discovery --selector app=sglang (several key=value after one flag).
     """
-    values["worker_urls"] = tuple(values.get("worker_urls", ())) + more_urls
     try:
-        config = build(RouterConfig, values)
+        config = config_from(more_urls, values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     from sglang_dp.router.server import run_router
 
     run_router(config)
+
+
+def config_from(more_urls: tuple[str, ...], values: dict[str, Any]) -> RouterConfig:
+    """The config from click's values: the positional arguments are more worker URLs, or more
+    selectors when they read key=value (`--selector app=sglang component=worker`, as SMG)."""
+    selectors = tuple(arg for arg in more_urls if "=" in arg and "://" not in arg)
+    urls = tuple(arg for arg in more_urls if arg not in selectors)
+    values["worker_urls"] = tuple(values.get("worker_urls", ())) + urls
+    values["selector"] = tuple(values.get("selector", ())) + selectors
+    return build(RouterConfig, values)

@@ -18,6 +18,7 @@ Rows come from plain records and a fresh table is built each frame (no widget st
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ STATE_STYLES = {
     "unhealthy": "red",
     "failed": "bold red",
     "stopped": "dim",
+    "unready": "yellow",  # service discovery: its pod is not Ready, it takes no new requests
 }
 BAR_WIDTH = 10
 BLOCKS = " ▏▎▍▌▋▊▉█"
@@ -74,6 +76,7 @@ class WorkerRow:
     node: str = ""
     wait_s: float | None = None  # estimated queue wait (s)
     prefill_tokens_per_s: float | None = None  # its fitted prefill price, as a rate
+    pod: str = ""  # service discovery: the worker's pod, namespace/name
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class Frame:
     tree_size: int
     workers: tuple[WorkerRow, ...]
     events: tuple[str, ...]
+    discovery: str = ""  # service discovery's summary ("" without it)
+    discovery_stale: bool = False
 
 
 def _totals(stats: Mapping[str, Any]) -> tuple[int, int]:
@@ -121,6 +126,9 @@ def frame(
     known = {row.url for row in rows}
     rows += [_process_only_row(p) for p in processes if p.url not in known]
     rows.sort(key=lambda row: row.index)
+    discovery = stats.get("discovery")
+    if isinstance(discovery, Mapping):
+        rows = with_pods(rows, discovery)
     workers = stats.get("workers", [])
     prompt = sum(w.get("prompt_tokens", 0) for w in workers)
     predicted = sum(w.get("predicted_tokens", 0) for w in workers)
@@ -136,7 +144,32 @@ def frame(
         tree_size=int(stats.get("tree_size", 0)),
         workers=tuple(rows),
         events=tuple(stats.get("events", [])[-6:]),
+        discovery=discovery_summary(discovery) if isinstance(discovery, Mapping) else "",
+        discovery_stale=isinstance(discovery, Mapping) and discovery.get("state") == "stale",
     )
+
+
+def with_pods(rows: list[WorkerRow], discovery: Mapping[str, Any]) -> list[WorkerRow]:
+    """Each discovered worker's row names its pod; a held one (pod not Ready) says unready."""
+    pods = {p["worker"]: p for p in discovery.get("pods", []) if p.get("worker")}
+    out = []
+    for row in rows:
+        pod = pods.get(row.url)
+        if pod is None:
+            out.append(row)
+            continue
+        state = row.state if pod.get("routed", True) else "unready"
+        out.append(dataclasses.replace(row, pod=f"{pod['namespace']}/{pod['name']}", state=state))
+    return out
+
+
+def discovery_summary(discovery: Mapping[str, Any]) -> str:
+    """'pods 3/4 Ready · synced' (with the error when stale)."""
+    pods = discovery.get("pods", [])
+    ready = sum(1 for p in pods if p.get("ready") and not p.get("terminating"))
+    text = f"pods {ready}/{len(pods)} Ready · discovery {discovery.get('state', '?')}"
+    error = discovery.get("last_error")
+    return f"{text}: {error}" if discovery.get("state") == "stale" and error else text
 
 
 def _row(
@@ -220,7 +253,10 @@ def header(f: Frame) -> Panel:
         (f"{f.hit_rate * 100:.1f} %", "bold green"),
         f" (predicted {f.predicted_rate * 100:.1f} %) · tree {human(f.tree_size)}",
     )  # fmt: skip
-    return Panel(Group(top, figures), padding=(0, 1))
+    lines = [top, figures]
+    if f.discovery:
+        lines.append(Text(f.discovery, style="bold red" if f.discovery_stale else "dim"))
+    return Panel(Group(*lines), padding=(0, 1))
 
 
 def worker_table(f: Frame) -> Table:
@@ -228,6 +264,9 @@ def worker_table(f: Frame) -> Table:
     on_nodes = any(w.node for w in f.workers)  # Ray workers: say which node holds each
     if on_nodes:
         table.add_column("node")
+    in_pods = any(w.pod for w in f.workers)  # service discovery: say which pod each is
+    if in_pods:
+        table.add_column("pod")
     for name, justify in (
         ("#", "right"), ("GPU", "left"), ("port", "right"), ("state", "left"),
         ("queue", "left"), ("wait", "right"), ("prefill", "right"),
@@ -239,6 +278,7 @@ def worker_table(f: Frame) -> Table:
     for w in f.workers:
         table.add_row(
             *([w.node] if on_nodes else []),
+            *([w.pod or "(added by hand)"] if in_pods else []),
             str(w.index),
             w.gpus,
             w.url.rsplit(":", 1)[-1],

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sglang_dp.discovery.config import DISCOVERY_FLAGS
 from sglang_dp.launcher.ray_plan import PLACEMENTS
 from sglang_dp.options import nested, option
 from sglang_dp.router.config import RouterConfig
 
 SIMULATED_MODEL = "sglang-dp/sim-llama3-8b"
-EXCLUDED_FLAGS = ("worker_urls",)
+EXCLUDED_FLAGS = ("worker_urls", *DISCOVERY_FLAGS)  # launch starts its workers: none to discover
 RAY_LOCAL = "local"  # --ray without an address (ray.init's own name for a new local instance)
 
 

@@ -13,7 +13,8 @@ Routes (admin ones need `--admin-api-key`, default `--api-key`, when one is set)
   POST /add_worker?url=U, POST /remove_worker?url=U, GET /list_workers  sgl-router's names [admin]
   GET  /debug/tree?depth&top&worker  the tree, largest branches first     [admin]
   POST /debug/route            the decision for a request body, with no side effects [admin]
-  GET  /debug/stats            the engine snapshot                      [admin]
+  GET  /debug/stats            the engine snapshot (+ "discovery": pods, state)   [admin]
+With --service-discovery a discovered worker's record in /workers has its "pod".
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import asyncio
 import collections
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from starlette.applications import Starlette
@@ -57,6 +58,13 @@ def error(message: str, status: int, kind: str = "BadRequestError") -> Response:
     return Response(error_body(message, kind, status), status, media_type="application/json")
 
 
+class PodView(Protocol):
+    """What the routes show of service discovery (discovery.PodDiscovery)."""
+
+    def pod_record(self, url: str) -> dict[str, Any] | None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
 @dataclasses.dataclass
 class RouterState:
     """What the routes work with (no globals: one per router)."""
@@ -74,6 +82,7 @@ class RouterState:
     events: collections.deque[str] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=200)
     )
+    discovery: PodView | None = None
 
 
 def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
@@ -189,6 +198,9 @@ def _worker_record(state: RouterState, url: str, stats: WorkerStats | None) -> d
         record["last_error"] = health.last_error
     if stats is not None:
         record.update(worker_stats_dict(stats))
+    pod = state.discovery.pod_record(url) if state.discovery else None
+    if pod is not None:
+        record["pod"] = pod
     return record
 
 
@@ -381,6 +393,9 @@ def _guess_path(raw: bytes) -> str:
 
 def _debug_stats(state: RouterState) -> Endpoint:
     async def debug_stats(request: Request) -> Response:
-        return json_response(stats_payload(state))
+        payload = stats_payload(state)
+        if state.discovery is not None:
+            payload["discovery"] = state.discovery.status()
+        return json_response(payload)
 
     return debug_stats

@@ -2,7 +2,9 @@
 
 Names shared with sgl-router (`--worker-urls`, `--policy`, `--cache-threshold`,
 `--balance-abs-threshold`, `--balance-rel-threshold`, `--max-tree-size`, `--api-key`,
-`--max-payload-size`, `--request-timeout-secs`, `--health-check-interval-secs`) mean the same.
+`--max-payload-size`, `--request-timeout-secs`, `--health-check-interval-secs`, and service
+discovery's `--service-discovery`, `--selector`, `--service-discovery-port`,
+`--service-discovery-namespace`) mean the same.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sglang_dp.discovery.config import DiscoveryConfig
 from sglang_dp.options import nested, option
 from sglang_dp.router.engine import EngineConfig
 
@@ -24,6 +27,7 @@ class RouterConfig:
     host: str = option("127.0.0.1", "Address to listen on (loopback unless told otherwise).")
     port: int = option(30000, "Port to listen on.")
     engine: EngineConfig = nested(EngineConfig)
+    discovery: DiscoveryConfig = nested(DiscoveryConfig)
     routing_key: str = option(
         "chars",
         "Route on characters or on token ids (needs --tokenizer-path).",

@@ -55,6 +55,7 @@ class WorkerHealth:
     capacity_known: bool = False
     since: float = 0.0  # when it entered its state
     failing_since: float | None = None  # the first of the failures in a row; None when passing
+    held: bool = False  # kept out of routing whatever its health (service discovery: pod unready)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,15 @@ class WorkerMonitor:
         if self.workers.pop(url, None) is not None and self._engine is not None:
             self._engine.remove_worker(url)
 
+    def hold(self, url: str, held: bool) -> None:
+        """Keep a worker out of routing (its tree share kept) whatever its health checks say,
+        or let it back in (when healthy): service discovery's pod that is not Ready."""
+        health = self.workers.get(url)
+        if health is not None and health.held != held:
+            health.held = held
+            if self._engine is not None:
+                self._engine.set_healthy(url, not held and health.state == "healthy")
+
     def report_failure(self, url: str, error: str, refused: bool) -> None:
         """The proxy could not reach a worker: take it out of routing now."""
         health = self.workers.get(url)
@@ -183,7 +193,7 @@ class WorkerMonitor:
                 self._on_event(f"{health.url} is healthy")
             health.state, health.failures, health.refused = "healthy", 0, False
             health.since = self._clock()
-            if self._engine is not None:
+            if self._engine is not None and not health.held:
                 self._engine.set_healthy(health.url, True)
         health.failures = 0
         health.failing_since = None

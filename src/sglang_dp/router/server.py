@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     import aiohttp
     from starlette.applications import Starlette
 
+    from sglang_dp.discovery.discovery import PodDiscovery
+
 log = logging.getLogger("sglang_dp.router")
 
 FILES_RESERVED = 64  # file descriptors kept for the router's own use (logs, health checks, ...)
@@ -94,6 +96,12 @@ class RouterServer:
         self._server: HttpServer | None = None
         self._bridged: set[asyncio.Task[None]] = set()
         self._imbalance: asyncio.Task[None] | None = None  # events, whoever reads the stats
+        self.discovery: PodDiscovery | None = None
+        if config.discovery.service_discovery:
+            from sglang_dp.discovery.discovery import PodDiscovery
+
+            self.discovery = PodDiscovery(config.discovery, self.state, self.record_event)
+            self.state.discovery = self.discovery
         self.port = config.port
 
     @property
@@ -114,10 +122,17 @@ class RouterServer:
         return self._session
 
     async def start(self) -> None:
-        """Check the workers once (so routing starts with the healthy ones), then listen."""
+        """Check the workers once (so routing starts with the healthy ones), then listen.
+        With service discovery the Ready pods are listed first (DiscoveryError: not allowed)."""
         for url in self.config.worker_urls:
             add_worker(self.state, url)
         await self.monitor.start()
+        if self.discovery is not None:
+            try:
+                await self.discovery.start()
+            except BaseException:
+                await self.monitor.stop()
+                raise
         await self.monitor.check_now()
         self._imbalance = asyncio.get_running_loop().create_task(
             watch_imbalance(self.engine, self.record_event)
@@ -158,6 +173,8 @@ class RouterServer:
         if self._imbalance is not None:
             self._imbalance.cancel()
             await asyncio.gather(self._imbalance, return_exceptions=True)
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.monitor.stop()
         await self.pool.close()
         if self._session is not None:
@@ -252,9 +269,15 @@ def run_router(config: RouterConfig) -> None:
 
 
 async def _serve_forever(config: RouterConfig) -> None:
+    from sglang_dp.discovery.kube import DiscoveryError
+
     server = RouterServer(config)
-    await server.start()
-    log.info("router listening on %s (%d workers)", server.url, len(config.worker_urls))
+    try:
+        await server.start()
+    except DiscoveryError as exc:
+        log.error("service discovery: %s", exc)
+        raise SystemExit(2) from None
+    log.info("router listening on %s (%d workers)", server.url, len(server.engine.workers))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
