@@ -2,7 +2,9 @@
 
 Names shared with sgl-router (`--worker-urls`, `--policy`, `--cache-threshold`,
 `--balance-abs-threshold`, `--balance-rel-threshold`, `--max-tree-size`, `--api-key`,
-`--max-payload-size`, `--request-timeout-secs`, `--health-check-interval-secs`) mean the same.
+`--max-payload-size`, `--request-timeout-secs`, `--health-check-interval-secs`) mean the same;
+so do SMG's admission and circuit-breaker flags (`admission.AdmissionConfig`,
+`breaker.BreakerConfig`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sglang_dp.options import nested, option
+from sglang_dp.router.admission import AdmissionConfig
+from sglang_dp.router.breaker import BreakerConfig
 from sglang_dp.router.engine import EngineConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -24,6 +28,8 @@ class RouterConfig:
     host: str = option("127.0.0.1", "Address to listen on (loopback unless told otherwise).")
     port: int = option(30000, "Port to listen on.")
     engine: EngineConfig = nested(EngineConfig)
+    admission: AdmissionConfig = nested(AdmissionConfig)
+    breaker: BreakerConfig = nested(BreakerConfig)
     routing_key: str = option(
         "chars",
         "Route on characters or on token ids (needs --tokenizer-path).",

@@ -29,7 +29,9 @@ from sglang_dp.httpserver import (
     error_body,
     serve,
 )
+from sglang_dp.router.admission import Admission
 from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
+from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
@@ -78,6 +80,9 @@ class RouterServer:
             on_event=self.record_event,
         )
         self.metrics = RouterMetrics(self.engine, clock)
+        self.admission: Admission[Any] = Admission(config.admission)
+        self.breakers = Breakers(config.breaker)
+        self.metrics.watch_admission(self.admission, self.breakers, clock)
         self.pool = UpstreamPool()
         encode = load_encoder(config.tokenizer_path) if config.tokenizer_path else None
         self._session: aiohttp.ClientSession | None = None
@@ -85,11 +90,20 @@ class RouterServer:
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
         )
         self.state.events = self.events
+        self.state.admission, self.state.breakers = self.admission, self.breakers
         self.state.drop_connections = self.pool.drop_host
         self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
         self.proxy = Proxy(
-            config, self.engine, self.pool, self.monitor, self.metrics, clock, encode
+            config,
+            self.engine,
+            self.pool,
+            self.monitor,
+            self.metrics,
+            clock,
+            encode,
+            self.admission,
+            self.breakers,
         )
         self._server: HttpServer | None = None
         self._bridged: set[asyncio.Task[None]] = set()

@@ -1,0 +1,60 @@
+"""Admission control and circuit breakers in a router process, with sim workers on loopback."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from tests.processes import Reply, wait_for
+from tests.router.cluster import Cluster, cluster
+
+BODY = {"text": "hello", "sampling_params": {"max_new_tokens": 4}}
+
+
+def admission(c: Cluster) -> dict[str, Any]:
+    return c.stats()["admission"]  # type: ignore[no-any-return]
+
+
+def test_a_full_router_queues_then_refuses_with_retry_after_and_leaks_nothing() -> None:
+    slow = ("--time-scale", "1000", "--stall-after-tokens", "0", "--stall-secs", "2")
+    args = ("--max-concurrent-requests", "1", "--queue-size", "1", "--queue-timeout-secs", "0.5")
+    with cluster(1, *args, worker_args=slow) as c:
+        replies: dict[str, Reply] = {}
+
+        def send(name: str) -> None:
+            replies[name] = c.router.post("/generate", BODY)
+
+        first = threading.Thread(target=send, args=("answered",))
+        first.start()
+        wait_for(lambda: admission(c)["in_flight"] == 1, timeout=10, what="first admitted")
+        second = threading.Thread(target=send, args=("queued",))
+        second.start()
+        wait_for(lambda: admission(c)["waiting"] == 1, timeout=10, what="second queued")
+        full = c.router.post("/generate", BODY)
+        assert full.status == 429 and full.headers["retry-after"] == "1"
+        assert "queue is full" in full.json()["error"]["message"]
+        second.join(10)
+        first.join(10)
+        assert replies["queued"].status == 408 and replies["queued"].headers["retry-after"] == "1"
+        assert replies["answered"].status == 200
+        stats = admission(c)
+        assert (stats["in_flight"], stats["waiting"], stats["timed_out"]) == (0, 0, 1)
+        assert c.in_flight() == 0
+        metrics = c.router.get("/metrics").body.decode()
+        assert 'sglang_dp_shed_total{reason="queue_full"} 1.0' in metrics
+        assert 'sglang_dp_shed_total{reason="queue_timeout"} 1.0' in metrics
+
+
+def test_a_failing_worker_leaves_routing_while_its_health_answers() -> None:
+    args = ("--policy", "round_robin", "--retries", "0", "--cb-failure-threshold", "2")
+    per_worker = [("--instant",), ("--instant", "--fail-rate", "1.0")]
+    with cluster(2, *args, per_worker=per_worker) as c:
+        bad = c.workers[1].url
+        statuses = [c.router.post("/generate", BODY).status for _ in range(6)]
+        assert statuses.count(500) == 2  # two failures open its breaker; then only the good one
+        assert statuses[-2:] == [200, 200]
+        assert admission(c)["breakers"][bad] == "open"
+        assert c.workers[1].get("/health").status == 200
+        assert all(w["healthy"] for w in c.stats()["workers"])
+        metrics = c.router.get("/metrics").body.decode()
+        assert f'sglang_dp_circuit_breaker_state{{state="open",worker="{bad}"}} 1.0' in metrics
