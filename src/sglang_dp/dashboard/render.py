@@ -6,6 +6,7 @@ payloads into rates and builds plain records; `render()` draws them:
 
     ┌ sglang-dp · Llama-3.1-8B · cache_aware · http://127.0.0.1:30000 · up 0:12:04 ┐
     │ 41.2 req/s · 9,870 tok/s · cache hit 74.1 % (predicted 75.0 %) · tree 1.2 M   │
+    │ admitted 31/2048 · queue 0/256 · shed 0 · breakers open: none                │
     └──────────────────────────────────────────────────────────────────────────────┘
      #  GPU  port   state    queue          routed  match  hit   tree   restarts CPU  mem
      0  0    31000  healthy  12 ██████▌     1,204   81 %   79 %  210 k  0        12 % 1.1 G
@@ -85,6 +86,46 @@ class Frame:
     tree_size: int
     workers: tuple[WorkerRow, ...]
     events: tuple[str, ...]
+    admission: Admission | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Admission control and circuit breakers (`/debug/stats`' "admission")."""
+
+    in_flight: int
+    cap: int  # 0: no cap
+    waiting: int
+    queue_size: int
+    refused_full: int  # 429
+    refused_overloaded: int  # 429
+    timed_out: int  # 408
+    breakers_open: tuple[str, ...]  # ports of workers whose breaker is open or half-open
+
+    @property
+    def shed(self) -> int:
+        return self.refused_full + self.refused_overloaded + self.timed_out
+
+
+def _admission(stats: Mapping[str, Any]) -> Admission | None:
+    gate = stats.get("admission")
+    if not isinstance(gate, Mapping):
+        return None
+    breakers = gate.get("breakers", {})
+    return Admission(
+        in_flight=int(gate.get("in_flight", 0)),
+        cap=int(gate.get("cap", 0)),
+        waiting=int(gate.get("waiting", 0)),
+        queue_size=int(gate.get("queue_size", 0)),
+        refused_full=int(gate.get("refused_full", 0)),
+        refused_overloaded=int(gate.get("refused_overloaded", 0)),
+        timed_out=int(gate.get("timed_out", 0)),
+        breakers_open=tuple(
+            f"{url.rsplit(':', 1)[-1]} ({state.replace('_', '-')})"
+            for url, state in sorted(breakers.items())
+            if state != "closed"
+        ),
+    )
 
 
 def _totals(stats: Mapping[str, Any]) -> tuple[int, int]:
@@ -129,6 +170,7 @@ def frame(
         tree_size=int(stats.get("tree_size", 0)),
         workers=tuple(rows),
         events=tuple(stats.get("events", [])[-6:]),
+        admission=_admission(stats),
     )
 
 
@@ -203,7 +245,19 @@ def header(f: Frame) -> Panel:
         (f"{f.hit_rate * 100:.1f} %", "bold green"),
         f" (predicted {f.predicted_rate * 100:.1f} %) · tree {human(f.tree_size)}",
     )  # fmt: skip
-    return Panel(Group(top, figures), padding=(0, 1))
+    lines = [top, figures]
+    gate = f.admission
+    if gate is not None:
+        cap = f"{gate.cap:,}" if gate.cap else "no cap"
+        lines.append(Text.assemble(
+            f"admitted {gate.in_flight:,}/{cap} · ",
+            f"queue {gate.waiting:,}/{gate.queue_size:,} · shed ",
+            (f"{gate.shed:,}", "bold red" if gate.shed else ""),
+            f" (429 {gate.refused_full + gate.refused_overloaded:,} · 408 {gate.timed_out:,})",
+            " · breakers open: ",
+            (", ".join(gate.breakers_open), "bold red") if gate.breakers_open else "none",
+        ))  # fmt: skip
+    return Panel(Group(*lines), padding=(0, 1))
 
 
 def worker_table(f: Frame) -> Table:

@@ -34,7 +34,8 @@ its last child is gone.
   O(n log n) in the nodes it holds. `evict_step` does the same work in bounded steps that
   resume where the last one stopped: first the walk (the tenant's leaves pushed on a heap as
   they are found), then the eviction; a step looks at about `max_work` nodes at most (children
-  scanned included; one node's children are scanned whole). The tree may change between steps:
+  scanned included; one node's children are scanned whole; a node dropped counts `DROP_WORK`:
+  dropping one updates a dozen maps). The tree may change between steps:
   a leaf touched since it was pushed goes back with its new time, a node dropped meanwhile is
   skipped, and nodes created meanwhile are new, so not what LRU evicts first. The engine
   takes one step per request of the worker.
@@ -72,11 +73,12 @@ KeyLike = Union[str, Sequence[int], "array[int]"]
 Data = str | bytes  # a key or label as stored: characters, or token ids' bytes
 
 # Bytes the estimate charges (CPython 3.11, 64-bit; fitted in benchmarks/bench_core.py):
-NODE_BYTES = 420  # a node's entries in the tree's dicts, its id and its touch time
-TENANT_BYTES = 60  # one tenant's hold on a node: its keyed touch time
+NODE_BYTES = 700  # a node's entries in the tree's maps (keys, slots), its id and its touch time
+TENANT_BYTES = 150  # one tenant's hold on a node: its keyed touch time (key, slot, float)
 STR_BYTES = 49  # a str label's header (ASCII: 1 byte a character, else up to 4)
 ARRAY_BYTES = 64  # a token label's header (4 bytes a token)
 PLACE_WALK = 64  # links walked to place a node in the leaf list by its time
+DROP_WORK = 4  # what dropping a node costs `evict_step`, in nodes looked at
 
 ROOT = 0  # the root's id
 LEAVES = 1  # the leaf list's sentinel: its `newer` is the oldest leaf, its `older` the newest
@@ -434,7 +436,7 @@ class RadixTree:
             whole = end - start == len(self._label[node])  # the key runs through the whole label
             if start < keep or not whole or not self._mask[node] >> index & 1:
                 break
-            if self._held_children(node, index):
+            if self._holds_a_child(node, index):
                 break
             self._drop(node, index)
         return before - self._sizes.get(tenant, 0)
@@ -471,42 +473,55 @@ class RadixTree:
         if job is None:
             job = _Eviction(self._held_children(ROOT, index))
             self._evictions[tenant] = job
-        times = self._times
-        work = 0
-        stack, heap = job.stack, job.heap
-        while stack and work < max_work:  # the walk: find the tenant's leaves
-            node = stack.pop()
-            touched = times.get(node << TENANT_SHIFT | index)
-            if touched is None:
-                work += 1
-                continue  # dropped since it was stacked
-            held = self._held_children(node, index)
-            work += 1 + self._child_count(node)  # the children are looked at
-            if held:
-                stack.extend(held)
-            else:
-                heapq.heappush(heap, (touched, node))
-        if stack:
+        work = self._find_leaves(job, index, max_work)
+        if job.stack:
             return 0
+        times, heap = self._times, job.heap
         while heap and self._sizes[tenant] > max_size and work < max_work:
             touched, node = heapq.heappop(heap)
-            work += 1 + self._child_count(node)
+            work += 1
             now = times.get(node << TENANT_SHIFT | index)
-            if now is None or self._held_children(node, index):
-                continue  # dropped, or no longer one of its leaves
+            if now is None:
+                continue  # dropped
+            holds, looked = self._first_held(node, index)
+            work += looked
+            if holds:
+                continue  # no longer one of its leaves
             if now != touched:  # touched again since: back in line at its new time
                 heapq.heappush(heap, (now, node))
                 continue
             parent = self._parent[node]
             self._drop(node, index)
+            work += DROP_WORK
             if parent == ROOT or not self._mask[parent] >> index & 1:
                 continue
-            work += self._child_count(parent)
-            if not self._held_children(parent, index):
+            holds, looked = self._first_held(parent, index)
+            work += looked
+            if not holds:
                 heapq.heappush(heap, (times[parent << TENANT_SHIFT | index], parent))
         if not heap or self._sizes[tenant] <= max_size:
             self._finish(tenant, job)
         return before - self._sizes[tenant]
+
+    def _find_leaves(self, job: _Eviction, index: int, max_work: int) -> int:
+        """The walk of `evict_step`: the tenant's leaves pushed on the heap as they are found;
+        returns the work done."""
+        times = self._times
+        work = 0
+        stack, heap = job.stack, job.heap
+        while stack and work < max_work:
+            node = stack.pop()
+            touched = times.get(node << TENANT_SHIFT | index)
+            if touched is None:
+                work += 1
+                continue  # dropped since it was stacked
+            held, children = self._scan(node, index)
+            work += 1 + children  # the children are looked at
+            if held:
+                stack.extend(held)
+            else:
+                heapq.heappush(heap, (touched, node))
+        return work
 
     def _finish(self, tenant: str, job: _Eviction) -> None:
         """The eviction is over; what is left of its heap is freed over the next steps."""
@@ -607,25 +622,47 @@ class RadixTree:
         self._next_id += 1
         return node
 
+    # The sibling walks below read the shards directly: they run once per child on eviction.
+
     def _children(self, node: int) -> list[int]:
+        nexts = self._next._shards
         found = []
-        child = self._first.get(node)
+        child = self._first._shards[node & (SHARDS - 1)].get(node)
         while child is not None:
             found.append(child)
-            child = self._next.get(child)
+            child = nexts[child & (SHARDS - 1)].get(child)
         return found
 
-    def _child_count(self, node: int) -> int:
+    def _held_children(self, node: int, index: int) -> list[int]:
+        return self._scan(node, index)[0]
+
+    def _scan(self, node: int, index: int) -> tuple[list[int], int]:
+        """The children tenant `index` holds, and how many children there are."""
+        nexts, masks = self._next._shards, self._mask._shards
+        found = []
         count = 0
-        child = self._first.get(node)
+        child = self._first._shards[node & (SHARDS - 1)].get(node)
         while child is not None:
             count += 1
-            child = self._next.get(child)
-        return count
+            if masks[child & (SHARDS - 1)][child] >> index & 1:
+                found.append(child)
+            child = nexts[child & (SHARDS - 1)].get(child)
+        return found, count
 
-    def _held_children(self, node: int, index: int) -> list[int]:
-        masks = self._mask
-        return [c for c in self._children(node) if masks[c] >> index & 1]
+    def _holds_a_child(self, node: int, index: int) -> bool:
+        return self._first_held(node, index)[0]
+
+    def _first_held(self, node: int, index: int) -> tuple[bool, int]:
+        """Whether tenant `index` holds a child, and how many children were looked at."""
+        nexts, masks = self._next._shards, self._mask._shards
+        looked = 0
+        child = self._first._shards[node & (SHARDS - 1)].get(node)
+        while child is not None:
+            looked += 1
+            if masks[child & (SHARDS - 1)][child] >> index & 1:
+                return True, looked
+            child = nexts[child & (SHARDS - 1)].get(child)
+        return False, looked
 
     def _link_child(self, parent: int, child: int) -> None:
         """Add `child` (its label set) to `parent`'s children, first in the sibling list."""
