@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_dp.router.admission import Admission, AdmissionConfig, Verdict
+from sglang_dp.router.admission import Admission, AdmissionConfig, LoadReports, Verdict
 from sglang_dp.router.breaker import BreakerConfig, Breakers, State
 
 
@@ -178,3 +178,15 @@ def test_a_disabled_breaker_never_opens() -> None:
 def test_bad_breaker_settings_are_refused(fields: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         BreakerConfig(**fields)  # type: ignore[arg-type]
+
+
+def test_load_reports_age_out() -> None:
+    loads = LoadReports(max_age_s=3)
+    assert loads.waiting("w", 0) is None and not loads.queueing("w", 0)
+    loads.record("w", 2, 10)
+    assert loads.waiting("w", 13) == 2 and loads.queueing("w", 13)
+    assert loads.waiting("w", 13.5) is None  # stale: not trusted
+    loads.record("w", 0, 14)
+    assert loads.waiting("w", 14) == 0 and not loads.queueing("w", 14)
+    loads.forget("w")
+    assert loads.waiting("w", 14) is None

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from typing import Any
 
-from tests.processes import Reply, wait_for
+from sglang_dp.router.admission import AdmissionConfig
+from sglang_dp.router.config import RouterConfig
+from sglang_dp.router.server import RouterServer
+from tests.processes import Reply, free_port, sim_worker, wait_for
 from tests.router.cluster import Cluster, cluster
 
 BODY = {"text": "hello", "sampling_params": {"max_new_tokens": 4}}
@@ -32,7 +37,7 @@ def test_a_full_router_queues_then_refuses_with_retry_after_and_leaks_nothing() 
         wait_for(lambda: admission(c)["waiting"] == 1, timeout=10, what="second queued")
         full = c.router.post("/generate", BODY)
         assert full.status == 429 and full.headers["retry-after"] == "1"
-        assert "queue is full" in full.json()["error"]["message"]
+        assert "router is full (1 requests in flight, 1 waiting)" in full.json()["error"]["message"]
         second.join(10)
         first.join(10)
         assert replies["queued"].status == 408 and replies["queued"].headers["retry-after"] == "1"
@@ -58,3 +63,26 @@ def test_a_failing_worker_leaves_routing_while_its_health_answers() -> None:
         assert all(w["healthy"] for w in c.stats()["workers"])
         metrics = c.router.get("/metrics").body.decode()
         assert f'sglang_dp_circuit_breaker_state{{state="open",worker="{bad}"}} 1.0' in metrics
+
+
+def test_the_router_reads_each_worker_load_report() -> None:
+    with sim_worker("--instant") as worker:
+
+        async def main() -> int | None:
+            config = RouterConfig(
+                worker_urls=(worker.url,),
+                port=free_port(),
+                admission=AdmissionConfig(load_report_interval_secs=0.05),
+            )
+            server = RouterServer(config)
+            await server.start()
+            try:
+                deadline = time.monotonic() + 10
+                while server.loads.waiting(worker.url, time.monotonic()) is None:
+                    assert time.monotonic() < deadline, "no load report read"
+                    await asyncio.sleep(0.02)
+                return server.loads.waiting(worker.url, time.monotonic())
+            finally:
+                await server.stop(0.5)
+
+        assert asyncio.run(main()) == 0  # an idle worker: nothing waits in its queue

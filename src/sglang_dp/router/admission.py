@@ -11,14 +11,16 @@ refusal at once when waiting would not help.
     cancel(t)    a waiting client went away
 
 A refusal carries `Retry-After` (the shell writes it). Waiting is pointless when it would end in
-a 408 anyway: at the cap, when every healthy worker already has its share of the cap in flight
-(`saturated`, asked only then: it costs the shell a look at every worker) and the queue ahead
-would not drain within the timeout at the rate requests have been ending (measured over
-windows of `RATE_WINDOW_S`), a request is refused at once rather than queued.
+a 408 anyway: at the cap, when every healthy worker is saturated (`saturated`, asked only then:
+it costs the shell a look at every worker) and the queue ahead would not drain within the
+timeout at the rate requests have been ending (measured over windows of `RATE_WINDOW_S`), a
+request is refused at once rather than queued. A worker is saturated when it has its share of
+the cap in flight from this router, or when its own load report (SGLang's `/get_load`, kept in
+`LoadReports`) says requests wait in its queue (other clients load it too).
 
 Settings (SMG's names and meaning): `--max-concurrent-requests` 2048 (0: no cap),
-`--queue-size` 256 (0: refuse at once at the cap), `--queue-timeout-secs` 30. Why these, for
-one 8-GPU node: see the README ("Admission control").
+`--queue-size` 256 (0: refuse at once at the cap), `--queue-timeout-secs` 30; and ours,
+`--load-report-interval-secs` 1. Why these, for one 8-GPU node: see the README ("Overload").
 
 Pure: time is a parameter; tickets are whatever the shell needs to resume a request.
 """
@@ -53,12 +55,19 @@ class AdmissionConfig:
         256, "Requests that may wait for a slot (429 beyond; 0: refuse at once at the cap)."
     )
     queue_timeout_secs: float = option(30.0, "Longest wait in the queue (408 after it).")
+    load_report_interval_secs: float = option(
+        1.0,
+        "Seconds between reads of each healthy worker's own load report (SGLang's /get_load: "
+        "a worker with requests waiting in its queue counts as saturated); 0: never.",
+    )
 
     def __post_init__(self) -> None:
         if self.max_concurrent_requests < 0 or self.queue_size < 0:
             raise ValueError("--max-concurrent-requests and --queue-size must be >= 0")
         if self.queue_timeout_secs <= 0:
             raise ValueError("--queue-timeout-secs must be positive")
+        if self.load_report_interval_secs < 0:
+            raise ValueError("--load-report-interval-secs must be >= 0")
 
 
 class Admission(Generic[T]):
@@ -154,3 +163,29 @@ class Admission(Generic[T]):
 
     def next_deadline(self) -> float | None:
         return self._queue[0][0] if self._queue else None
+
+
+class LoadReports:
+    """What each worker last said of its own load (`/get_load`: requests waiting in its queue,
+    all its data-parallel ranks together), trusted for `max_age_s` (default: 3 s, three polls)."""
+
+    def __init__(self, max_age_s: float = 3.0) -> None:
+        self.max_age_s = max_age_s
+        self._waiting: dict[str, tuple[int, float]] = {}
+
+    def record(self, worker: str, waiting: int, now: float) -> None:
+        self._waiting[worker] = (waiting, now)
+
+    def forget(self, worker: str) -> None:
+        self._waiting.pop(worker, None)
+
+    def waiting(self, worker: str, now: float) -> int | None:
+        """Requests waiting in `worker`'s own queue, or None without a recent report."""
+        report = self._waiting.get(worker)
+        if report is None or now - report[1] > self.max_age_s:
+            return None
+        return report[0]
+
+    def queueing(self, worker: str, now: float) -> bool:
+        """The worker's own report says requests wait in its queue."""
+        return bool(self.waiting(worker, now))

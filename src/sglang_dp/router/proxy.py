@@ -56,7 +56,7 @@ from typing import Any
 import orjson
 
 from sglang_dp.httpserver import JSON, HttpRequest, Responder, error_body
-from sglang_dp.router.admission import Admission, Verdict
+from sglang_dp.router.admission import Admission, LoadReports, Verdict
 from sglang_dp.router.answers import StreamTap, outcome
 from sglang_dp.router.auth import bearer_matches
 from sglang_dp.router.breaker import Breakers
@@ -211,6 +211,7 @@ class Proxy:
         encode: Encoder | None = None,
         admission: Admission[_Job] | None = None,
         breakers: Breakers | None = None,
+        loads: LoadReports | None = None,
     ) -> None:
         self._config = config
         self._engine = engine
@@ -229,6 +230,7 @@ class Proxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission = admission
         self._breakers = breakers
+        self._loads = loads
 
     def handle(self, request: HttpRequest, responder: Responder) -> None:
         """Entry point from the HTTP server (synchronous; see the module docstring)."""
@@ -343,16 +345,23 @@ class Proxy:
         if verdict is Verdict.OVERLOADED:
             message = "every healthy worker is saturated; try again later"
         else:
-            message = f"the router's queue is full ({admission.config.queue_size} waiting)"
+            cap, size = admission.cap, admission.config.queue_size
+            message = f"the router is full ({cap} requests in flight, {size} waiting)"
         self._reject(job.responder, job.rid_header + RETRY_AFTER, 429, message, "TooManyRequests")
         return False
 
     def _saturated(self) -> bool:
-        """Every healthy worker has its share of the cap in flight (asked only at the cap)."""
+        """Every healthy worker has its share of the cap in flight, or says requests wait in
+        its own queue (asked only at the cap)."""
         assert self._admission is not None
-        healthy = [w for w in self._engine.snapshot(self._clock()).workers if w.healthy]
+        now = self._clock()
+        healthy = [w for w in self._engine.snapshot(now).workers if w.healthy]
         share = self._admission.cap / max(len(healthy), 1)
-        return all(w.in_flight >= share for w in healthy)
+        loads = self._loads
+        return all(
+            w.in_flight >= share or (loads is not None and loads.queueing(w.url, now))
+            for w in healthy
+        )
 
     def _left(self) -> None:
         """An admitted request ended: its slot goes to the oldest waiting one, if any."""
