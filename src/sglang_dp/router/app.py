@@ -200,6 +200,8 @@ def remove_worker(state: RouterState, url: str) -> None:
     """Out of routing and of the tree; its pooled connections are closed."""
     state.monitor.remove(url)
     state.drop_connections(url)
+    if state.breakers is not None:
+        state.breakers.forget(url)
     state.events.append(f"{url} removed")
 
 

@@ -161,6 +161,7 @@ class RouterServer:
         """The launcher saw the worker's process die: out of routing, its cache is gone."""
         self.monitor.report_failure(url, reason, refused=True)
         self.engine.reset_worker(url)
+        self.breakers.forget(url)  # its replacement starts with a closed breaker
 
     def remove_worker(self, url: str) -> None:
         remove_worker(self.state, url)
