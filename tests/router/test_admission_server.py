@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 from typing import Any
@@ -86,3 +88,27 @@ def test_the_router_reads_each_worker_load_report() -> None:
                 await server.stop(0.5)
 
         assert asyncio.run(main()) == 0  # an idle worker: nothing waits in its queue
+
+
+def test_clients_gone_while_admitted_or_queued_free_their_slots() -> None:
+    slow = ("--time-scale", "1000", "--stall-after-tokens", "0", "--stall-secs", "5")
+    args = ("--max-concurrent-requests", "2", "--queue-size", "2", "--queue-timeout-secs", "30")
+    with cluster(1, *args, worker_args=slow) as c:
+        clients = []
+        for stream in (False, True, False, True):  # two admitted, two queued
+            data = json.dumps(dict(BODY, stream=stream)).encode()
+            head = f"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: {len(data)}\r\n\r\n"
+            sock = socket.create_connection(("127.0.0.1", c.router.port))
+            sock.sendall(head.encode() + data)
+            clients.append(sock)
+        wait_for(lambda: admission(c)["waiting"] == 2, timeout=10, what="two queued")
+        assert admission(c)["in_flight"] == 2
+        for sock in clients:
+            sock.close()
+        wait_for(
+            lambda: (
+                (admission(c)["in_flight"], admission(c)["waiting"], c.in_flight()) == (0, 0, 0)
+            ),
+            timeout=10,
+            what="slots freed",
+        )
