@@ -65,7 +65,7 @@ import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar, Union
+from typing import Final, Generic, TypeVar, Union
 
 # Union: `array` is not subscriptable at run time in Python 3.11, so the alias quotes it
 Key = Union[str, "array[int]"]
@@ -73,21 +73,28 @@ KeyLike = Union[str, Sequence[int], "array[int]"]
 Data = str | bytes  # a key or label as stored: characters, or token ids' bytes
 
 # Bytes the estimate charges (CPython 3.11, 64-bit; fitted in benchmarks/bench_core.py):
-NODE_BYTES = 700  # a node's entries in the tree's maps (keys, slots), its id and its touch time
-TENANT_BYTES = 150  # one tenant's hold on a node: its keyed touch time (key, slot, float)
-STR_BYTES = 49  # a str label's header (ASCII: 1 byte a character, else up to 4)
-ARRAY_BYTES = 64  # a token label's header (4 bytes a token)
-PLACE_WALK = 64  # links walked to place a node in the leaf list by its time
-DROP_WORK = 4  # what dropping a node costs `evict_step`, in nodes looked at
+NODE_BYTES: Final = (
+    700  # a node's entries in the tree's maps (keys, slots), its id and its touch time
+)
+TENANT_BYTES: Final = 150  # one tenant's hold on a node: its keyed touch time (key, slot, float)
+STR_BYTES: Final = 49  # a str label's header (ASCII: 1 byte a character, else up to 4)
+ARRAY_BYTES: Final = 64  # a token label's header (4 bytes a token)
+PLACE_WALK: Final = 64  # links walked to place a node in the leaf list by its time
+DROP_WORK: Final = 4  # what dropping a node costs `evict_step`, in nodes looked at
 
-ROOT = 0  # the root's id
-LEAVES = 1  # the leaf list's sentinel: its `newer` is the oldest leaf, its `older` the newest
-CHILD_SHIFT = 33  # child key: parent << 33 | first element (tokens < 2**32, flagged by bit 32)
-TOKEN_FLAG = 1 << 32  # set in a token's element so that a token never matches a character
-TENANT_SHIFT = 16  # tenant-time key: node << 16 | tenant index
-MAX_TENANTS = 1 << TENANT_SHIFT
-HOLDERS_MEMO = 4096  # bit sets whose tenant names are remembered (cleared when full)
-SHARDS = 256  # dicts per map (a power of two)
+ROOT: Final = 0  # the root's id
+LEAVES: Final = (
+    1  # the leaf list's sentinel: its `newer` is the oldest leaf, its `older` the newest
+)
+CHILD_SHIFT: Final = (
+    33  # child key: parent << 33 | first element (tokens < 2**32, flagged by bit 32)
+)
+TOKEN_FLAG: Final = 1 << 32  # set in a token's element so that a token never matches a character
+TENANT_SHIFT: Final = 16  # tenant-time key: node << 16 | tenant index
+MAX_TENANTS: Final = 1 << TENANT_SHIFT
+HOLDERS_MEMO: Final = 4096  # bit sets whose tenant names are remembered (cleared when full)
+SHARDS: Final = 256  # dicts per map (a power of two)
+SHARD: Final = SHARDS - 1  # the id bits that choose a shard
 
 V = TypeVar("V")
 
@@ -195,25 +202,25 @@ class _Map(Generic[V]):
         self._shift = shift
 
     def __getitem__(self, key: int) -> V:
-        return self._shards[(key >> self._shift) & (SHARDS - 1)][key]
+        return self._shards[(key >> self._shift) & SHARD][key]
 
     def __setitem__(self, key: int, value: V) -> None:
-        self._shards[(key >> self._shift) & (SHARDS - 1)][key] = value
+        self._shards[(key >> self._shift) & SHARD][key] = value
 
     def __delitem__(self, key: int) -> None:
-        del self._shards[(key >> self._shift) & (SHARDS - 1)][key]
+        del self._shards[(key >> self._shift) & SHARD][key]
 
     def __contains__(self, key: int) -> bool:
-        return key in self._shards[(key >> self._shift) & (SHARDS - 1)]
+        return key in self._shards[(key >> self._shift) & SHARD]
 
     def get(self, key: int) -> V | None:
-        return self._shards[(key >> self._shift) & (SHARDS - 1)].get(key)
+        return self._shards[(key >> self._shift) & SHARD].get(key)
 
     def pop(self, key: int) -> V | None:
-        return self._shards[(key >> self._shift) & (SHARDS - 1)].pop(key, None)
+        return self._shards[(key >> self._shift) & SHARD].pop(key, None)
 
     def take(self, key: int) -> V:
-        return self._shards[(key >> self._shift) & (SHARDS - 1)].pop(key)
+        return self._shards[(key >> self._shift) & SHARD].pop(key)
 
 
 class _Eviction:
@@ -627,10 +634,10 @@ class RadixTree:
     def _children(self, node: int) -> list[int]:
         nexts = self._next._shards
         found = []
-        child = self._first._shards[node & (SHARDS - 1)].get(node)
+        child = self._first._shards[node & SHARD].get(node)
         while child is not None:
             found.append(child)
-            child = nexts[child & (SHARDS - 1)].get(child)
+            child = nexts[child & SHARD].get(child)
         return found
 
     def _held_children(self, node: int, index: int) -> list[int]:
@@ -641,12 +648,12 @@ class RadixTree:
         nexts, masks = self._next._shards, self._mask._shards
         found = []
         count = 0
-        child = self._first._shards[node & (SHARDS - 1)].get(node)
+        child = self._first._shards[node & SHARD].get(node)
         while child is not None:
             count += 1
-            if masks[child & (SHARDS - 1)][child] >> index & 1:
+            if masks[child & SHARD][child] >> index & 1:
                 found.append(child)
-            child = nexts[child & (SHARDS - 1)].get(child)
+            child = nexts[child & SHARD].get(child)
         return found, count
 
     def _holds_a_child(self, node: int, index: int) -> bool:
@@ -656,12 +663,12 @@ class RadixTree:
         """Whether tenant `index` holds a child, and how many children were looked at."""
         nexts, masks = self._next._shards, self._mask._shards
         looked = 0
-        child = self._first._shards[node & (SHARDS - 1)].get(node)
+        child = self._first._shards[node & SHARD].get(node)
         while child is not None:
             looked += 1
-            if masks[child & (SHARDS - 1)][child] >> index & 1:
+            if masks[child & SHARD][child] >> index & 1:
                 return True, looked
-            child = nexts[child & (SHARDS - 1)].get(child)
+            child = nexts[child & SHARD].get(child)
         return False, looked
 
     def _link_child(self, parent: int, child: int) -> None:
