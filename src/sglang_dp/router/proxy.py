@@ -82,6 +82,8 @@ log = logging.getLogger("sglang_dp.router")
 
 BACKOFF_S = 0.01
 RETRY_AFTER = b"retry-after: 1\r\n"  # on 429 and 408: seconds before trying again
+# the queue's timer fires this late: asyncio may run a timer a clock resolution early
+EXPIRE_SLACK_S = 0.005
 WORKER_HEADER = b"x-sglang-dp-worker"
 # Not relayed from the worker: hop-by-hop and framing headers (this connection's own), and
 # the ones the router writes itself.
@@ -340,7 +342,8 @@ class Proxy:
         if verdict is Verdict.QUEUED:
             job.responder.on_disconnect = lambda: admission.cancel(job)
             loop = asyncio.get_running_loop()
-            loop.call_later(admission.config.queue_timeout_secs, self._expire, admission)
+            wait = admission.config.queue_timeout_secs + EXPIRE_SLACK_S
+            loop.call_later(wait, self._expire, admission)
             return False
         if verdict is Verdict.OVERLOADED:
             message = "every healthy worker is saturated; try again later"
