@@ -65,6 +65,11 @@ def test_a_failing_worker_leaves_routing_while_its_health_answers() -> None:
         assert all(w["healthy"] for w in c.stats()["workers"])
         metrics = c.router.get("/metrics").body.decode()
         assert f'sglang_dp_circuit_breaker_state{{state="open",worker="{bad}"}} 1.0' in metrics
+        c.workers[0].proc.kill()  # the good one gone too: nothing left to route to
+        c.workers[0].proc.wait()
+        wait_for(lambda: c.router.post("/generate", BODY).status == 503, 10, "a 503")
+        reply = c.router.post("/generate", BODY)
+        assert f"circuit breaker open: {bad}" in reply.json()["error"]["message"], reply.body
 
 
 def test_the_router_reads_each_worker_load_report() -> None:

@@ -302,14 +302,16 @@ class Proxy:
         started = time.perf_counter()
         now = self._clock()
         exclude: list[str] = job.tried
-        if self._breakers is not None:
-            blocked = self._breakers.blocked(now)
-            if blocked:
-                exclude = [*job.tried, *blocked]
+        blocked = self._breakers.blocked(now) if self._breakers is not None else None
+        if blocked:
+            exclude = [*job.tried, *blocked]
         try:
             dispatch = self._engine.route(job.routed.key, now, exclude)
         except NoWorkerAvailable as none:
-            self._give_up(job, str(none))
+            why = str(none)
+            if blocked:
+                why += f" (circuit breaker open: {', '.join(sorted(blocked))})"
+            self._give_up(job, why)
             return None
         self._metrics.routing_latency.observe(time.perf_counter() - started)
         job.tried.append(dispatch.worker)
