@@ -14,11 +14,19 @@ Eviction and memory, each in a fresh process:
   out and its longest full collection reported apart (`gc_full_ms_max`); then one worker's
   share cut to 85 % as a detected eviction does, in the engine's steps
   (`evict_one_worker_step_ms_max`, CPU time, and the number of steps: one per request);
+- `gc_full_ms_at_{25,50,75,100}pct`: in the same run, one full collection (`gc.collect()`)
+  timed (CPU time; `gc_full_wall_ms_max` the longest in wall time) as the tree reaches each
+  quarter of its budget (the cost any full collection would have at that size);
+  `gc_full_ms_max` is the longest of those and of the collections CPython ran by itself, and
+  `gc_tracked_objects_at_budget` the objects the collector tracks, tree at budget;
 - `tree_rss_mb_at_budget_{chars,tokens}`: `--max-tree-memory-mb 256`, character keys (as above)
   or token keys (500-token prompts + 64 unique tokens): the process's resident memory growth
-  once the tree is held at its budget, and its ratio to the budget.
+  once the tree is held at its budget, and its ratio to the budget;
+- with `--leak-requests N` (not by default: minutes): `--max-tree-memory-mb 256`, character
+  keys, N requests routed once the tree is at its budget; `leak_rss_mb`: the resident memory
+  growth between the first tenth of them and the end (flat: nothing leaks).
 
-    python benchmarks/bench_core.py [--json] [--requests N] [--quick]
+    python benchmarks/bench_core.py [--json] [--requests N] [--quick] [--leak-requests N]
 """
 
 from __future__ import annotations
@@ -127,25 +135,42 @@ def evict_pause(after_full: int) -> dict[str, float]:
     collected = [False]
     started = [0.0]
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # CPU time, as the pauses above
         if phase == "start":
-            started[0] = time.perf_counter()
+            started[0] = time.thread_time()
         else:
             collected[0] = True
             if info["generation"] == 2:
-                collections_ms.append((time.perf_counter() - started[0]) * 1000)
+                collections_ms.append((time.thread_time() - started[0]) * 1000)
+
+    config = engine.config
+    at_sizes: dict[str, float] = {}  # CPU time (a shared machine preempts; wall apart)
+    walls: list[float] = []
+    marks = [25, 50, 75, 100]
 
     def on_route(full: bool, ms: float, cpu_ms: float) -> None:
         if full and not collected[0]:
             pauses.append(ms)
             cpu_pauses.append(cpu_ms)
         collected[0] = False
+        tree = engine.tree
+        share = max(
+            tree.total_size / config.max_tree_size, tree.memory / (config.max_tree_memory_mb << 20)
+        )
+        if marks and (share * 100 >= marks[0] or full):
+            started, cpu = time.perf_counter(), time.thread_time()
+            gc.collect()
+            mark = marks.pop(0)
+            at_sizes[f"gc_full_ms_at_{mark}pct"] = (time.thread_time() - cpu) * 1000
+            walls.append((time.perf_counter() - started) * 1000)
+            collected[0] = True
 
     gc.callbacks.append(on_gc)
     try:
         fill(engine, unique_keys(1), after_full, on_route)
     finally:
         gc.callbacks.remove(on_gc)
+    tracked = len(gc.get_objects())
     tree, worker = engine.tree, engine.workers[0]
     budget = int(0.85 * tree.size(worker))  # what a detected eviction asks (SHRINK)
     gc.disable()
@@ -161,7 +186,11 @@ def evict_pause(after_full: int) -> dict[str, float]:
         "evict_pause_ms_max": round(max(cpu_pauses), 3),
         "evict_pause_wall_ms_max": round(max(pauses), 3),
         "evict_route_ms_p99": round(p(pauses, 99), 3),
-        "gc_full_ms_max": round(max(collections_ms, default=0.0), 1),
+        "gc_full_ms_max": round(max([*collections_ms, *at_sizes.values()], default=0.0), 1),
+        "gc_full_collections_while_filling": len(collections_ms),
+        **{name: round(ms, 2) for name, ms in at_sizes.items()},
+        "gc_full_wall_ms_max": round(max(walls, default=0.0), 2),
+        "gc_tracked_objects_at_budget": tracked,
         "evict_tree_nodes": engine.tree.node_count,
         "evict_tree_memory_mb": round(engine.tree.memory / 2**20, 1),
     }
@@ -186,6 +215,26 @@ def rss_at_budget(kind: str, budget_mb: int, after_full: int) -> dict[str, float
     }
 
 
+def leak(requests: int, budget_mb: int = 256) -> dict[str, float]:
+    """Resident memory growth over `requests` requests routed with the tree at its budget."""
+    keys = unique_keys(3)
+    engine = RoutingEngine(EngineConfig(max_tree_size=2**40, max_tree_memory_mb=budget_mb))
+    for i in range(8):
+        engine.add_worker(f"http://127.0.0.1:{31000 + i}")
+    tree = engine.tree
+    routed = [0]
+    before = [0]
+
+    def on_route(full: bool, ms: float, cpu_ms: float) -> None:
+        routed[0] += tree.evicted_leaves > 0
+        if routed[0] == requests // 10 and not before[0]:
+            before[0] = psutil.Process().memory_info().rss
+
+    fill(engine, keys, requests, on_route)
+    grown = (psutil.Process().memory_info().rss - before[0]) / 2**20
+    return {"leak_requests": requests, "leak_rss_mb": round(grown, 1)}
+
+
 def in_child(*args: str) -> dict[str, float]:
     """One measurement in a fresh process (its memory and its garbage collector are its own)."""
     out = subprocess.run(
@@ -204,11 +253,16 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="skip the eviction and memory runs")
+    parser.add_argument("--leak-requests", type=int, default=0, help="also run the leak check")
+    parser.add_argument("--leak", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--evict-pause", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--rss", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.evict_pause:
         print(json.dumps(evict_pause(args.evict_pause)))
+        return
+    if args.leak:
+        print(json.dumps(leak(args.leak)))
         return
     if args.rss:
         kind, budget, after = args.rss
@@ -233,6 +287,8 @@ def main() -> None:
         result |= in_child("--evict-pause", "20000")
         for kind in ("chars", "tokens"):
             result |= in_child("--rss", kind, "256", "20000")
+    if args.leak_requests:
+        result |= in_child("--leak", str(args.leak_requests))
     if args.json:
         print(json.dumps(result))
     else:

@@ -111,3 +111,24 @@ def test_workers_on_ray_nodes_show_their_node_and_local_ones_no_node_column() ->
     rows = [StartupRow(0, "3", 31000, "starting", 1.0, node="10.0.0.2 ab12cd34")]
     console.print(startup_table(rows, "m"))
     assert "10.0.0.2 ab12cd34" in console.export_text()
+
+
+def test_admission_control_and_open_breakers_show_in_the_header() -> None:
+    payload = stats(1, 5, 50)
+    payload["admission"] = {
+        "in_flight": 32,
+        "cap": 32,
+        "waiting": 4,
+        "queue_size": 16,
+        "refused_full": 100,
+        "refused_overloaded": 20,
+        "timed_out": 3,
+        "breakers": {"http://127.0.0.1:31000": "closed", "http://127.0.0.1:31010": "open"},
+    }
+    console = Console(record=True, width=160, color_system=None)
+    console.print(render(frame(payload, None, title="m", url="u")))
+    text = console.export_text()
+    assert "admitted 32/32 · queue 4/16 · shed 123 (429 120 · 408 3)" in text
+    assert "breakers open: 31010 (open)" in text
+    console.print(render(frame(stats(1, 5, 50), None, title="m", url="u")))
+    assert "admitted" not in console.export_text()  # a router without it: no line

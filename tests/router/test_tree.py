@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -137,6 +139,43 @@ def test_preview_escapes_and_shortens_in_the_middle() -> None:
     assert preview((1, 2, 3)) == "1 2 3"
 
 
+# -- the garbage collector never walks the tree ------------------------------------------------
+
+
+def grow(tree: RadixTree, count: int, start: float = 0.0) -> None:
+    for i in range(count):
+        tree.insert(f"system {i % 7} " + "x" * 40 + f" question {i}", f"w{i % 3}", start + i)
+        tree.insert([i % 5, 7, 7, i, i + 1], f"w{i % 4}", start + i)
+
+
+def test_nodes_are_not_objects_the_collector_tracks() -> None:
+    tree = RadixTree()
+    grow(tree, 50)
+    gc.collect()
+    before = len(gc.get_objects())
+    grow(tree, 3000, start=50)
+    tree.evict("w1", tree.size("w1") // 2)
+    tree.evict_global(tree.total_size * 3 // 4)
+    gc.collect()
+    assert tree.node_count > 4000
+    assert len(gc.get_objects()) - before < 50  # nothing per node: a full collection stays short
+
+
+def test_a_dropped_tree_is_freed_without_the_collector() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        tree = RadixTree()
+        grow(tree, 500)
+        tree.evict_step("w0", tree.size("w0") // 2, 10)  # an eviction left half done
+        tree.remove_tenant("w2")
+        del tree
+        assert gc.collect() == 0  # no reference cycle: reference counting freed it all
+    finally:
+        gc.enable()
+    assert gc.garbage == []
+
+
 # -- properties against a brute-force reference -----------------------------------------------
 
 ALPHABET = "ab☃"
@@ -175,15 +214,17 @@ def prefixes(keys: set[Key]) -> set[Key]:
 def check_structure(tree: RadixTree) -> None:
     """The leaf list holds exactly the leaves, oldest first; the memory estimate is the sum of
     its parts."""
-    nodes = list(tree._all_nodes())
-    leaves = sorted((n.touched, id(n)) for n in nodes if not n.children)
+    nodes = tree._records()
+    leaves = sorted(touched for _, touched, _, leaf in nodes if leaf)
     listed = tree.lru_leaves()
     assert len(listed) == len(leaves)
-    assert [t for _, t in listed] == sorted(t for t, _ in leaves)
-    expected = sum(NODE_BYTES + TENANT_BYTES * len(n.tenants) + label_bytes(n.label) for n in nodes)
+    assert [t for _, t in listed] == leaves
+    expected = sum(
+        NODE_BYTES + TENANT_BYTES * len(held) + label_bytes(label) for label, _, held, _ in nodes
+    )
     assert tree.memory == expected
-    for n in nodes:
-        assert n.touched == max(n.tenants.values())
+    for _, touched, held, _ in nodes:
+        assert touched == max(held.values())
 
 
 def check_against_reference(tree: RadixTree, held: dict[str, set[Key]], probes: list[Key]) -> None:

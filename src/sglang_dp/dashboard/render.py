@@ -8,6 +8,7 @@ as tokens per second, `prices.py`):
 
     ┌ sglang-dp · Llama-3.1-8B · cache_aware · http://127.0.0.1:30000 · up 0:12:04 ┐
     │ 41.2 req/s · 9,870 tok/s · cache hit 74.1 % (predicted 75.0 %) · tree 1.2 M   │
+    │ admitted 31/2048 · queue 0/256 · shed 0 · breakers open: none                │
     └──────────────────────────────────────────────────────────────────────────────┘
      #  GPU  port   state    queue          wait    prefill   routed  match  hit   tree  ...
      0  0    31000  healthy  12 ██████▌     0.42 s  7.1 k/s   1,204   81 %   79 %  210 k ...
@@ -94,6 +95,46 @@ class Frame:
     events: tuple[str, ...]
     discovery: str = ""  # service discovery's summary ("" without it)
     discovery_stale: bool = False
+    admission: Admission | None = None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Admission control and circuit breakers (`/debug/stats`' "admission")."""
+
+    in_flight: int
+    cap: int  # 0: no cap
+    waiting: int
+    queue_size: int
+    refused_full: int  # 429
+    refused_overloaded: int  # 429
+    timed_out: int  # 408
+    breakers_open: tuple[str, ...]  # ports of workers whose breaker is open or half-open
+
+    @property
+    def shed(self) -> int:
+        return self.refused_full + self.refused_overloaded + self.timed_out
+
+
+def _admission(stats: Mapping[str, Any]) -> Admission | None:
+    gate = stats.get("admission")
+    if not isinstance(gate, Mapping):
+        return None
+    breakers = gate.get("breakers", {})
+    return Admission(
+        in_flight=int(gate.get("in_flight", 0)),
+        cap=int(gate.get("cap", 0)),
+        waiting=int(gate.get("waiting", 0)),
+        queue_size=int(gate.get("queue_size", 0)),
+        refused_full=int(gate.get("refused_full", 0)),
+        refused_overloaded=int(gate.get("refused_overloaded", 0)),
+        timed_out=int(gate.get("timed_out", 0)),
+        breakers_open=tuple(
+            f"{url.rsplit(':', 1)[-1]} ({state.replace('_', '-')})"
+            for url, state in sorted(breakers.items())
+            if state != "closed"
+        ),
+    )
 
 
 def _totals(stats: Mapping[str, Any]) -> tuple[int, int]:
@@ -146,6 +187,7 @@ def frame(
         events=tuple(stats.get("events", [])[-6:]),
         discovery=discovery_summary(discovery) if isinstance(discovery, Mapping) else "",
         discovery_stale=isinstance(discovery, Mapping) and discovery.get("state") == "stale",
+        admission=_admission(stats),
     )
 
 
@@ -256,6 +298,17 @@ def header(f: Frame) -> Panel:
     lines = [top, figures]
     if f.discovery:
         lines.append(Text(f.discovery, style="bold red" if f.discovery_stale else "dim"))
+    gate = f.admission
+    if gate is not None:
+        cap = f"{gate.cap:,}" if gate.cap else "no cap"
+        lines.append(Text.assemble(
+            f"admitted {gate.in_flight:,}/{cap} · ",
+            f"queue {gate.waiting:,}/{gate.queue_size:,} · shed ",
+            (f"{gate.shed:,}", "bold red" if gate.shed else ""),
+            f" (429 {gate.refused_full + gate.refused_overloaded:,} · 408 {gate.timed_out:,})",
+            " · breakers open: ",
+            (", ".join(gate.breakers_open), "bold red") if gate.breakers_open else "none",
+        ))  # fmt: skip
     return Panel(Group(*lines), padding=(0, 1))
 
 

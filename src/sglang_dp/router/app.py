@@ -32,7 +32,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sglang_dp.httpserver import error_body
+from sglang_dp.router.admission import Admission
 from sglang_dp.router.auth import bearer_matches
+from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig, check_worker_url
 from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine, WorkerStats
 from sglang_dp.router.health import WorkerMonitor
@@ -83,6 +85,8 @@ class RouterState:
         default_factory=lambda: collections.deque(maxlen=200)
     )
     discovery: PodView | None = None
+    admission: Admission[Any] | None = None
+    breakers: Breakers | None = None
 
 
 def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
@@ -208,6 +212,8 @@ def remove_worker(state: RouterState, url: str) -> None:
     """Out of routing and of the tree; its pooled connections are closed."""
     state.monitor.remove(url)
     state.drop_connections(url)
+    if state.breakers is not None:
+        state.breakers.forget(url)
     state.events.append(f"{url} removed")
 
 
@@ -396,6 +402,26 @@ def _debug_stats(state: RouterState) -> Endpoint:
         payload = stats_payload(state)
         if state.discovery is not None:
             payload["discovery"] = state.discovery.status()
+        if state.admission is not None and state.breakers is not None:
+            payload["admission"] = overload_stats(
+                state.admission, state.breakers, state.engine.workers, state.clock()
+            )
         return json_response(payload)
 
     return debug_stats
+
+
+def overload_stats(
+    admission: Admission[Any], breakers: Breakers, workers: list[str], now: float
+) -> dict[str, Any]:
+    """Admission control and circuit breakers, for `/debug/stats` (and so the dashboard)."""
+    return {
+        "in_flight": admission.in_flight,
+        "cap": admission.cap,
+        "waiting": admission.waiting,
+        "queue_size": admission.config.queue_size,
+        "refused_full": admission.refused_full,
+        "refused_overloaded": admission.refused_overloaded,
+        "timed_out": admission.timed_out,
+        "breakers": {w: breakers.state(w, now).value for w in workers},
+    }

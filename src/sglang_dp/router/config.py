@@ -4,7 +4,8 @@ Names shared with sgl-router (`--worker-urls`, `--policy`, `--cache-threshold`,
 `--balance-abs-threshold`, `--balance-rel-threshold`, `--max-tree-size`, `--api-key`,
 `--max-payload-size`, `--request-timeout-secs`, `--health-check-interval-secs`, and service
 discovery's `--service-discovery`, `--selector`, `--service-discovery-port`,
-`--service-discovery-namespace`) mean the same.
+`--service-discovery-namespace`) mean the same; so do SMG's admission and circuit-breaker flags
+(`admission.AdmissionConfig`, `breaker.BreakerConfig`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from urllib.parse import urlsplit
 
 from sglang_dp.discovery.config import DiscoveryConfig
 from sglang_dp.options import nested, option
+from sglang_dp.router.admission import AdmissionConfig
+from sglang_dp.router.breaker import BreakerConfig
 from sglang_dp.router.engine import EngineConfig
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -28,6 +31,8 @@ class RouterConfig:
     port: int = option(30000, "Port to listen on.")
     engine: EngineConfig = nested(EngineConfig)
     discovery: DiscoveryConfig = nested(DiscoveryConfig)
+    admission: AdmissionConfig = nested(AdmissionConfig)
+    breaker: BreakerConfig = nested(BreakerConfig)
     routing_key: str = option(
         "chars",
         "Route on characters or on token ids (needs --tokenizer-path).",

@@ -14,6 +14,9 @@ global state. Everything runs on the router's event loop, so nothing needs a loc
                prompt_tokens, corrections}{worker}, sglang_dp_decisions_total{reason},
     sglang_dp_tree_total_size                       from the engine's snapshot
     sglang_dp_tree_memory_bytes                     from the engine's snapshot
+    sglang_dp_{admitted_in_flight, queue_length}, sglang_dp_queued_total,
+    sglang_dp_shed_total{reason}, sglang_dp_circuit_breaker_state{worker, state},
+    sglang_dp_circuit_breaker_opens_total{worker}   admission control (`watch_admission`)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -31,7 +35,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from sglang_dp.router.admission import Admission
+from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.engine import RoutingEngine
+
+Clock = Callable[[], float]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 ROUTING_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
@@ -160,6 +168,55 @@ class _EngineCollector(Collector):
         )
 
 
+class _AdmissionCollector(Collector):
+    def __init__(
+        self, admission: Admission[Any], breakers: Breakers, engine: RoutingEngine, clock: Clock
+    ) -> None:
+        self._admission = admission
+        self._breakers = breakers
+        self._engine = engine
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        gate = self._admission
+        yield GaugeMetricFamily(
+            "sglang_dp_admitted_in_flight",
+            "Requests holding an admission slot (--max-concurrent-requests).",
+            value=gate.in_flight,
+        )
+        yield GaugeMetricFamily(
+            "sglang_dp_queue_length",
+            "Requests waiting for a slot (--queue-size).",
+            value=gate.waiting,
+        )
+        yield CounterMetricFamily(
+            "sglang_dp_queued", "Requests that had to wait for a slot.", value=gate.queued
+        )
+        shed = CounterMetricFamily(
+            "sglang_dp_shed",
+            "Requests refused: queue_full and overloaded (429), queue_timeout (408).",
+            labels=["reason"],
+        )
+        shed.add_metric(["queue_full"], gate.refused_full)
+        shed.add_metric(["overloaded"], gate.refused_overloaded)
+        shed.add_metric(["queue_timeout"], gate.timed_out)
+        yield shed
+        now = self._clock()
+        state = GaugeMetricFamily(
+            "sglang_dp_circuit_breaker_state",
+            "1 for the worker's circuit breaker state (closed, open, half_open).",
+            labels=["worker", "state"],
+        )
+        opens = CounterMetricFamily(
+            "sglang_dp_circuit_breaker_opens", "Times the breaker opened.", labels=["worker"]
+        )
+        for worker in self._engine.workers:
+            state.add_metric([worker, self._breakers.state(worker, now).value], 1)
+            opens.add_metric([worker], self._breakers.opens(worker))
+        yield state
+        yield opens
+
+
 class RouterMetrics:
     """The router's registry and the plain counts the request path updates."""
 
@@ -170,6 +227,11 @@ class RouterMetrics:
         self.upstream_latency = Buckets(LATENCY_BUCKETS)
         self.registry.register(_RequestCollector(self))
         self.registry.register(_EngineCollector(engine, clock))
+        self._engine = engine
+
+    def watch_admission(self, admission: Admission[Any], breakers: Breakers, clock: Clock) -> None:
+        """Also export the queue, the shed counts and the circuit breakers."""
+        self.registry.register(_AdmissionCollector(admission, breakers, self._engine, clock))
 
     def count(self, worker: str, status: int) -> None:
         """One answer to a client: from `worker` ('' when none was reached), with `status`."""

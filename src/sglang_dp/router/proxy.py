@@ -27,6 +27,14 @@ stream, a new connection, a retry after its backoff) runs as one task (`_forward
 answers with `_answer` and settle failures with `_settle`; on two shared cores a task, its
 coroutines and their futures were a fifth of the router's CPU per request.
 
+Admission control (`admission.Admission`, when configured): a request enters in `handle`
+after validation and holds its slot until it ends (`_Job.end`, once, whichever way it ends:
+answered, refused, failed, or its client gone); a slot freed goes to the oldest waiting request.
+Refusals are 429 (queue full, or every healthy worker saturated: refused at once) and 408 (the
+queue's timeout), both with `Retry-After`. Circuit breakers (`breaker.Breakers`): workers whose
+breaker is open are passed to `engine.route` as excluded; failed attempts the worker is blamed
+for and answered requests are reported to them.
+
 In-flight accounting cannot leak: the attempt's dispatch is held by its `_Job` and released
 once (`_Job.release`), at the end of every attempt and by the task's done callback — which also
 runs for a task cancelled before its first step (a client gone in the same loop turn). A client
@@ -49,8 +57,10 @@ from typing import Any
 import orjson
 
 from sglang_dp.httpserver import JSON, HttpRequest, Responder, error_body
+from sglang_dp.router.admission import Admission, LoadReports, Verdict
 from sglang_dp.router.answers import StreamTap, outcome
 from sglang_dp.router.auth import bearer_matches
+from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
@@ -72,6 +82,9 @@ from sglang_dp.router.upstream import (
 log = logging.getLogger("sglang_dp.router")
 
 BACKOFF_S = 0.01
+RETRY_AFTER = b"retry-after: 1\r\n"  # on 429 and 408: seconds before trying again
+# the queue's timer fires this late: asyncio may run a timer a clock resolution early
+EXPIRE_SLACK_S = 0.005
 WORKER_HEADER = b"x-sglang-dp-worker"
 # Not relayed from the worker: hop-by-hop and framing headers (this connection's own), and
 # the ones the router writes itself.
@@ -150,12 +163,21 @@ class _Job:
         self.exchange: Exchange | None = None  # the task-less attempt's exchange
         self.sent = 0.0
         self.boundary = True  # the bytes relayed so far end at an SSE event boundary
+        self.admitted = False  # holds an admission slot, until `end`
 
     def release(self, *_: object) -> None:
         """End the attempt's in-flight accounting (once; also a task's done callback)."""
         dispatch, self.dispatch = self.dispatch, None
         if dispatch is not None:
             self.proxy._engine.release(dispatch)
+
+    def end(self, *_: object) -> None:
+        """The request is over, whichever way: its attempt and its admission slot are freed
+        (once; also a task's done callback)."""
+        self.release()
+        if self.admitted:
+            self.admitted = False
+            self.proxy._left()
 
     def response_received(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
@@ -175,7 +197,7 @@ class _Job:
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.cancel()
-        self.release()
+        self.end()
 
 
 class Proxy:
@@ -190,6 +212,9 @@ class Proxy:
         metrics: RouterMetrics,
         clock: Callable[[], float],
         encode: Encoder | None = None,
+        admission: Admission[_Job] | None = None,
+        breakers: Breakers | None = None,
+        loads: LoadReports | None = None,
     ) -> None:
         self._config = config
         self._engine = engine
@@ -206,6 +231,9 @@ class Proxy:
         self._ids = 0
         self._worker_lines: dict[str, bytes] = {}  # worker URL -> its response header line
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._admission = admission
+        self._breakers = breakers
+        self._loads = loads
 
     def handle(self, request: HttpRequest, responder: Responder) -> None:
         """Entry point from the HTTP server (synchronous; see the module docstring)."""
@@ -228,6 +256,12 @@ class Proxy:
             return
         headers = [*self._base_headers, (b"x-request-id", rid)]
         job = _Job(self, routed, routed.forward, headers, rid_header, responder)
+        if self._admission is None or self._admit(job, self._admission):
+            self._start(job)
+
+    def _start(self, job: _Job) -> None:
+        """Route an admitted request and forward it (at once if it can, else in a task)."""
+        routed, headers, responder = job.routed, job.headers, job.responder
         dispatch = self._route(job)
         if dispatch is None:
             return
@@ -245,7 +279,7 @@ class Proxy:
                     timeout=self._config.request_timeout_secs,
                 )
             except BaseException:  # (a header the worker cannot be sent): no leak
-                job.release()
+                job.end()
                 raise
             if exchange is not None:
                 job.exchange = exchange
@@ -261,17 +295,24 @@ class Proxy:
         if loop is None or not loop.is_running():  # asked once: it costs a system call (getpid)
             loop = self._loop = asyncio.get_running_loop()
         task = loop.create_task(self._forward(job, dispatch))
-        task.add_done_callback(job.release)
+        task.add_done_callback(job.end)
         job.responder.on_disconnect = task.cancel
 
     def _route(self, job: _Job) -> Dispatch | None:
         """A worker for the next attempt, or None when none is left (the client is answered)."""
         started = time.perf_counter()
+        now = self._clock()
+        exclude: list[str] = job.tried
+        blocked = self._breakers.blocked(now) if self._breakers is not None else None
+        if blocked:
+            exclude = [*job.tried, *blocked]
         try:
-            routed = job.routed
-            dispatch = self._engine.route(routed.key, self._clock(), job.tried, routed.stream)
+            dispatch = self._engine.route(job.routed.key, now, exclude, job.routed.stream)
         except NoWorkerAvailable as none:
-            self._give_up(job, str(none))
+            why = str(none)
+            if blocked:
+                why += f" (circuit breaker open: {', '.join(sorted(blocked))})"
+            self._give_up(job, why)
             return None
         self._metrics.routing_latency.observe(time.perf_counter() - started)
         job.tried.append(dispatch.worker)
@@ -293,6 +334,56 @@ class Proxy:
                 job.release()
             dispatch = None
 
+    # -- admission control (see the module docstring) -----------------------------------------
+
+    def _admit(self, job: _Job, admission: Admission[_Job]) -> bool:
+        """True: go on now. Otherwise the request waits in the queue or was refused."""
+        verdict = admission.enter(job, self._clock(), self._saturated)
+        if verdict is Verdict.ADMIT:
+            job.admitted = True
+            return True
+        if verdict is Verdict.QUEUED:
+            job.responder.on_disconnect = lambda: admission.cancel(job)
+            loop = asyncio.get_running_loop()
+            wait = admission.config.queue_timeout_secs + EXPIRE_SLACK_S
+            loop.call_later(wait, self._expire, admission)
+            return False
+        if verdict is Verdict.OVERLOADED:
+            message = "every healthy worker is saturated; try again later"
+        else:
+            cap, size = admission.cap, admission.config.queue_size
+            message = f"the router is full ({cap} requests in flight, {size} waiting)"
+        self._reject(job.responder, job.rid_header + RETRY_AFTER, 429, message, "TooManyRequests")
+        return False
+
+    def _saturated(self) -> bool:
+        """Every healthy worker has its share of the cap in flight, or says requests wait in
+        its own queue (asked only at the cap)."""
+        assert self._admission is not None
+        now = self._clock()
+        healthy = [w for w in self._engine.snapshot(now).workers if w.healthy]
+        share = self._admission.cap / max(len(healthy), 1)
+        loads = self._loads
+        return all(
+            w.in_flight >= share or (loads is not None and loads.queueing(w.url, now))
+            for w in healthy
+        )
+
+    def _left(self) -> None:
+        """An admitted request ended: its slot goes to the oldest waiting one, if any."""
+        assert self._admission is not None
+        waiting = self._admission.leave(self._clock())
+        if waiting is not None:
+            waiting.admitted = True
+            waiting.responder.on_disconnect = None
+            asyncio.get_running_loop().call_soon(self._start, waiting)
+
+    def _expire(self, admission: Admission[_Job]) -> None:
+        for job in admission.expire(self._clock()):
+            job.responder.on_disconnect = None
+            message = f"waited {admission.config.queue_timeout_secs:g} s for a slot"
+            self._reject(job.responder, job.rid_header + RETRY_AFTER, 408, message, "Timeout")
+
     def _reject(
         self, responder: Responder, rid_header: bytes, code: int, message: str, kind: str
     ) -> None:
@@ -301,6 +392,7 @@ class Proxy:
 
     def _give_up(self, job: _Job, why: str) -> None:
         """No worker left to try: the last worker's own error answer, else the router's."""
+        job.end()
         last = job.last_answer
         if last is not None:
             code, payload, content_type = last
@@ -330,10 +422,15 @@ class Proxy:
         if verdict.action is not Action.BREAK:  # the worker produced nothing: no cache there
             self._engine.retract(dispatch)
         if verdict.blame:
+            if self._breakers is not None:
+                self._breakers.failure(worker, self._clock())
             self._engine.fail(dispatch, reason)
             if fault in (Fault.CONNECT, Fault.CLOSED, Fault.PROTOCOL):
                 self._monitor.report_failure(worker, message, refused=fault is Fault.CONNECT)
-        job.release()
+        if verdict.action is Action.RETRY:
+            job.release()
+        else:
+            job.end()
         if fault is Fault.LOCAL:
             log.error("the router is out of a local resource (%s): answering 503", message)
         action = verdict.action
@@ -474,7 +571,9 @@ class Proxy:
 
     def _finished(self, job: _Job, worker: str, status: int) -> None:
         """The worker's answer reached the client: end the attempt and count it."""
-        job.release()
+        job.end()
+        if self._breakers is not None and status < 500:
+            self._breakers.success(worker, self._clock())
         self._metrics.count(worker, status)
         self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
 

@@ -29,7 +29,9 @@ from sglang_dp.httpserver import (
     error_body,
     serve,
 )
+from sglang_dp.router.admission import Admission, LoadReports
 from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
+from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
@@ -80,6 +82,10 @@ class RouterServer:
             on_event=self.record_event,
         )
         self.metrics = RouterMetrics(self.engine, clock)
+        self.admission: Admission[Any] = Admission(config.admission)
+        self.breakers = Breakers(config.breaker)
+        self.loads = LoadReports(max_age_s=3 * config.admission.load_report_interval_secs)
+        self.metrics.watch_admission(self.admission, self.breakers, clock)
         self.pool = UpstreamPool()
         encode = load_encoder(config.tokenizer_path) if config.tokenizer_path else None
         self._session: aiohttp.ClientSession | None = None
@@ -87,11 +93,21 @@ class RouterServer:
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
         )
         self.state.events = self.events
+        self.state.admission, self.state.breakers = self.admission, self.breakers
         self.state.drop_connections = self.pool.drop_host
         self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
         self.proxy = Proxy(
-            config, self.engine, self.pool, self.monitor, self.metrics, clock, encode
+            config,
+            self.engine,
+            self.pool,
+            self.monitor,
+            self.metrics,
+            clock,
+            encode,
+            self.admission,
+            self.breakers,
+            self.loads,
         )
         self._server: HttpServer | None = None
         self._bridged: set[asyncio.Task[None]] = set()
@@ -102,6 +118,7 @@ class RouterServer:
 
             self.discovery = PodDiscovery(config.discovery, self.state, self.record_event)
             self.state.discovery = self.discovery
+        self._load_reports: asyncio.Task[None] | None = None
         self.port = config.port
 
     @property
@@ -137,6 +154,8 @@ class RouterServer:
         self._imbalance = asyncio.get_running_loop().create_task(
             watch_imbalance(self.engine, self.record_event)
         )
+        if self.config.admission.load_report_interval_secs > 0:
+            self._load_reports = asyncio.get_running_loop().create_task(self._read_loads())
         files = raise_open_files_limit()
         # every client connection may need one to a worker, and the router some of its own
         connections = max(16, min(MAX_CONNECTIONS, (files - FILES_RESERVED) // 2))
@@ -157,6 +176,7 @@ class RouterServer:
         """The launcher saw the worker's process die: out of routing, its cache is gone."""
         self.monitor.report_failure(url, reason, refused=True)
         self.engine.reset_worker(url)
+        self.breakers.forget(url)  # its replacement starts with a closed breaker
 
     def remove_worker(self, url: str) -> None:
         remove_worker(self.state, url)
@@ -170,15 +190,46 @@ class RouterServer:
             await self._server.shutdown(grace)
         for task in list(self._bridged):
             task.cancel()
-        if self._imbalance is not None:
-            self._imbalance.cancel()
-            await asyncio.gather(self._imbalance, return_exceptions=True)
+        for watcher in (self._imbalance, self._load_reports):
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
         if self.discovery is not None:
             await self.discovery.stop()
         await self.monitor.stop()
         await self.pool.close()
         if self._session is not None:
             await self._session.close()
+
+    async def _read_loads(self) -> None:
+        """Every interval, each healthy worker's own load report (off the request path); a
+        worker without `/get_load` (404) is not asked again."""
+        interval = self.config.admission.load_report_interval_secs
+        headers = {"authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        unsupported: set[str] = set()
+
+        import aiohttp
+
+        async def read(url: str) -> None:
+            session = self._get_session()
+            try:
+                async with session.get(url + "/get_load", headers=headers) as reply:
+                    if reply.status == 404:
+                        unsupported.add(url)
+                    if reply.status != 200:
+                        return
+                    ranks: list[dict[str, Any]] = await reply.json(content_type=None)
+                waiting = sum(int(rank.get("num_waiting_reqs", 0)) for rank in ranks)
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, TypeError):
+                return  # no report this round: the old one ages out
+            except AttributeError:
+                return  # not SGLang's shape
+            self.loads.record(url, waiting, self.state.clock())
+
+        while True:
+            urls = [u for u in self.engine.healthy_workers() if u not in unsupported]
+            await asyncio.gather(*(read(url) for url in urls))
+            await asyncio.sleep(interval)
 
     def _handle(self, request: HttpRequest, responder: Responder) -> None:
         if request.path in INFERENCE_PATHS:

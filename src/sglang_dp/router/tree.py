@@ -34,7 +34,8 @@ its last child is gone.
   O(n log n) in the nodes it holds. `evict_step` does the same work in bounded steps that
   resume where the last one stopped: first the walk (the tenant's leaves pushed on a heap as
   they are found), then the eviction; a step looks at about `max_work` nodes at most (children
-  scanned included; one node's children are scanned whole). The tree may change between steps:
+  scanned included; one node's children are scanned whole; a node dropped counts `DROP_WORK`:
+  dropping one updates a dozen maps). The tree may change between steps:
   a leaf touched since it was pushed goes back with its new time, a node dropped meanwhile is
   skipped, and nodes created meanwhile are new, so not what LRU evicts first. The engine
   takes one step per request of the worker.
@@ -43,30 +44,59 @@ per-worker budget did not), in key elements (`total_size`) and in bytes (`memory
 of what the tree's objects cost, `NODE_BYTES` a node, `TENANT_BYTES` a tenant entry, and the
 labels; measured in benchmarks/bench_core.py).
 
+Layout: no object per node. A node is an integer id and its fields live in flat dicts keyed by
+it (label, parent, touch time, tenant bit set; a child is found by `parent << 33 | first
+element`, siblings and the leaf list are links between ids; a tenant's touch time is keyed by
+`node << 16 | tenant index`). Every key and value is an int, a float, a str or bytes (token
+labels are stored as their bytes), so none of these dicts is tracked by CPython's cyclic garbage
+collector: a full collection costs the same with an empty tree and with millions of nodes, and
+there are no reference cycles, so a dropped tree is freed by reference counting alone (before,
+each node was an object in the collector's lists and a full collection walked all of them, up to
+224 ms at the budget). Freed ids are reused (kept in an `array`).
+
 Time is a parameter (`now`), never read from a clock; there are no locks: one event loop owns it.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Final, Generic, TypeVar, Union
 
 # Union: `array` is not subscriptable at run time in Python 3.11, so the alias quotes it
 Key = Union[str, "array[int]"]
 KeyLike = Union[str, Sequence[int], "array[int]"]
+Data = str | bytes  # a key or label as stored: characters, or token ids' bytes
 
 # Bytes the estimate charges (CPython 3.11, 64-bit; fitted in benchmarks/bench_core.py):
-NODE_BYTES = 420  # the node object and its two dicts (children, tenants), the map entry to it
-TENANT_BYTES = 60  # one tenant entry of a node: its slot in the dict and its time (a float)
-STR_BYTES = 49  # a str label's header (ASCII: 1 byte a character, else up to 4)
-ARRAY_BYTES = 64  # an array('I') label's header (4 bytes a token)
-PLACE_WALK = 64  # links walked to place a node in the leaf list by its time
+NODE_BYTES: Final = (
+    700  # a node's entries in the tree's maps (keys, slots), its id and its touch time
+)
+TENANT_BYTES: Final = 150  # one tenant's hold on a node: its keyed touch time (key, slot, float)
+STR_BYTES: Final = 49  # a str label's header (ASCII: 1 byte a character, else up to 4)
+ARRAY_BYTES: Final = 64  # a token label's header (4 bytes a token)
+PLACE_WALK: Final = 64  # links walked to place a node in the leaf list by its time
+DROP_WORK: Final = 4  # what dropping a node costs `evict_step`, in nodes looked at
+
+ROOT: Final = 0  # the root's id
+LEAVES: Final = (
+    1  # the leaf list's sentinel: its `newer` is the oldest leaf, its `older` the newest
+)
+CHILD_SHIFT: Final = (
+    33  # child key: parent << 33 | first element (tokens < 2**32, flagged by bit 32)
+)
+TOKEN_FLAG: Final = 1 << 32  # set in a token's element so that a token never matches a character
+TENANT_SHIFT: Final = 16  # tenant-time key: node << 16 | tenant index
+MAX_TENANTS: Final = 1 << TENANT_SHIFT
+HOLDERS_MEMO: Final = 4096  # bit sets whose tenant names are remembered (cleared when full)
+SHARDS: Final = 256  # dicts per map (a power of two)
+SHARD: Final = SHARDS - 1  # the id bits that choose a shard
+
+V = TypeVar("V")
 
 
 def normalize_key(key: KeyLike) -> Key:
@@ -79,21 +109,28 @@ def normalize_key(key: KeyLike) -> Key:
     return array("I", key)
 
 
-class _Node:
-    __slots__ = ("children", "label", "newer", "older", "parent", "tenants", "touched")
+def _data(key: Key) -> Data:
+    return key if isinstance(key, str) else key.tobytes()
 
-    def __init__(
-        self, label: Key, parent: _Node | None, tenants: dict[str, float], touched: float
-    ) -> None:
-        self.label = label
-        self.parent = parent
-        self.tenants = tenants
-        self.touched = touched  # the latest touch by any tenant
-        self.children: dict[str | int, _Node] = {}
-        # neighbours in the leaf list (leaves only; None otherwise: a self-link would be a
-        # reference cycle, left for the garbage collector when the node is freed)
-        self.older: _Node | None = None
-        self.newer: _Node | None = None
+
+def _key(data: Data) -> Key:
+    if isinstance(data, str):
+        return data
+    tokens = array("I")
+    tokens.frombytes(data)
+    return tokens
+
+
+def _width(data: Data) -> int:
+    """Storage units per key element: 1 for characters, 4 for token ids."""
+    return 1 if isinstance(data, str) else 4
+
+
+def _element(data: Data, pos: int) -> int:
+    """The key element at storage position `pos`, as a child key's low bits."""
+    if isinstance(data, str):
+        return ord(data[pos])
+    return int.from_bytes(data[pos : pos + 4], "little") | TOKEN_FLAG
 
 
 def label_bytes(label: Key) -> int:
@@ -103,7 +140,14 @@ def label_bytes(label: Key) -> int:
     return ARRAY_BYTES + 4 * len(label)
 
 
-def common_length(key: Key, pos: int, label: Key) -> int:
+def _data_bytes(data: Data) -> int:
+    """`label_bytes` of a stored label."""
+    if isinstance(data, str):
+        return STR_BYTES + (len(data) if data.isascii() else 4 * len(data))
+    return ARRAY_BYTES + len(data)
+
+
+def common_length(key: Data | Key, pos: int, label: Data | Key) -> int:
     """Length of the common prefix of `key[pos:]` and `label`, in O(that length) element copies.
 
     The full comparison comes first (the common case: a whole shared system prompt); on a
@@ -126,14 +170,57 @@ def common_length(key: Key, pos: int, label: Key) -> int:
     return known
 
 
-def _common_at(key: Key, pos: int, label: Key) -> int:
-    """`common_length` with the whole-label match answered without copying (the hot path)."""
-    if isinstance(key, str):
-        if key.startswith(label, pos):  # type: ignore[arg-type]
-            return len(label)
-    elif key[pos : pos + len(label)] == label:
+def _common_at(data: Data, pos: int, label: Data) -> int:
+    """`common_length` in whole elements (storage units), the whole-label match answered
+    without copying (the hot path)."""
+    if data.startswith(label, pos):  # type: ignore[arg-type]
         return len(label)
-    return common_length(key, pos, label)
+    common = common_length(data, pos, label)
+    return common if isinstance(data, str) else common - common % 4
+
+
+def _bits(mask: int) -> list[int]:
+    """The indices of the bits set in `mask`, lowest first."""
+    found = []
+    while mask:
+        low = mask & -mask
+        found.append(low.bit_length() - 1)
+        mask ^= low
+    return found
+
+
+class _Map(Generic[V]):
+    """A map from ints in `SHARDS` dicts, chosen by bits of the key (`(key >> shift) % SHARDS`:
+    the node id's low bits). Why: a dict of millions of entries copies all of them when it grows
+    or compacts its deleted slots (tens of ms, every few hundred thousand inserts, even at the
+    budget); a shard copies 1/256 of that."""
+
+    __slots__ = ("_shards", "_shift")
+
+    def __init__(self, shift: int = 0) -> None:
+        self._shards: list[dict[int, V]] = [{} for _ in range(SHARDS)]
+        self._shift = shift
+
+    def __getitem__(self, key: int) -> V:
+        return self._shards[(key >> self._shift) & SHARD][key]
+
+    def __setitem__(self, key: int, value: V) -> None:
+        self._shards[(key >> self._shift) & SHARD][key] = value
+
+    def __delitem__(self, key: int) -> None:
+        del self._shards[(key >> self._shift) & SHARD][key]
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._shards[(key >> self._shift) & SHARD]
+
+    def get(self, key: int) -> V | None:
+        return self._shards[(key >> self._shift) & SHARD].get(key)
+
+    def pop(self, key: int) -> V | None:
+        return self._shards[(key >> self._shift) & SHARD].pop(key, None)
+
+    def take(self, key: int) -> V:
+        return self._shards[(key >> self._shift) & SHARD].pop(key)
 
 
 class _Eviction:
@@ -141,22 +228,29 @@ class _Eviction:
 
     __slots__ = ("draining", "heap", "stack")
 
-    def __init__(self, stack: list[_Node]) -> None:
+    def __init__(self, stack: list[int]) -> None:
         self.stack = stack  # nodes still to walk
-        self.heap: list[tuple[float, int, _Node]] = []  # its leaves found, oldest first
+        self.heap: list[tuple[float, int]] = []  # its leaves found (time, node), oldest first
         self.draining = False  # done: the heap is being freed, a slice per step
 
 
 class Path:
-    """One walk of a key: the nodes it entered, the key position reached in each, and per
-    tenant the longest prefix of the key it holds (its deepest node on the path)."""
+    """One walk of a key: the nodes it entered, the storage position reached in each, and per
+    tenant the longest prefix of the key it holds (its deepest node on the path), in elements."""
 
-    __slots__ = ("ends", "key", "matched", "nodes", "version")
+    __slots__ = ("data", "ends", "key", "matched", "nodes", "version")
 
     def __init__(
-        self, key: Key, nodes: list[_Node], ends: list[int], matched: dict[str, int], version: int
+        self,
+        key: Key,
+        data: Data,
+        nodes: list[int],
+        ends: list[int],
+        matched: dict[str, int],
+        version: int,
     ) -> None:
         self.key = key
+        self.data = data
         self.nodes = nodes
         self.ends = ends
         self.matched = matched
@@ -179,16 +273,35 @@ class RadixTree:
     """The shared approximate tree; see the module docstring."""
 
     def __init__(self) -> None:
-        self._root = _Node("", None, {}, -math.inf)
-        self._leaves = _Node("", None, {}, -math.inf)  # the leaf list's sentinel: oldest next
-        self._leaves.older = self._leaves.newer = self._leaves
+        self._label: _Map[Data] = _Map()
+        self._parent: _Map[int] = _Map()
+        # parent << CHILD_SHIFT | first element -> child
+        self._child: _Map[int] = _Map(CHILD_SHIFT)
+        self._first: _Map[int] = _Map()  # a node's first child (none: a leaf)
+        self._next: _Map[int] = _Map()  # siblings, both ways
+        self._prev: _Map[int] = _Map()
+        self._touched: _Map[float] = _Map()
+        self._mask: _Map[int] = _Map()  # bit i: tenant index i holds the node
+        # node << TENANT_SHIFT | index -> its last touch
+        self._times: _Map[float] = _Map(TENANT_SHIFT)
+        self._older: _Map[int] = _Map()  # the leaf list (leaves only)
+        self._newer: _Map[int] = _Map()
+        self._label[ROOT] = ""
+        self._touched[ROOT] = self._touched[LEAVES] = -math.inf
+        self._mask[ROOT] = 0
+        self._older[LEAVES] = self._newer[LEAVES] = LEAVES
+        self._free = array("q")  # freed ids, reused before new ones
+        self._next_id = 2
+        self._index: dict[str, int] = {}  # tenant -> its bit
+        self._names: dict[int, str] = {}
+        self._free_indices: list[int] = []
+        self._holders: dict[int, list[str]] = {}  # memo: bit set -> tenant names
         self._sizes: dict[str, int] = {}
         self._total = 0
         self._nodes = 0
         self._memory = 0
         self.evicted_leaves = 0  # leaves `evict_global` has dropped (for statistics)
         self._evictions: dict[str, _Eviction] = {}  # per tenant: `evict_step` in progress
-        self._seq = itertools.count()  # heap tie-breaker: nodes are not comparable
         self._version = 0  # changes whenever nodes are created or freed (invalidates paths)
 
     # -- reading ---------------------------------------------------------------------------
@@ -196,24 +309,28 @@ class RadixTree:
     def walk(self, key: KeyLike) -> Path:
         """Follow `key` down the tree once; the path answers `matches()` and feeds `insert_at`."""
         key = normalize_key(key)
-        nodes: list[_Node] = []
+        data = _data(key)
+        width = _width(data)
+        nodes: list[int] = []
         ends: list[int] = []
         matched: dict[str, int] = {}
-        node, pos, end = self._root, 0, len(key)
+        children, labels, masks = self._child, self._label, self._mask
+        node, pos, end = ROOT, 0, len(data)
         while pos < end:
-            child = node.children.get(key[pos])
+            child = children.get(node << CHILD_SHIFT | _element(data, pos))
             if child is None:
                 break
-            common = _common_at(key, pos, child.label)
+            label = labels[child]
+            common = _common_at(data, pos, label)
             pos += common
             nodes.append(child)
             ends.append(pos)
             # Deeper nodes overwrite: a tenant's deepest held node on the path is its match.
-            matched.update(dict.fromkeys(child.tenants, pos))
-            if common < len(child.label):
+            matched.update(dict.fromkeys(self._holder_names(masks[child]), pos // width))
+            if common < len(label):
                 break
             node = child
-        return Path(key, nodes, ends, matched, self._version)
+        return Path(key, data, nodes, ends, matched, self._version)
 
     def match(self, key: KeyLike) -> dict[str, int]:
         """For every tenant holding a prefix of `key`, the length of its longest one."""
@@ -240,10 +357,10 @@ class RadixTree:
     def lru_leaves(self) -> list[tuple[Key, float]]:
         """Every leaf's label and last touch, oldest first: the global eviction order."""
         found = []
-        node = self._leaves.newer
-        while node is not None and node is not self._leaves:
-            found.append((node.label, node.touched))
-            node = node.newer
+        node = self._newer[LEAVES]
+        while node != LEAVES:
+            found.append((_key(self._label[node]), self._touched[node]))
+            node = self._newer[node]
         return found
 
     def tenants(self) -> list[str]:
@@ -251,16 +368,19 @@ class RadixTree:
 
     def held_keys(self, tenant: str) -> list[tuple[Key, float]]:
         """The whole keys ending at `tenant`'s leaves, with their touch times (for inspection)."""
+        index = self._index.get(tenant)
+        if index is None:
+            return []
         found: list[tuple[Key, float]] = []
-        stack: list[tuple[_Node, Key]] = [
-            (c, c.label) for c in self._root.children.values() if tenant in c.tenants
+        stack: list[tuple[int, Data]] = [
+            (c, self._label[c]) for c in self._held_children(ROOT, index)
         ]
         while stack:
-            node, key = stack.pop()
-            held = [c for c in node.children.values() if tenant in c.tenants]
+            node, data = stack.pop()
+            held = self._held_children(node, index)
             if not held:
-                found.append((key, node.tenants[tenant]))
-            stack.extend((c, _concat(key, c.label)) for c in held)
+                found.append((_key(data), self._times[node << TENANT_SHIFT | index]))
+            stack.extend((c, _concat(data, self._label[c])) for c in held)
         return found
 
     # -- writing ---------------------------------------------------------------------------
@@ -277,27 +397,34 @@ class RadixTree:
         """`insert` along a path walked before, without walking again if the tree is unchanged."""
         if path.version != self._version:
             path = self.walk(path.key)
+        index = self._tenant_index(tenant)
+        bit = 1 << index
+        width = _width(path.data)
+        times, masks, touched_at = self._times, self._mask, self._touched
         prior: float | None = None
-        node, pos = self._root, 0
+        node, pos = ROOT, 0
         for entered, end in zip(path.nodes, path.ends):
-            child = entered if end - pos == len(entered.label) else self._split(entered, end - pos)
-            touched = child.tenants.get(tenant)
+            whole = end - pos == len(self._label[entered])
+            child = entered if whole else self._split(entered, end - pos)
+            slot = child << TENANT_SHIFT | index
+            touched = times.get(slot)
             if touched is None:
-                self._sizes[tenant] = self._sizes.get(tenant, 0) + len(child.label)
-                child.tenants[tenant] = now
+                self._sizes[tenant] += len(self._label[child]) // width
+                times[slot] = now
+                masks[child] |= bit
                 self._memory += TENANT_BYTES
             else:
                 prior = touched
                 if now > touched:  # keeps ancestors no older than descendants
-                    child.tenants[tenant] = now
-            if now > child.touched:
-                child.touched = now
-                if not child.children:
+                    times[slot] = now
+            if now > touched_at[child]:
+                touched_at[child] = now
+                if child not in self._first:
                     self._unlink(child)
                     self._place(child)
             node, pos = child, end
-        if pos < len(path.key):
-            self._attach(node, path.key[pos:], tenant, now)
+        if pos < len(path.data):
+            self._attach(node, path.data[pos:], tenant, index, now)
         return prior
 
     def retract(self, key: KeyLike, tenant: str, keep: int) -> int:
@@ -305,24 +432,33 @@ class RadixTree:
         holding the nodes on `key`'s path that begin at or after position `keep` (what it held
         before), deepest first, as long as it holds none of their children (another of its keys
         goes on through them). Touch times are not restored. Returns the elements dropped."""
+        index = self._index.get(tenant)
+        if index is None:
+            return 0
         path = self.walk(key)
+        keep *= _width(path.data)
         before = self._sizes.get(tenant, 0)
         starts = [0, *path.ends[:-1]]
         for node, start, end in reversed(list(zip(path.nodes, starts, path.ends))):
-            whole = end - start == len(node.label)  # the key runs through the whole label
-            if start < keep or not whole or tenant not in node.tenants:
+            whole = end - start == len(self._label[node])  # the key runs through the whole label
+            if start < keep or not whole or not self._mask[node] >> index & 1:
                 break
-            if self._holds_a_child(node, tenant):
+            if self._holds_a_child(node, index):
                 break
-            self._drop(node, tenant)
+            self._drop(node, index)
         return before - self._sizes.get(tenant, 0)
 
     def remove_tenant(self, tenant: str) -> int:
         """Forget everything `tenant` holds; returns the key elements it held."""
         self._evictions.pop(tenant, None)
         held = self._sizes.get(tenant, 0)
-        for node in reversed(list(self._held_nodes(tenant))):  # children before parents
-            self._drop(node, tenant)
+        index = self._index.get(tenant)
+        if index is not None:
+            for node in reversed(list(self._held_nodes(index))):  # children before parents
+                self._drop(node, index)
+            del self._index[tenant], self._names[index]
+            self._free_indices.append(index)
+            self._holders.clear()
         self._sizes.pop(tenant, None)
         return held
 
@@ -340,43 +476,59 @@ class RadixTree:
             if job is not None:
                 self._finish(tenant, job)
             return 0
+        index = self._index[tenant]
         if job is None:
-            job = _Eviction([c for c in self._root.children.values() if tenant in c.tenants])
+            job = _Eviction(self._held_children(ROOT, index))
             self._evictions[tenant] = job
-        work = 0
-        stack, heap = job.stack, job.heap
-        while stack and work < max_work:  # the walk: find the tenant's leaves
-            node = stack.pop()
-            work += 1 + len(node.children)  # the children are looked at
-            touched = node.tenants.get(tenant)
-            if touched is None:
-                continue  # dropped since it was stacked
-            held = [c for c in node.children.values() if tenant in c.tenants]
-            if held:
-                stack.extend(held)
-            else:
-                heapq.heappush(heap, (touched, next(self._seq), node))
-        if stack:
+        work = self._find_leaves(job, index, max_work)
+        if job.stack:
             return 0
+        times, heap = self._times, job.heap
         while heap and self._sizes[tenant] > max_size and work < max_work:
-            touched, _, node = heapq.heappop(heap)
-            work += 1 + len(node.children)
-            now = node.tenants.get(tenant)
-            if now is None or self._holds_a_child(node, tenant):
-                continue  # dropped, or no longer one of its leaves
+            touched, node = heapq.heappop(heap)
+            work += 1
+            now = times.get(node << TENANT_SHIFT | index)
+            if now is None:
+                continue  # dropped
+            holds, looked = self._first_held(node, index)
+            work += looked
+            if holds:
+                continue  # no longer one of its leaves
             if now != touched:  # touched again since: back in line at its new time
-                heapq.heappush(heap, (now, next(self._seq), node))
+                heapq.heappush(heap, (now, node))
                 continue
-            parent = node.parent
-            self._drop(node, tenant)
-            if parent is None or parent is self._root or tenant not in parent.tenants:
+            parent = self._parent[node]
+            self._drop(node, index)
+            work += DROP_WORK
+            if parent == ROOT or not self._mask[parent] >> index & 1:
                 continue
-            work += len(parent.children)
-            if not self._holds_a_child(parent, tenant):
-                heapq.heappush(heap, (parent.tenants[tenant], next(self._seq), parent))
+            holds, looked = self._first_held(parent, index)
+            work += looked
+            if not holds:
+                heapq.heappush(heap, (times[parent << TENANT_SHIFT | index], parent))
         if not heap or self._sizes[tenant] <= max_size:
             self._finish(tenant, job)
         return before - self._sizes[tenant]
+
+    def _find_leaves(self, job: _Eviction, index: int, max_work: int) -> int:
+        """The walk of `evict_step`: the tenant's leaves pushed on the heap as they are found;
+        returns the work done."""
+        times = self._times
+        work = 0
+        stack, heap = job.stack, job.heap
+        while stack and work < max_work:
+            node = stack.pop()
+            touched = times.get(node << TENANT_SHIFT | index)
+            if touched is None:
+                work += 1
+                continue  # dropped since it was stacked
+            held, children = self._scan(node, index)
+            work += 1 + children  # the children are looked at
+            if held:
+                stack.extend(held)
+            else:
+                heapq.heappush(heap, (touched, node))
+        return work
 
     def _finish(self, tenant: str, job: _Eviction) -> None:
         """The eviction is over; what is left of its heap is freed over the next steps."""
@@ -406,10 +558,9 @@ class RadixTree:
         most `max_total` elements and `max_memory` bytes — or `max_leaves` leaves are gone."""
         before = self._total
         dropped = 0
-        sentinel = self._leaves
         while self._total > max_total or (max_memory is not None and self._memory > max_memory):
-            leaf = sentinel.newer
-            if leaf is None or leaf is sentinel:
+            leaf = self._newer[LEAVES]
+            if leaf == LEAVES:
                 break
             if max_leaves is not None and dropped >= max_leaves:
                 break
@@ -422,187 +573,321 @@ class RadixTree:
 
     def branches(self, depth: int, top: int, tenant: str | None = None) -> tuple[Branch, ...]:
         """The `top` largest branches per level, `depth` levels deep (optionally one tenant's)."""
+        if tenant is not None and tenant not in self._index:
+            return ()
         sizes = self._subtree_sizes(tenant)
-        return self._branches_of(self._root, 0, depth, top, tenant, sizes)
+        return self._branches_of(ROOT, 0, depth, top, sizes)
+
+    def _records(self) -> list[tuple[Key, float, dict[str, float], bool]]:
+        """Every node as (label, last touch, tenants' touches, is a leaf): for tests."""
+        return [
+            (
+                _key(self._label[node]),
+                self._touched[node],
+                self._tenant_times(node),
+                node not in self._first,
+            )
+            for node in self._all_nodes()
+        ]
 
     # -- internals -------------------------------------------------------------------------
 
-    def _attach(self, parent: _Node, label: Key, tenant: str, now: float) -> None:
-        if not parent.children and parent is not self._root:
+    def _tenant_index(self, tenant: str) -> int:
+        index = self._index.get(tenant)
+        if index is not None:
+            return index
+        if self._free_indices:
+            index = self._free_indices.pop()
+        else:
+            index = len(self._index)
+            if index >= MAX_TENANTS:
+                raise ValueError(f"the tree holds at most {MAX_TENANTS} tenants")
+        self._index[tenant] = index
+        self._names[index] = tenant
+        self._sizes.setdefault(tenant, 0)
+        self._holders.clear()
+        return index
+
+    def _holder_names(self, mask: int) -> list[str]:
+        names = self._holders.get(mask)
+        if names is None:
+            if len(self._holders) >= HOLDERS_MEMO:
+                self._holders.clear()
+            names = [self._names[i] for i in _bits(mask)]
+            self._holders[mask] = names
+        return names
+
+    def _tenant_times(self, node: int) -> dict[str, float]:
+        return {
+            self._names[i]: self._times[node << TENANT_SHIFT | i] for i in _bits(self._mask[node])
+        }
+
+    def _new_id(self) -> int:
+        if self._free:
+            return self._free.pop()
+        node = self._next_id
+        self._next_id += 1
+        return node
+
+    # The sibling walks below read the shards directly: they run once per child on eviction.
+
+    def _children(self, node: int) -> list[int]:
+        nexts = self._next._shards
+        found = []
+        child = self._first._shards[node & SHARD].get(node)
+        while child is not None:
+            found.append(child)
+            child = nexts[child & SHARD].get(child)
+        return found
+
+    def _held_children(self, node: int, index: int) -> list[int]:
+        return self._scan(node, index)[0]
+
+    def _scan(self, node: int, index: int) -> tuple[list[int], int]:
+        """The children tenant `index` holds, and how many children there are."""
+        nexts, masks = self._next._shards, self._mask._shards
+        found = []
+        count = 0
+        child = self._first._shards[node & SHARD].get(node)
+        while child is not None:
+            count += 1
+            if masks[child & SHARD][child] >> index & 1:
+                found.append(child)
+            child = nexts[child & SHARD].get(child)
+        return found, count
+
+    def _holds_a_child(self, node: int, index: int) -> bool:
+        return self._first_held(node, index)[0]
+
+    def _first_held(self, node: int, index: int) -> tuple[bool, int]:
+        """Whether tenant `index` holds a child, and how many children were looked at."""
+        nexts, masks = self._next._shards, self._mask._shards
+        looked = 0
+        child = self._first._shards[node & SHARD].get(node)
+        while child is not None:
+            looked += 1
+            if masks[child & SHARD][child] >> index & 1:
+                return True, looked
+            child = nexts[child & SHARD].get(child)
+        return False, looked
+
+    def _link_child(self, parent: int, child: int) -> None:
+        """Add `child` (its label set) to `parent`'s children, first in the sibling list."""
+        self._child[parent << CHILD_SHIFT | _element(self._label[child], 0)] = child
+        self._parent[child] = parent
+        first = self._first.get(parent)
+        if first is not None:
+            self._next[child] = first
+            self._prev[first] = child
+        self._first[parent] = child
+
+    def _unlink_child(self, parent: int, child: int) -> None:
+        del self._child[parent << CHILD_SHIFT | _element(self._label[child], 0)]
+        before = self._prev.pop(child)
+        after = self._next.pop(child)
+        if before is None:
+            if after is None:
+                del self._first[parent]
+            else:
+                self._first[parent] = after
+        elif after is None:
+            del self._next[before]
+        else:
+            self._next[before] = after
+        if after is not None:
+            if before is None:
+                del self._prev[after]
+            else:
+                self._prev[after] = before
+
+    def _attach(self, parent: int, label: Data, tenant: str, index: int, now: float) -> None:
+        if parent not in self._first and parent != ROOT:
             self._unlink(parent)  # no longer a leaf
-        child = _Node(label, parent, {tenant: now}, now)
-        parent.children[label[0]] = child
+        child = self._new_id()
+        self._label[child] = label
+        self._touched[child] = now
+        self._mask[child] = 1 << index
+        self._times[child << TENANT_SHIFT | index] = now
+        self._link_child(parent, child)
         self._place(child)
         self._version += 1
-        self._sizes[tenant] = self._sizes.get(tenant, 0) + len(label)
-        self._total += len(label)
+        size = len(label) // _width(label)
+        self._sizes[tenant] += size
+        self._total += size
         self._nodes += 1
-        self._memory += NODE_BYTES + TENANT_BYTES + label_bytes(label)
+        self._memory += NODE_BYTES + TENANT_BYTES + _data_bytes(label)
 
-    def _split(self, node: _Node, at: int) -> _Node:
-        """Cut `node`'s label at `at`; the new upper half keeps the tenants and touch times."""
-        parent = node.parent
-        assert parent is not None
-        whole = label_bytes(node.label)
-        upper = _Node(node.label[:at], parent, dict(node.tenants), node.touched)
-        node.label = node.label[at:]
-        node.parent = upper
-        upper.children[node.label[0]] = node
-        parent.children[upper.label[0]] = upper
+    def _split(self, node: int, at: int) -> int:
+        """Cut `node`'s label at storage position `at`; the new upper half keeps the tenants
+        and touch times, and takes `node`'s place among its parent's children."""
+        parent = self._parent[node]
+        label = self._label[node]
+        upper = self._new_id()
+        # the upper half answers to the same child key and sits where `node` sat
+        self._child[parent << CHILD_SHIFT | _element(label, 0)] = upper
+        before = self._prev.pop(node)
+        after = self._next.pop(node)
+        if before is None:
+            self._first[parent] = upper
+        else:
+            self._next[before] = upper
+            self._prev[upper] = before
+        if after is not None:
+            self._prev[after] = upper
+            self._next[upper] = after
+        self._parent[upper] = parent
+        self._label[upper] = label[:at]
+        self._touched[upper] = self._touched[node]
+        mask = self._mask[node]
+        self._mask[upper] = mask
+        for i in _bits(mask):
+            self._times[upper << TENANT_SHIFT | i] = self._times[node << TENANT_SHIFT | i]
+        self._label[node] = label[at:]
+        self._link_child(upper, node)
         self._nodes += 1
         self._version += 1
         self._memory += (
             NODE_BYTES
-            + TENANT_BYTES * len(upper.tenants)
-            + label_bytes(upper.label)
-            + label_bytes(node.label)
-            - whole
+            + TENANT_BYTES * len(_bits(mask))
+            + _data_bytes(label[:at])
+            + _data_bytes(label[at:])
+            - _data_bytes(label)
         )
         return upper
 
-    def _drop(self, node: _Node, tenant: str) -> None:
-        """Remove `tenant` from a node it holds and none of whose children it holds."""
-        if len(node.tenants) == 1:  # no tenant will hold it, so none holds a child: free it
+    def _drop(self, node: int, index: int) -> None:
+        """Remove tenant `index` from a node it holds and none of whose children it holds."""
+        mask = self._mask[node] & ~(1 << index)
+        if not mask:  # no tenant will hold it, so none holds a child: free it
             self._free_leaf(node)
             return
-        del node.tenants[tenant]
-        self._sizes[tenant] -= len(node.label)
+        self._mask[node] = mask
+        del self._times[node << TENANT_SHIFT | index]
+        label = self._label[node]
+        self._sizes[self._names[index]] -= len(label) // _width(label)
         self._memory -= TENANT_BYTES
-        newest = max(node.tenants.values())
-        if newest < node.touched:
-            node.touched = newest
-            if not node.children:
+        newest = max(self._times[node << TENANT_SHIFT | i] for i in _bits(mask))
+        if newest < self._touched[node]:
+            self._touched[node] = newest
+            if node not in self._first:
                 self._unlink(node)
                 self._place(node)
 
-    def _free_leaf(self, node: _Node) -> None:
+    def _free_leaf(self, node: int) -> None:
         """Remove a leaf and every tenant's hold on it."""
-        parent = node.parent
-        assert parent is not None and not node.children
-        size = len(node.label)
-        for tenant in node.tenants:
-            self._sizes[tenant] -= size
-        self._memory -= NODE_BYTES + TENANT_BYTES * len(node.tenants) + label_bytes(node.label)
-        node.tenants = {}
-        del parent.children[node.label[0]]
+        parent = self._parent[node]
+        assert node not in self._first
+        label = self._label[node]
+        size = len(label) // _width(label)
+        held = _bits(self._mask.take(node))
+        for i in held:
+            self._sizes[self._names[i]] -= size
+            del self._times[node << TENANT_SHIFT | i]
+        self._memory -= NODE_BYTES + TENANT_BYTES * len(held) + _data_bytes(label)
+        self._unlink_child(parent, node)
         self._unlink(node)
+        del self._label[node], self._parent[node], self._touched[node]
+        self._free.append(node)
         self._total -= size
         self._nodes -= 1
         self._version += 1
-        if not parent.children and parent is not self._root:
+        if parent not in self._first and parent != ROOT:
             self._place(parent)  # a leaf now
 
     # -- the leaf list (see the module docstring) -----------------------------------------
 
-    def _unlink(self, node: _Node) -> None:
-        older, newer = node.older, node.newer
-        if older is not None and newer is not None:
-            older.newer = newer
-            newer.older = older
-            node.older = node.newer = None
+    def _unlink(self, node: int) -> None:
+        older = self._older.pop(node)
+        if older is not None:
+            newer = self._newer.take(node)
+            self._newer[older] = newer
+            self._older[newer] = older
 
-    def _place(self, node: _Node) -> None:
+    def _place(self, node: int) -> None:
         """Link a leaf in by its last touch: at the newest end in the common case."""
-        sentinel = self._leaves
-        when = node.touched
-        after = sentinel.older  # the newest leaf
-        assert after is not None
-        if after is not sentinel and after.touched > when:
+        when = self._touched[node]
+        after = self._older[LEAVES]  # the newest leaf
+        if after != LEAVES and self._touched[after] > when:
             after = self._find_older(when)
-        newer = after.newer
-        assert newer is not None
-        node.older = after
-        node.newer = newer
-        newer.older = node
-        after.newer = node
+        newer = self._newer[after]
+        self._older[node] = after
+        self._newer[node] = newer
+        self._older[newer] = node
+        self._newer[after] = node
 
-    def _find_older(self, when: float) -> _Node:
+    def _find_older(self, when: float) -> int:
         """The leaf to link a leaf touched at `when` after: the newest one not newer than it,
         found from either end within `PLACE_WALK` links (else near the oldest end)."""
-        sentinel = self._leaves
-        node = sentinel.older
+        touched = self._touched
+        node = self._older[LEAVES]
         for _ in range(PLACE_WALK):
-            if node is None or node is sentinel or node.touched <= when:
-                return node or sentinel
-            node = node.older
-        node = sentinel
+            if node == LEAVES or touched[node] <= when:
+                return node
+            node = self._older[node]
+        node = LEAVES
         for _ in range(PLACE_WALK):
-            following = node.newer
-            if following is None or following is sentinel or following.touched > when:
+            following = self._newer[node]
+            if following == LEAVES or touched[following] > when:
                 return node
             node = following
         return node
 
-    @staticmethod
-    def _holds_a_child(node: _Node, tenant: str) -> bool:
-        return any(tenant in child.tenants for child in node.children.values())
-
-    def _held_nodes(self, tenant: str) -> Iterator[_Node]:
-        """Nodes `tenant` holds, parents before children (held nodes are closed upward)."""
-        stack = [c for c in self._root.children.values() if tenant in c.tenants]
+    def _held_nodes(self, index: int) -> Iterator[int]:
+        """Nodes tenant `index` holds, parents before children (held nodes are closed upward)."""
+        stack = self._held_children(ROOT, index)
         while stack:
             node = stack.pop()
             yield node
-            stack.extend(c for c in node.children.values() if tenant in c.tenants)
+            stack.extend(self._held_children(node, index))
 
-    def _all_nodes(self) -> Iterator[_Node]:
-        stack = list(self._root.children.values())
+    def _all_nodes(self) -> Iterator[int]:
+        stack = self._children(ROOT)
         while stack:
             node = stack.pop()
             yield node
-            stack.extend(node.children.values())
+            stack.extend(self._children(node))
 
     def _subtree_sizes(self, tenant: str | None) -> dict[int, int]:
-        nodes = list(self._all_nodes() if tenant is None else self._held_nodes(tenant))
+        nodes = list(self._all_nodes() if tenant is None else self._held_nodes(self._index[tenant]))
         sizes: dict[int, int] = {}
         for node in reversed(nodes):  # children before parents
-            below = sum(sizes.get(id(child), 0) for child in node.children.values())
-            sizes[id(node)] = len(node.label) + below
+            below = sum(sizes.get(child, 0) for child in self._children(node))
+            label = self._label[node]
+            sizes[node] = len(label) // _width(label) + below
         return sizes
 
     def _branches_of(
-        self,
-        node: _Node,
-        prefix: int,
-        depth: int,
-        top: int,
-        tenant: str | None,
-        sizes: dict[int, int],
+        self, node: int, prefix: int, depth: int, top: int, sizes: dict[int, int]
     ) -> tuple[Branch, ...]:
         if depth <= 0:
             return ()
-        children = [c for c in node.children.values() if id(c) in sizes]
-        children.sort(key=lambda c: sizes[id(c)], reverse=True)
+        children = [c for c in self._children(node) if c in sizes]
+        children.sort(key=lambda c: sizes[c], reverse=True)
         shown = children[:top]
-        return tuple(self._branch(c, prefix, depth, top, tenant, sizes) for c in shown)
+        return tuple(self._branch(c, prefix, depth, top, sizes) for c in shown)
 
     def _branch(
-        self,
-        node: _Node,
-        prefix: int,
-        depth: int,
-        top: int,
-        tenant: str | None,
-        sizes: dict[int, int],
+        self, node: int, prefix: int, depth: int, top: int, sizes: dict[int, int]
     ) -> Branch:
-        end = prefix + len(node.label)
-        visible = sum(1 for c in node.children.values() if id(c) in sizes)
-        children = self._branches_of(node, end, depth - 1, top, tenant, sizes)
-        holders = sorted(node.tenants.items(), key=lambda item: item[1], reverse=True)
+        label = _key(self._label[node])
+        end = prefix + len(label)
+        visible = sum(1 for c in self._children(node) if c in sizes)
+        children = self._branches_of(node, end, depth - 1, top, sizes)
+        holders = sorted(self._tenant_times(node).items(), key=lambda item: item[1], reverse=True)
         return Branch(
-            label=node.label,
+            label=label,
             prefix_length=prefix,
             tenants=tuple(holders),
-            subtree_size=sizes[id(node)],
+            subtree_size=sizes[node],
             children=children,
             hidden_children=visible - len(children),
         )
 
 
-def _concat(head: Key, tail: Key) -> Key:
+def _concat(head: Data, tail: Data) -> Data:
     if isinstance(head, str) and isinstance(tail, str):
         return head + tail
-    assert isinstance(head, array) and isinstance(tail, array)
+    assert isinstance(head, bytes) and isinstance(tail, bytes)
     return head + tail
 
 
