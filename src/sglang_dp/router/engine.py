@@ -104,7 +104,7 @@ class EngineConfig:
     max_tree_memory_mb: int = option(
         1024,
         "Memory the routing tree may use, all workers together, in MB (an estimate of its "
-        "objects; measured, the router's memory grows by 0.9-1.0x of it).",
+        "objects; measured, the router's memory grows by 1.09-1.11x of it).",
     )
     token_keys: bool = option(False, "Keys are token ids (else characters).", cli=False)
 
