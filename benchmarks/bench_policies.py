@@ -209,5 +209,10 @@ if __name__ == "__main__":
         kept = json.loads(RESULTS.read_text())
         settings = {**kept.get("settings", {}), "measured_profile": args.measured_profile}
         figures = {**kept, **figures, "settings": settings}
-    RESULTS.write_text(json.dumps(figures, indent=2) + "\n")
+    results = RESULTS
+    if SGL_ROUTER not in args.policies and RESULTS.exists() and SGL_ROUTER in RESULTS.read_text():
+        results = RESULTS.with_name("results_policies_no_baseline.json")
+        print(f"baseline missing: {RESULTS.name} (which has it) kept; wrote {results.name}",
+              file=sys.stderr)  # fmt: skip
+    results.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures))
