@@ -74,6 +74,21 @@ def test_an_idle_worker_takes_a_request_bound_for_a_busy_one() -> None:
     assert third.worker != home and third.decision.reason == "idle"
 
 
+def test_a_worker_idle_only_between_two_requests_is_not_idle() -> None:
+    """A conversation's next turn comes as its last one ends: its home is empty for an
+    instant, and another worker must not take that instant for idleness."""
+    engine = engine_with(2)
+    prefix = list(range(1000))
+    home = engine.route([*prefix, 1], now=0).worker
+    other = engine.route(list(range(5000, 5100)), now=0.1)
+    assert other.worker != home
+    answer(engine, other, now=1.0)  # the other worker is empty from 1.0
+    engine.route([*prefix, 2], now=1.1)  # 2 in flight at home
+    assert engine.route([*prefix, 3], now=1.05).worker == home  # empty for 0.05 s only
+    late = engine.route([*prefix, 4], now=1.2)  # empty for 0.2 s: idle
+    assert (late.worker, late.decision.reason) == (other.worker, "idle")
+
+
 def test_a_late_joiner_takes_its_share_at_once() -> None:
     """The demo's case: eight applications' prefixes placed on three workers under load, then
     a fourth worker becomes healthy. With request counts it got nothing for 19 s."""

@@ -461,6 +461,7 @@ class RoutingEngine:
         `streamed`: the shell will report the first token (`first_token`), so the request
         waits in its worker's queue until then, with no deadline."""
         self._settle_queues(now)
+        self._view.now = now
         path = self._tree.walk(key)
         decision = self._decide(path, self._candidates(exclude))
         state = self._workers[decision.worker]
@@ -497,6 +498,7 @@ class RoutingEngine:
     def observe(self, dispatch: Dispatch, outcome: Outcome, now: float) -> None:
         """The correction phase: the worker's real `cached_tokens` repairs the tree, and a
         streamed answer's time to first token its prices."""
+        self._view.now = max(self._view.now, now)  # when the worker went idle, if it did
         self.release(dispatch)
         state = dispatch._state
         state.completed += 1
@@ -553,6 +555,8 @@ class RoutingEngine:
                 load.queued -= uncached
             load.context -= dispatch.decision.key_length
             load.in_flight -= 1
+            if not load.in_flight:
+                load.idle_since = self._view.now
             self._sync_load(state)
 
     # -- reading ---------------------------------------------------------------------------

@@ -25,12 +25,14 @@ Policies and settings (defaults):
   workers). A request still goes where its prefix is, unless waiting there costs more than
   recomputing the prefix elsewhere (twice over, by default) [cache_hit: the longest match;
   recompute: the longest match was dearer; least_wait: no worker holds any of it].
-  No GPU idles while others work [idle]: a worker with nothing in flight takes the request
-  when the cheapest has `BUSY` (2) or more in flight, however dear its recomputation looks to
-  this one request: the copy of the prefix serves the next ones (the estimate sees only this
-  request, so it never pays to seed an idle worker: without the rule, a worker that joined late
-  under a steady load of 16 clients got 0 of 4,591 requests in 15 s). Once it holds the prefix,
-  the estimates share the prefix's traffic between the copies by their queues.
+  No GPU idles while others work [idle]: a worker with nothing in flight for `IDLE_S` (0.1 s)
+  takes the request when the cheapest has `BUSY` (2) or more in flight, however dear its
+  recomputation looks to this one request: the copy of the prefix serves the next ones (the
+  estimate sees only this request, so it never pays to seed an idle worker: without the rule,
+  a worker that joined late under a steady load of 16 clients got 0 of 4,591 requests in 15 s).
+  Once it holds the prefix, the estimates share the prefix's traffic between the copies. A
+  worker idle only between two of its requests does not count: taking any idle worker stole
+  conversations' next turns and cost multi-turn chat 8 % of its throughput.
 - `cache_aware` (sgl-router's semantics and flag names): if max_load - min_load >
   `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), the loads
   are imbalanced: take the best-matching worker among those not overloaded (load within half of
@@ -91,7 +93,8 @@ POLICY_NAMES = (
 Choice = tuple[str, str]  # (worker, reason); a plain tuple: this is the hot path
 NO_PENDING: Mapping[str, int] = {}
 TIE_S = 0.002  # least_ttft: within 2 ms of the cheapest is a tie (a few dozen prefill tokens)
-BUSY = 2  # least_ttft: a worker with nothing in flight takes a request bound for this many
+BUSY = 2  # least_ttft: a worker idle for IDLE_S takes a request bound for one this busy
+IDLE_S = 0.1  # (not a gap between two requests: a conversation's next turn stays home)
 
 
 class Policy(Protocol):
@@ -245,7 +248,12 @@ class LeastTtft:
         tied = {w: held for cost, w, held in estimates if cost <= limit}
         worker = self._break_tie(tied, loads, pending, key_length)
         if loads[worker] >= BUSY:
-            idle = {cost: w for cost, w, _ in estimates if loads[w] == 0}
+            since = fleet.now - IDLE_S
+            idle = {
+                cost: w
+                for cost, w, _ in estimates
+                if loads[w] == 0 and fleet.loads.get(w, self._idle).idle_since <= since
+            }
             if idle:
                 return idle[min(idle)], "idle"
         if longest == 0:

@@ -88,26 +88,29 @@ class WorkerLoad:
     """What `least_ttft` reads of one worker: its queue, its batch, its prices.
     The engine keeps one per worker current; the policy only reads it."""
 
-    __slots__ = ("context", "in_flight", "queued", "running", "step", "ttft")
+    __slots__ = ("context", "idle_since", "in_flight", "queued", "running", "step", "ttft")
 
     def __init__(self, ttft: Prices, step: Prices) -> None:
         self.queued = 0  # key elements of prefill waiting (first token not come)
         self.running = 0  # requests in flight past their first token
         self.in_flight = 0  # requests in flight
         self.context = 0  # key elements of the requests in flight
+        self.idle_since = -math.inf  # when its last request in flight ended
         self.ttft = ttft
         self.step = step
 
 
 class Fleet:
-    """What `least_ttft` reads: every routable worker's `WorkerLoad`, and how many tokens an
-    answer has (its decode steps), learned from answers. The engine keeps it current."""
+    """What `least_ttft` reads: every routable worker's `WorkerLoad`, how many tokens an
+    answer has (its decode steps), learned from answers, and the time of the decision. The
+    engine keeps it current."""
 
-    __slots__ = ("loads", "outputs")
+    __slots__ = ("loads", "now", "outputs")
 
     def __init__(self, outputs: float) -> None:
         self.loads: dict[str, WorkerLoad] = {}
         self.outputs = outputs
+        self.now = 0.0
 
 
 def estimate(load: WorkerLoad, uncached: int) -> float:
