@@ -178,12 +178,12 @@ class Launch:
 
             target = self.config.register_with or "-"
             return FrameSource(node_only, title=self.config.model, url=target, processes=processes)
-        from sglang_dp.router.stats import stats_payload
+        from sglang_dp.router.app import router_stats  # the router runs in this process
 
         router = self.cluster.router
 
         async def stats() -> Mapping[str, Any]:
-            return stats_payload(router.state)
+            return router_stats(router.state)
 
         return FrameSource(stats, title=self.config.model, url=router.url, processes=processes)
 

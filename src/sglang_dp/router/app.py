@@ -399,16 +399,22 @@ def _guess_path(raw: bytes) -> str:
 
 def _debug_stats(state: RouterState) -> Endpoint:
     async def debug_stats(request: Request) -> Response:
-        payload = stats_payload(state)
-        if state.discovery is not None:
-            payload["discovery"] = state.discovery.status()
-        if state.admission is not None and state.breakers is not None:
-            payload["admission"] = overload_stats(
-                state.admission, state.breakers, state.engine.workers, state.clock()
-            )
-        return json_response(payload)
+        return json_response(router_stats(state))
 
     return debug_stats
+
+
+def router_stats(state: RouterState) -> dict[str, Any]:
+    """`/debug/stats`, and what `launch`'s dashboard draws in the same process: the engine's
+    stats with service discovery's and admission control's."""
+    payload = stats_payload(state)
+    if state.discovery is not None:
+        payload["discovery"] = state.discovery.status()
+    if state.admission is not None and state.breakers is not None:
+        payload["admission"] = overload_stats(
+            state.admission, state.breakers, state.engine.workers, state.clock()
+        )
+    return payload
 
 
 def overload_stats(
