@@ -224,21 +224,22 @@ def test_least_ttft_takes_a_cheapest_worker(
     """Brute force over the estimate, the decode time and the recompute charge: the choice is
     within the tie band of the cheapest."""
     fleet = Fleet(100.0)
+    loads = {}  # requests in flight: at least one each, so that no worker is [idle]
     for i, q in enumerate(queued):
         load = WorkerLoad(PRICES, Prices(0.006, 2e-8, 1e-4))
         load.queued, load.running = q, running[i]
-        load.in_flight, load.context = running[i] + q // 1000, (running[i] + q // 1000) * 2000
+        loads[f"w{i}"] = running[i] + q // 1000 + 1
+        load.context = loads[f"w{i}"] * 2000
         fleet.loads[f"w{i}"] = load
     costs = fleet.loads
     policy = make_policy(PolicyConfig(seed=0, decode_weight=decode_weight), fleet)
     held = {f"w{i}": matched[i] for i in range(len(queued))}
-    loads = dict.fromkeys(costs, 0)
     worker, reason = policy.choose(loads, held, key_length)
     longest = max(held.values())
 
     def charge(w: str) -> float:
         first = estimate(costs[w], key_length - held[w])
-        answer = decode_weight * decode_time(costs[w], key_length, fleet.outputs)
+        answer = decode_weight * decode_time(costs[w], loads[w], key_length, fleet.outputs)
         return first + answer + PRICES.per_element * (longest - held[w])
 
     cheapest = min(charge(w) for w in costs)

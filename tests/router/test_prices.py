@@ -22,6 +22,7 @@ from sglang_dp.router.prices import (
     default_ttft_prices,
     estimate,
     estimate_parts,
+    queue_wait,
 )
 
 PRIOR = Prices(0.02, 1e-5, 2e-4)
@@ -40,12 +41,13 @@ def fitted(truth: Prices, samples: int = 200, seed: int = 0) -> PriceFit:
 
 def test_estimate_is_the_sum_of_its_parts() -> None:
     load = WorkerLoad(Prices(0.01, 2e-5, 1e-3), Prices(0.005, 1e-8, 1e-5))
-    load.queued, load.running, load.in_flight, load.context = 5_000, 12, 20, 40_000
-    parts = estimate_parts(load, 1_000, 3_000, 100)
+    load.queued, load.running, load.context = 5_000, 12, 40_000
+    parts = estimate_parts(load, 1_000, 20, 3_000, 100)
     decode = 100 * (0.005 + 1e-8 * 43_000 + 1e-5 * 21)
     assert parts == pytest.approx((0.01, 0.1, 0.02, 0.012, decode))
     assert estimate(load, 1_000) == pytest.approx(sum(parts[:4]))
-    assert decode_time(load, 3_000, 100) == pytest.approx(decode)
+    assert decode_time(load, 20, 3_000, 100) == pytest.approx(decode)
+    assert queue_wait(load) == pytest.approx(0.1 + 0.012)
 
 
 @settings(max_examples=60, deadline=None)

@@ -217,12 +217,11 @@ def discovery_summary(discovery: Mapping[str, Any]) -> str:
 def _row(
     index: int, worker: Mapping[str, Any], facts: ProcessFacts | None, per_token: float
 ) -> WorkerRow:
-    wait = rate = None
+    wait = worker.get("wait_s")
+    rate = None
     prices = worker.get("ttft_prices")
-    if isinstance(prices, (list, tuple)) and len(prices) == 3:
-        _, prefill, running = (float(p) for p in prices)
-        wait = prefill * int(worker.get("queued", 0)) + running * int(worker.get("running", 0))
-        rate = 1.0 / (prefill * per_token) if prefill > 0 else None
+    if isinstance(prices, (list, tuple)) and len(prices) == 3 and float(prices[1]) > 0:
+        rate = 1.0 / (float(prices[1]) * per_token)
     return WorkerRow(
         index=facts.index if facts else index,
         url=worker["url"],
@@ -239,7 +238,7 @@ def _row(
         rss_bytes=facts.rss_bytes if facts else None,
         retry_in_s=facts.retry_in_s if facts else None,
         node=facts.node if facts else "",
-        wait_s=wait,
+        wait_s=None if wait is None else float(wait),
         prefill_tokens_per_s=rate,
     )
 

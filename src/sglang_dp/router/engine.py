@@ -72,6 +72,7 @@ from sglang_dp.router.prices import (
     default_ttft_prices,
     estimate,
     estimate_parts,
+    queue_wait,
 )
 from sglang_dp.router.tree import Key, KeyLike, Path, RadixTree
 
@@ -298,6 +299,7 @@ class WorkerStats:
     capacity_tokens: int | None
     queued: int = 0  # key elements of prefill waiting for their first token
     running: int = 0  # requests in flight past their first token
+    wait_s: float = 0.0  # what they are estimated to delay a new first token by
     context: int = 0  # key elements of its requests in flight
     # the prices it is routed by (`prices.Prices`: s, s per key element, s per request)
     ttft_prices: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -447,7 +449,7 @@ class RoutingEngine:
         length = len(path.key)
         fleet = self._view
         estimates = {
-            w: estimate_parts(fleet.loads[w], length - matches[w], length, fleet.outputs)
+            w: estimate_parts(fleet.loads[w], length - matches[w], loads[w], length, fleet.outputs)
             for w in loads
         }
         pending = {w: self._pending[w] for w in loads}
@@ -471,7 +473,7 @@ class RoutingEngine:
         load = state.load
         dispatch = Dispatch(
             next(self._ids), decision, path.key, now, prior, oldest, uncached, state,
-            state.generation, False, load.queued, load.running, load.context, load.in_flight,
+            state.generation, False, load.queued, load.running, load.context, len(state.in_flight),
         )  # fmt: skip
         state.in_flight[dispatch.id] = now
         state.pending += uncached
@@ -481,7 +483,6 @@ class RoutingEngine:
             heapq.heappush(state.queue_deadlines, (due, dispatch.id))
         load.queued += uncached
         load.context += decision.key_length
-        load.in_flight += 1
         self._sync_load(state)
         state.routed += 1
         self._reasons[decision.reason] = self._reasons.get(decision.reason, 0) + 1
@@ -554,8 +555,7 @@ class RoutingEngine:
             else:
                 load.queued -= uncached
             load.context -= dispatch.decision.key_length
-            load.in_flight -= 1
-            if not load.in_flight:
+            if not state.in_flight:
                 load.idle_since = self._view.now
             self._sync_load(state)
 
@@ -732,6 +732,7 @@ class RoutingEngine:
             capacity_tokens=state.capacity_tokens,
             queued=state.load.queued,
             running=state.load.running,
+            wait_s=queue_wait(state.load),
             context=state.load.context,
             ttft_prices=state.load.ttft.as_tuple(),
             step_prices=state.load.step.as_tuple(),

@@ -240,7 +240,8 @@ class LeastTtft:
             load = fleet.loads.get(worker, self._idle)
             cost = estimate(load, key_length - held)
             if self._decode_weight:
-                cost += self._decode_weight * decode_time(load, key_length, fleet.outputs)
+                answer = decode_time(load, loads[worker], key_length, fleet.outputs)
+                cost += self._decode_weight * answer
             cost += self._penalty * load.ttft.per_element * (longest - held)
             estimates.append((cost, worker, held))
             cheapest = min(cheapest, cost)

@@ -15,9 +15,10 @@ Two linear models per worker, each `base + per_element × elements + per_request
   elements of its requests in flight (each decode step reads their KV: SGLang's decode time
   grows with it, 45 ns a token measured on an H200), `key` the request's own.
 
-`estimate(load, uncached)` is the ttft; `decode_time(load, key, outputs)` the time to generate
-`outputs` tokens there (`outputs` steps), what a request adds by joining a crowded batch
-(`least_ttft` counts it with `--decode-weight`; `/debug/route` always shows it).
+`estimate(load, uncached)` is the ttft (`queue_wait(load)` its part from the work already
+there); `decode_time(load, in_flight, key, outputs)` the time to generate `outputs` tokens there
+(`outputs` steps), what a request adds by joining a crowded batch (`least_ttft` counts it with
+`--decode-weight`; `/debug/route` always shows it).
 
 `PriceFit` learns one model's prices from answered requests (`add(y, elements, requests)`; ttft:
 work = queued ahead + the request's real uncached elements, from its `cached_tokens`; step:
@@ -88,12 +89,11 @@ class WorkerLoad:
     """What `least_ttft` reads of one worker: its queue, its batch, its prices.
     The engine keeps one per worker current; the policy only reads it."""
 
-    __slots__ = ("context", "idle_since", "in_flight", "queued", "running", "step", "ttft")
+    __slots__ = ("context", "idle_since", "queued", "running", "step", "ttft")
 
     def __init__(self, ttft: Prices, step: Prices) -> None:
         self.queued = 0  # key elements of prefill waiting (first token not come)
         self.running = 0  # requests in flight past their first token
-        self.in_flight = 0  # requests in flight
         self.context = 0  # key elements of the requests in flight
         self.idle_since = -math.inf  # when its last request in flight ended
         self.ttft = ttft
@@ -119,15 +119,22 @@ def estimate(load: WorkerLoad, uncached: int) -> float:
     return p.base + p.per_element * (load.queued + uncached) + p.per_request * load.running
 
 
-def decode_time(load: WorkerLoad, key_length: int, outputs: float) -> float:
-    """Estimated seconds to generate `outputs` tokens there, in a batch with its requests."""
+def queue_wait(load: WorkerLoad) -> float:
+    """Seconds the queued prefill and the running requests add to a new first token there."""
+    p = load.ttft
+    return p.per_element * load.queued + p.per_request * load.running
+
+
+def decode_time(load: WorkerLoad, in_flight: int, key_length: int, outputs: float) -> float:
+    """Estimated seconds to generate `outputs` tokens there, in a batch with its `in_flight`
+    requests."""
     p = load.step
     context = load.context + key_length
-    return outputs * (p.base + p.per_element * context + p.per_request * (load.in_flight + 1))
+    return outputs * (p.base + p.per_element * context + p.per_request * (in_flight + 1))
 
 
 def estimate_parts(
-    load: WorkerLoad, uncached: int, key_length: int, outputs: float
+    load: WorkerLoad, uncached: int, in_flight: int, key_length: int, outputs: float
 ) -> tuple[float, float, float, float, float]:
     """(base, queue wait, own prefill, running, decode time) in seconds: the first four are
     `estimate`'s sum, the last `decode_time`."""
@@ -137,7 +144,7 @@ def estimate_parts(
         p.per_element * load.queued,
         p.per_element * uncached,
         p.per_request * load.running,
-        decode_time(load, key_length, outputs),
+        decode_time(load, in_flight, key_length, outputs),
     )
 
 
@@ -153,11 +160,11 @@ class PriceFit:
         self.prices = Prices(*prior.as_tuple())
         self.samples = 0  # accepted
         self.refused = 0  # nonsense or outliers
-        # decayed sums over samples of x = (work, running) and y = ttft: Σw, Σx, Σy, Σxxᵀ, Σxy
+        # decayed sums over samples of x = (elements, requests) and y: Σw, Σx, Σy, Σxxᵀ, Σxy
         self._sw = 0.0
         self._sx = [0.0, 0.0]
         self._sy = 0.0
-        self._sxx = [0.0, 0.0, 0.0]  # work², work·running, running²
+        self._sxx = [0.0, 0.0, 0.0]  # elements², elements·requests, requests²
         self._sxy = [0.0, 0.0]
         self._rejected = 0  # outliers in a row
 
@@ -166,34 +173,36 @@ class PriceFit:
         self.prior = prior
         self._solve()
 
-    def add(self, ttft: float, work: float, running: float) -> bool:  # (y, elements, requests)
-        """Learn from one answered request; False when the sample was refused."""
-        if not (0.0 < ttft <= MAX_SECONDS) or not (work >= 0.0 and running >= 0.0):
-            self.refused += 1  # also NaN: every comparison with it is false
-            return False
-        if not math.isfinite(work) or not math.isfinite(running):
+    def add(self, y: float, elements: float, requests: float) -> bool:
+        """Learn from one answered request (y: its time to first token, or its mean decode step,
+        in seconds); False when the sample was refused."""
+        # NaN fails every comparison, so it is refused too
+        sane = 0.0 < y <= MAX_SECONDS and 0.0 <= elements < math.inf and 0.0 <= requests < math.inf
+        if not sane:
             self.refused += 1
             return False
-        if self.samples >= WARMUP and self._outlier(ttft, work, running):
+        if self.samples >= WARMUP and self._outlier(y, elements, requests):
             self.refused += 1
             return False
         self._sw = DECAY * self._sw + 1.0
-        self._sx[0] = DECAY * self._sx[0] + work
-        self._sx[1] = DECAY * self._sx[1] + running
-        self._sy = DECAY * self._sy + ttft
-        self._sxx[0] = DECAY * self._sxx[0] + work * work
-        self._sxx[1] = DECAY * self._sxx[1] + work * running
-        self._sxx[2] = DECAY * self._sxx[2] + running * running
-        self._sxy[0] = DECAY * self._sxy[0] + work * ttft
-        self._sxy[1] = DECAY * self._sxy[1] + running * ttft
+        self._sx[0] = DECAY * self._sx[0] + elements
+        self._sx[1] = DECAY * self._sx[1] + requests
+        self._sy = DECAY * self._sy + y
+        self._sxx[0] = DECAY * self._sxx[0] + elements * elements
+        self._sxx[1] = DECAY * self._sxx[1] + elements * requests
+        self._sxx[2] = DECAY * self._sxx[2] + requests * requests
+        self._sxy[0] = DECAY * self._sxy[0] + elements * y
+        self._sxy[1] = DECAY * self._sxy[1] + requests * y
         self.samples += 1
         self._solve()
         return True
 
-    def _outlier(self, ttft: float, work: float, running: float) -> bool:
+    def _outlier(self, y: float, elements: float, requests: float) -> bool:
         p = self.prices
-        predicted = max(p.base + p.per_element * work + p.per_request * running, OUTLIER_FLOOR_S)
-        if ttft > OUTLIER * predicted or ttft * OUTLIER < predicted:
+        predicted = max(
+            p.base + p.per_element * elements + p.per_request * requests, OUTLIER_FLOOR_S
+        )
+        if y > OUTLIER * predicted or y * OUTLIER < predicted:
             self._rejected += 1
             if self._rejected < OUTLIER_RUN:
                 return True
