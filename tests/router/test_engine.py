@@ -128,7 +128,7 @@ def test_decide_is_a_dry_run() -> None:
     engine = engine_with(2)
     engine.route(SYSTEM + "a", now=1)
     before = (engine.tree.total_size, loads(engine))
-    decision, matches, dry_loads, dry_pending, _ = engine.explain(SYSTEM + "b")
+    decision, matches, dry_loads, dry_pending, _, _ = engine.explain(SYSTEM + "b")
     assert decision.reason == "cache_hit"
     assert matches[decision.worker] == len(SYSTEM)
     assert dry_loads == {"w0": 0, "w1": 0} | {decision.worker: 1}

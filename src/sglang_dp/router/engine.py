@@ -41,6 +41,14 @@ Correction (`observe`), the proposal's fourth phase that sgl-router never built:
   KV capacity (converted to key elements) when known, else the global budget. Unconfirmed misses
   (same-batch duplicates compute the prefix twice in SGLang) change nothing but the statistics.
 - `reset_worker` (restarted or flushed) drops the worker's whole share.
+
+Exact cache view (`use_events`): with token keys and a `KvIndex` fed by the workers' KV events
+(SGLang's `--kv-events-config`), a worker whose event stream is whole (`KvIndex.trusted`) is
+matched on the blocks it stored — whole pages, as SGLang matches — plus the pages of requests
+routed to it in the last few seconds whose events have not come yet (`KvIndex.speculate`); every
+other worker on the tree. The tree keeps being updated and corrected for all of them, so a
+worker whose stream breaks falls back to a current picture. `Explanation.views` and
+`WorkerStats.cache_view` say which picture served.
 The tree as a whole is held to `max_tree_memory_mb` (its estimated bytes: `tree.memory`) and
 `max_tree_size` key elements — global budgets: memory does not grow with the number of workers.
 While the tree is over either, every request evicts at most `EVICT_STEP` of the least recently
@@ -61,6 +69,7 @@ from typing import NamedTuple
 
 from sglang_dp.options import nested, option
 from sglang_dp.router.keys import KIND_IDS, KIND_TEXT, KINDS
+from sglang_dp.router.kv_index import KvIndex
 from sglang_dp.router.policies import PolicyConfig, make_policy
 from sglang_dp.router.prices import (
     WARMUP,
@@ -87,6 +96,8 @@ CHARS_PER_TOKEN = 4.0  # starting estimate for character keys (English text)
 DEADLINE = 1.5  # a queued request counts as running after this many times its estimated ttft
 OUTPUTS = 128.0  # tokens an answer has, until answers say (least_ttft's decode time)
 DISTINCT = 0.25  # a worker's own prices serve it when its prefill price is this far off the fleet's
+EVENTS = "events"  # a worker matched on its KV events (exact)
+TREE = "tree"  # ... on the approximate tree
 _NOTHING: frozenset[str] = frozenset()
 
 
@@ -139,6 +150,7 @@ class Explanation(NamedTuple):
     loads: dict[str, int]
     pending: dict[str, int]  # uncached key elements in flight (cache_aware's misses use it)
     estimates: dict[str, tuple[float, float, float, float, float]]  # s: `prices.estimate_parts`
+    views: dict[str, str]  # which picture of its cache each match came from: "events" or "tree"
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +318,7 @@ class WorkerStats:
     step_prices: tuple[float, float, float] = (0.0, 0.0, 0.0)
     ttft_samples: int = 0  # answers its own fits learned from
     step_samples: int = 0
+    cache_view: str = TREE  # what its matches come from: EVENTS (exact) or TREE
 
     @property
     def hit_rate(self) -> float:
@@ -368,6 +381,7 @@ class RoutingEngine:
         start = 1.0 if self.config.token_keys else CHARS_PER_TOKEN
         self._per_token = [start] * len(KINDS)  # indexed by keys.KIND_*
         self._learned = [0] * len(KINDS)  # responses each estimate was learned from
+        self._events: KvIndex | None = None
 
     @property
     def tree(self) -> RadixTree:
@@ -423,6 +437,12 @@ class RoutingEngine:
             state.resets += 1
             state.budget = math.inf
 
+    def use_events(self, index: KvIndex | None) -> None:
+        """Match token keys on this index of the workers' KV events where a worker's picture
+        is whole (`KvIndex.trusted`); the tree serves the others, and is kept up to date for
+        all of them (None: the tree alone)."""
+        self._events = index
+
     @property
     def workers(self) -> list[str]:
         return list(self._workers)
@@ -444,8 +464,9 @@ class RoutingEngine:
             self._settle_queues(now)
         loads = self._candidates(exclude).copy()
         path = self._tree.walk(key)
-        decision = self._decide(path, loads)
-        matches = {w: path.matched.get(w, 0) for w in loads}
+        matched, exact = self._matches(path, loads, now)
+        decision = self._decide(matched, len(path.key), loads)
+        matches = {w: matched.get(w, 0) for w in loads}
         length = len(path.key)
         fleet = self._view
         estimates = {
@@ -453,7 +474,8 @@ class RoutingEngine:
             for w in loads
         }
         pending = {w: self._pending[w] for w in loads}
-        return Explanation(decision, matches, loads, pending, estimates)
+        views = {w: EVENTS if w in exact else TREE for w in loads}
+        return Explanation(decision, matches, loads, pending, estimates, views)
 
     def route(
         self, key: KeyLike, now: float, exclude: Iterable[str] = (), streamed: bool = False
@@ -465,9 +487,13 @@ class RoutingEngine:
         self._settle_queues(now)
         self._view.now = now
         path = self._tree.walk(key)
-        decision = self._decide(path, self._candidates(exclude))
+        loads = self._candidates(exclude)
+        matched, exact = self._matches(path, loads, now)
+        decision = self._decide(matched, len(path.key), loads)
         state = self._workers[decision.worker]
         prior = self._tree.insert_at(path, state.url, now)
+        if decision.worker in exact:  # its blocks are stored before their events come: held for a short while
+            self._speculate(decision.worker, path.key, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
         uncached = decision.key_length - decision.matched
         load = state.load
@@ -659,9 +685,28 @@ class RoutingEngine:
             return f"none of the {len(self._workers)} workers is healthy"
         return f"all {len(excluded)} healthy workers were tried and failed"
 
-    def _decide(self, path: Path, loads: dict[str, int]) -> Decision:
-        matched = path.matched
-        length = len(path.key)
+    def _matches(
+        self, path: Path, loads: dict[str, int], now: float | None
+    ) -> tuple[dict[str, int], list[str]]:
+        """Every candidate's match: its KV events' where they are whole (exact, whole pages),
+        the tree's elsewhere; and the workers matched on events."""
+        index = self._events
+        key = path.key
+        if index is None or isinstance(key, str):
+            return path.matched, []
+        exact = [w for w in loads if index.trusted(w)]
+        if not exact:
+            return path.matched, exact
+        matched = dict(path.matched)
+        matched.update(index.match(key, exact, now))
+        return matched, exact
+
+    def _speculate(self, worker: str, key: Key, now: float) -> None:
+        index = self._events
+        if index is not None and not isinstance(key, str):
+            index.speculate(worker, key, now)
+
+    def _decide(self, matched: dict[str, int], length: int, loads: dict[str, int]) -> Decision:
         worker, reason = self._policy.choose(loads, matched, length, self._pending)
         fields = (worker, reason, self._policy_name, matched.get(worker, 0), length, loads[worker])
         # what Decision(*fields) does, without its interpreted __new__ (once per request)
@@ -738,7 +783,12 @@ class RoutingEngine:
             step_prices=state.load.step.as_tuple(),
             ttft_samples=state.ttft_fit.samples,
             step_samples=state.step_fit.samples,
+            cache_view=self._view_of(state.url),
         )
+
+    def _view_of(self, url: str) -> str:
+        index = self._events
+        return EVENTS if index is not None and index.trusted(url) else TREE
 
 
 def whole_numbers(key: str, matched: int) -> int:
