@@ -17,6 +17,11 @@ The facts, checked against SGLang's source (`srt/disaggregation/kv_events.py`,
   struct definition both writes the newest layout (medium "GPU") and reads the older ones.
 - Replay (ROUTER socket): a DEALER sends `[b"", start_seq (8 bytes BE)]`; the publisher answers
   `[b"", seq, payload]` for each buffered batch with seq ≥ start, then `[b"", END_SEQ, b""]`.
+- Configuration: `KvEventsConfig.parse(text)` reads the `--kv-events-config` JSON SGLang's
+  pydantic `KVEventsConfig` reads, with the same fields and defaults: `publisher` "null" (off) |
+  "zmq", `endpoint` "tcp://*:5557", `replay_endpoint` None, `buffer_steps` 10000, `hwm` 100000,
+  `max_queue_size` 100000, `topic` "". Unknown fields are ignored, as pydantic does. SGLang's
+  `/server_info` carries it (a string, `kv_events_config`) with the other server arguments.
 - Block hashes: per page, `digest_i = sha256(digest_{i-1} ‖ token ids as uint32 LE)` (no prior
   for the first page of a chain); the published id is the digest's first 8 bytes read big-endian
   as a signed int64. A node's first page chains from its parent node's last page.
@@ -28,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Annotated, Any
 
 import msgspec
+import orjson
 
 MEDIUM_GPU = "GPU"
 END_SEQ = (-1).to_bytes(8, "big", signed=True)  # replay's end marker
@@ -125,3 +132,62 @@ def chain_ids(tokens: Sequence[int], page_size: int, prior: bytes | None = None)
 def to_builtins(batch: EventBatch) -> Any:
     """The batch as plain lists (for debugging and dumps)."""
     return msgspec.to_builtins(batch)
+
+
+PUBLISHERS = ("null", "zmq")
+
+
+@dataclass(frozen=True)
+class KvEventsConfig:
+    """SGLang's KVEventsConfig (see the module docstring)."""
+
+    publisher: str = "null"
+    endpoint: str = "tcp://*:5557"
+    replay_endpoint: str | None = None
+    buffer_steps: int = 10_000
+    hwm: int = 100_000
+    max_queue_size: int = 100_000
+    topic: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> KvEventsConfig:
+        """From the `--kv-events-config` JSON; ValueError with a clear message if it is wrong."""
+        try:
+            raw = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"--kv-events-config is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("--kv-events-config must be a JSON object")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            ok = (
+                isinstance(value, str)
+                if f.name in ("publisher", "endpoint", "topic")
+                else value is None or isinstance(value, str)
+                if f.name == "replay_endpoint"
+                else isinstance(value, int) and not isinstance(value, bool) and value > 0
+            )
+            if not ok:
+                raise ValueError(f"--kv-events-config: bad {f.name}: {value!r}")
+            values[f.name] = value
+        config = cls(**values)
+        if config.publisher not in PUBLISHERS:
+            raise ValueError(f"--kv-events-config: unknown publisher {config.publisher!r}")
+        return config
+
+    @property
+    def enabled(self) -> bool:
+        return self.publisher == "zmq"
+
+
+def tcp_host_port(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of a tcp:// endpoint, None for any other."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)

@@ -58,7 +58,7 @@ def test_events_overrule_a_stale_tree() -> None:
 
 def test_matches_are_whole_pages_as_sglang_caches_them() -> None:
     engine, index = engine_with_events(1)
-    store(index, "w0", 1, PREFIX + [1, 2])  # 8 whole pages; the last 2 tokens are no page
+    store(index, "w0", 1, [*PREFIX, 1, 2])  # 8 whole pages; the last 2 tokens are no page
     explained = engine.explain(tokens(PREFIX, [1, 2, 3, 4]), now=0.0)
     assert explained.matches == {"w0": len(PREFIX)}
     assert explained.views == {"w0": EVENTS}

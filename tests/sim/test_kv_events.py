@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_dp.kv_wire import EventBatch, encode_batch
-from sglang_dp.sim.kv_events import KvEventsConfig, binds, describe, local_endpoint
+from sglang_dp.kv_wire import EventBatch, KvEventsConfig, encode_batch
+from sglang_dp.sim.kv_events import binds, describe, local_endpoint
 from sglang_dp.sim.radix_cache import RadixCache
 
 GOLDEN = -3488128144981237669  # tokens [1, 2, 3, 4], block size 4, no parent (sgl-router hash.rs)

@@ -46,6 +46,8 @@ from sglang_dp.router.tree import Branch, preview
 if TYPE_CHECKING:
     import aiohttp
 
+    from sglang_dp.router.kv_view import KvView
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 INFO_PATHS = ("/v1/models", "/get_model_info", "/model_info", "/get_server_info", "/server_info")
 
@@ -87,6 +89,7 @@ class RouterState:
     discovery: PodView | None = None
     admission: Admission[Any] | None = None
     breakers: Breakers | None = None
+    kv_view: KvView | None = None
 
 
 def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
@@ -356,11 +359,13 @@ def _debug_route(state: RouterState) -> Endpoint:
                     "policy": decision.policy,
                     "matched": decision.matched,
                     "match_rate": round(decision.match_rate, 4),
+                    "view": explanation.views[decision.worker],
                 },
                 "workers": [
                     {
                         "url": url,
                         "matched": explanation.matches[url],
+                        "view": explanation.views[url],
                         "load": load,
                         "pending": explanation.pending[url],
                         "estimate": estimate_dict(explanation.estimates[url]),
@@ -410,6 +415,8 @@ def router_stats(state: RouterState) -> dict[str, Any]:
     payload = stats_payload(state)
     if state.discovery is not None:
         payload["discovery"] = state.discovery.status()
+    if state.kv_view is not None and state.kv_view.mode != "approx":
+        payload["kv_events"] = state.kv_view.status()
     if state.admission is not None and state.breakers is not None:
         payload["admission"] = overload_stats(
             state.admission, state.breakers, state.engine.workers, state.clock()

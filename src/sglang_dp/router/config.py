@@ -18,6 +18,7 @@ from sglang_dp.options import nested, option
 from sglang_dp.router.admission import AdmissionConfig
 from sglang_dp.router.breaker import BreakerConfig
 from sglang_dp.router.engine import EngineConfig
+from sglang_dp.router.kv_view import CACHE_VIEWS
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -35,8 +36,16 @@ class RouterConfig:
     breaker: BreakerConfig = nested(BreakerConfig)
     routing_key: str = option(
         "chars",
-        "Route on characters or on token ids (needs --tokenizer-path).",
-        choices=("chars", "tokens"),
+        "Route on characters, on token ids (needs --tokenizer-path), or on the token ids of "
+        "the simulated workers' built-in word tokenizer (words).",
+        choices=("chars", "tokens", "words"),
+    )
+    cache_view: str = option(
+        "auto",
+        "What routing matches prompts against: the workers' KV events (events: exact, SGLang's "
+        "--kv-events-config; needs token keys), the router's own approximate tree (approx), or "
+        "events where a worker publishes them and the tree elsewhere (auto).",
+        choices=CACHE_VIEWS,
     )
     tokenizer_path: str | None = option(
         None, "Local Hugging Face tokenizer folder for --routing-key tokens.", type=str

@@ -492,7 +492,7 @@ class RoutingEngine:
         decision = self._decide(matched, len(path.key), loads)
         state = self._workers[decision.worker]
         prior = self._tree.insert_at(path, state.url, now)
-        if decision.worker in exact:  # its blocks are stored before their events come: held for a short while
+        if decision.worker in exact:  # stored before their events come: held a short while
             self._speculate(decision.worker, path.key, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
         uncached = decision.key_length - decision.matched

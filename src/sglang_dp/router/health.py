@@ -19,7 +19,8 @@ Every `health_check_interval_secs` (5 s) each registered worker gets `GET /healt
 - A worker that comes back after refusing connections has restarted: its cache is empty, so its
   share of the tree is dropped (`engine.reset_worker`).
 - On becoming healthy the worker's KV capacity is read from `/get_server_info`
-  (`max_total_num_tokens`) and bounds its share of the tree.
+  (`max_total_num_tokens`) and bounds its share of the tree; the whole answer goes to
+  `on_server_info` (the router follows the worker's KV events from there: `kv_view`).
 Load counters are never touched by health checks (sgl-router reset them there, and leaked).
 `since` is the time (the injected `clock`) of a worker's last change of state, `failing_since`
 that of the first of the failed checks in a row (None while it passes).
@@ -33,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sglang_dp.router.engine import RoutingEngine
 
@@ -99,8 +100,10 @@ class WorkerMonitor:
         api_key: str | None = None,
         on_event: Callable[[str], None] = lambda message: None,
         clock: Callable[[], float] = time.monotonic,
+        on_server_info: Callable[[str, dict[str, Any]], None] = lambda url, info: None,
     ) -> None:
         self._engine = engine
+        self._on_server_info = on_server_info
         self._clock = clock
         self._interval = interval
         self._timeout = timeout
@@ -234,7 +237,10 @@ class WorkerMonitor:
                 info = await reply.json(content_type=None) if reply.status == 200 else {}
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
             return
-        tokens = info.get("max_total_num_tokens") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            info = {}
+        tokens = info.get("max_total_num_tokens")
         if isinstance(tokens, int) and tokens > 0:
             self._engine.set_capacity(health.url, tokens)
         health.capacity_known = True
+        self._on_server_info(health.url, info)

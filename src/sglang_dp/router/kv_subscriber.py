@@ -17,9 +17,9 @@ rebuilt by replay from seq 0 when the next batch arrives. A change of a worker's
 logged once, with its reason. Nothing here blocks the loop; nothing is retried in a tight loop.
 
 `source_from_server_info(worker, url, info)` builds the source a worker advertises in
-`/server_info` (`kv_events`, SGLang's descriptor): a wildcard host is replaced by the worker URL's
-host, as SGLang's own gateway does. SGLang does not advertise the replay endpoint: pass it when
-known (the launcher configures it), else gaps cannot be repaired.
+`/server_info` (`kv_events`, SGLang's descriptor, else the `kv_events_config` it was started
+with): a wildcard host is replaced by the worker URL's host, as SGLang's own gateway does. The
+replay endpoint comes from `kv_events_config`; without one, gaps cannot be repaired.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sglang_dp.kv_wire import END_SEQ
+from sglang_dp.kv_wire import END_SEQ, KvEventsConfig, tcp_host_port
 from sglang_dp.router.kv_events import Rejected, decode_message, decode_payload
 from sglang_dp.router.kv_index import KvIndex
 
@@ -53,24 +53,57 @@ class EventSource:
     endpoint: str  # tcp://host:port the SUB socket connects to
     replay_endpoint: str | None = None
     topic: str = ""
+    block_size: int | None = None  # tokens per block (the worker's --page-size), when known
 
 
 def source_from_server_info(
     worker: str, worker_url: str, info: Mapping[str, Any], replay_endpoint: str | None = None
 ) -> EventSource | None:
-    """The source a worker's `/server_info` advertises (rank 0), or None if it publishes none."""
+    """The source a worker's `/server_info` describes (rank 0), or None if it publishes none.
+
+    Newer SGLang describes its publisher in `kv_events`; every version that has events lists
+    its `kv_events_config` (the JSON it was started with) and `page_size` among the server
+    arguments, which also give the replay endpoint `kv_events` leaves out."""
+    config = _events_config(info.get("kv_events_config"))
     kv = info.get("kv_events")
-    if not isinstance(kv, Mapping) or kv.get("publisher") != "zmq":
+    host: Any
+    if isinstance(kv, Mapping) and kv.get("publisher") == "zmq":
+        host, port, topic = kv.get("endpoint_host"), kv.get("endpoint_port_base"), kv.get("topic")
+        block_size = kv.get("block_size")
+    elif config is not None and config.enabled and tcp_host_port(config.endpoint) is not None:
+        host, port = tcp_host_port(config.endpoint) or ("", 0)
+        topic, block_size = config.topic, info.get("page_size")
+    else:
         return None
-    host = kv.get("endpoint_host")
-    port = kv.get("endpoint_port_base")
     if not isinstance(host, str) or not isinstance(port, int):
         return None
+    if replay_endpoint is None and config is not None and config.replay_endpoint:
+        replay_endpoint = _reachable(config.replay_endpoint, worker_url)
+    size = block_size if isinstance(block_size, int) and block_size > 0 else None
+    endpoint = _reachable(f"tcp://{host}:{port}", worker_url)
+    return EventSource(worker, endpoint, replay_endpoint, str(topic or ""), size)
+
+
+def _events_config(text: Any) -> KvEventsConfig | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return KvEventsConfig.parse(text)
+    except ValueError:
+        return None
+
+
+def _reachable(endpoint: str, worker_url: str) -> str:
+    """A tcp endpoint with a wildcard host pointed at the worker's host."""
+    where = tcp_host_port(endpoint)
+    if where is None:
+        return endpoint
+    host, port = where
     if host in WILDCARD_HOSTS:
         host = urlsplit(worker_url).hostname or "127.0.0.1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return EventSource(worker, f"tcp://{host}:{port}", replay_endpoint, str(kv.get("topic", "")))
+    return f"tcp://{host}:{port}"
 
 
 class KvSubscriber:

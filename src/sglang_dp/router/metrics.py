@@ -17,6 +17,10 @@ global state. Everything runs on the router's event loop, so nothing needs a loc
     sglang_dp_{admitted_in_flight, queue_length}, sglang_dp_queued_total,
     sglang_dp_shed_total{reason}, sglang_dp_circuit_breaker_state{worker, state},
     sglang_dp_circuit_breaker_opens_total{worker}   admission control (`watch_admission`)
+    sglang_dp_kv_events_{trusted, last_seq, blocks, speculative_blocks, gaps_filled_total,
+               gaps_lost_total, rejected_total}{worker}, sglang_dp_kv_event_batches_total,
+    sglang_dp_kv_event_batches_per_second, sglang_dp_kv_events_total{worker},
+    sglang_dp_kv_index_blocks                       KV events (`watch_kv_events`)
 """
 
 from __future__ import annotations
@@ -217,6 +221,42 @@ class _AdmissionCollector(Collector):
         yield opens
 
 
+# KV events stream health (`kv_view.KvView.status()`): field -> (metric, kind, help)
+_KV_FIELDS = (
+    ("trusted", "sglang_dp_kv_events_trusted", "gauge", "1 while the worker's events are whole."),
+    ("last_seq", "sglang_dp_kv_events_last_seq", "gauge", "Last event batch seq applied."),
+    ("events_per_s", "sglang_dp_kv_event_batches_per_second", "gauge", "Batches received."),
+    ("blocks", "sglang_dp_kv_events_blocks", "gauge", "Blocks the worker's events say it holds."),
+    ("speculative", "sglang_dp_kv_events_speculative_blocks", "gauge", "Routed, unconfirmed."),
+    ("batches", "sglang_dp_kv_event_batches", "counter", "Event batches applied."),
+    ("events", "sglang_dp_kv_events", "counter", "Events applied."),
+    ("gaps_filled", "sglang_dp_kv_events_gaps_filled", "counter", "Seq gaps repaired by replay."),
+    ("gaps_lost", "sglang_dp_kv_events_gaps_lost", "counter", "Seq gaps replay could not fill."),
+    ("rejected", "sglang_dp_kv_events_rejected", "counter", "Messages that could not be used."),
+)
+
+
+class _KvEventsCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        workers: dict[str, dict[str, Any]] = status["workers"]
+        for field, name, kind, doc in _KV_FIELDS:
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, doc, labels=["worker"]
+            )
+            for worker, record in workers.items():
+                value = record.get(field)
+                if value is not None:
+                    family.add_metric([worker], float(value))
+            yield family
+        yield GaugeMetricFamily(
+            "sglang_dp_kv_index_blocks", "Blocks in the KV events index.", status["index_blocks"]
+        )
+
+
 class RouterMetrics:
     """The router's registry and the plain counts the request path updates."""
 
@@ -232,6 +272,10 @@ class RouterMetrics:
     def watch_admission(self, admission: Admission[Any], breakers: Breakers, clock: Clock) -> None:
         """Also export the queue, the shed counts and the circuit breakers."""
         self.registry.register(_AdmissionCollector(admission, breakers, self._engine, clock))
+
+    def watch_kv_events(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Also export the KV event streams' health (`KvView.status`)."""
+        self.registry.register(_KvEventsCollector(status))
 
     def count(self, worker: str, status: int) -> None:
         """One answer to a client: from `worker` ('' when none was reached), with `status`."""

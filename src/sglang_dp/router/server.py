@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sglang_dp.httpserver import (
@@ -36,6 +36,7 @@ from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import INFERENCE_PATHS, Encoder, HFEncoder
+from sglang_dp.router.kv_view import KvView
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.proxy import Proxy
 from sglang_dp.router.stats import watch_imbalance
@@ -59,6 +60,23 @@ def load_encoder(tokenizer_path: str) -> Encoder:
     return HFEncoder(AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True))
 
 
+class WordEncoder:
+    """The simulated workers' built-in word tokenizer as an `Encoder` (`--routing-key words`):
+    the router keys prompts on the very token ids the workers cache and publish. The simulator
+    adds no special tokens and renders chats with the built-in template, as `keys` does."""
+
+    def __init__(self) -> None:
+        from sglang_dp.sim.tokenizer import WordTokenizer
+
+        self._tokenizer = WordTokenizer()
+
+    def encode(self, text: str, special: bool) -> Sequence[int]:
+        return self._tokenizer.encode(text)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
+        return None
+
+
 class RouterServer:
     """One router: see the module docstring."""
 
@@ -69,31 +87,40 @@ class RouterServer:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        token_keys = config.routing_key == "tokens"
+        token_keys = config.routing_key in ("tokens", "words")
         self.engine = engine or RoutingEngine(
             dataclasses.replace(config.engine, token_keys=token_keys)
         )
         self.events: collections.deque[str] = collections.deque(maxlen=200)  # for dashboards
+        self.kv_view = KvView(config.cache_view, self.engine, token_keys, clock, self.record_event)
         self.monitor = WorkerMonitor(
             self.engine,
             interval=config.health_check_interval_secs,
             timeout=config.health_check_timeout_secs,
             api_key=config.api_key,
             on_event=self.record_event,
+            on_server_info=self.kv_view.server_info,
         )
         self.metrics = RouterMetrics(self.engine, clock)
         self.admission: Admission[Any] = Admission(config.admission)
         self.breakers = Breakers(config.breaker)
         self.loads = LoadReports(max_age_s=3 * config.admission.load_report_interval_secs)
         self.metrics.watch_admission(self.admission, self.breakers, clock)
+        if config.cache_view != "approx":
+            self.metrics.watch_kv_events(self.kv_view.status)
         self.pool = UpstreamPool()
-        encode = load_encoder(config.tokenizer_path) if config.tokenizer_path else None
+        encode: Encoder | None = None
+        if config.routing_key == "words":
+            encode = WordEncoder()
+        elif config.tokenizer_path:
+            encode = load_encoder(config.tokenizer_path)
         self._session: aiohttp.ClientSession | None = None
         self.state = RouterState(
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
         )
         self.state.events = self.events
         self.state.admission, self.state.breakers = self.admission, self.breakers
+        self.state.kv_view = self.kv_view
         self.state.drop_connections = self.pool.drop_host
         self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
@@ -144,10 +171,12 @@ class RouterServer:
         for url in self.config.worker_urls:
             add_worker(self.state, url)
         await self.monitor.start()
+        await self.kv_view.start()
         if self.discovery is not None:
             try:
                 await self.discovery.start()
             except BaseException:
+                await self.kv_view.close()
                 await self.monitor.stop()
                 raise
         await self.monitor.check_now()
@@ -197,6 +226,7 @@ class RouterServer:
         if self.discovery is not None:
             await self.discovery.stop()
         await self.monitor.stop()
+        await self.kv_view.close()
         await self.pool.close()
         if self._session is not None:
             await self._session.close()

@@ -1,9 +1,7 @@
 """The simulated worker's KV events publisher: SGLang's `--kv-events-config`, ZMQ PUB + replay.
 
-`KvEventsConfig.parse(text)` reads the JSON SGLang's pydantic `KVEventsConfig` reads, with the
-same fields and defaults: `publisher` "null" (off) | "zmq", `endpoint` "tcp://*:5557",
-`replay_endpoint` None, `buffer_steps` 10000, `hwm` 100000, `max_queue_size` 100000, `topic` "".
-Unknown fields are ignored, as pydantic does.
+The configuration (`kv_wire.KvEventsConfig`, SGLang's JSON) is shared with the router, which
+reads it from a worker's `/server_info`.
 
 `EventPublisher` is the socket shell (one per worker, on the worker's asyncio loop; SGLang uses
 a thread, the sim needs none): `publish(batch)` numbers the batch (seq 0, 1, 2 …), sends
@@ -25,62 +23,18 @@ import contextlib
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass, fields
 from typing import Any
 
-import orjson
-
-from sglang_dp.kv_wire import END_SEQ, EventBatch, encode_batch, seq_bytes
+from sglang_dp.kv_wire import (
+    END_SEQ,
+    EventBatch,
+    KvEventsConfig,
+    encode_batch,
+    seq_bytes,
+    tcp_host_port,
+)
 
 log = logging.getLogger("sglang_dp.sim")
-
-PUBLISHERS = ("null", "zmq")
-
-
-@dataclass(frozen=True)
-class KvEventsConfig:
-    """SGLang's KVEventsConfig (see the module docstring)."""
-
-    publisher: str = "null"
-    endpoint: str = "tcp://*:5557"
-    replay_endpoint: str | None = None
-    buffer_steps: int = 10_000
-    hwm: int = 100_000
-    max_queue_size: int = 100_000
-    topic: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> KvEventsConfig:
-        """From the `--kv-events-config` JSON; ValueError with a clear message if it is wrong."""
-        try:
-            raw = orjson.loads(text)
-        except orjson.JSONDecodeError as exc:
-            raise ValueError(f"--kv-events-config is not JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError("--kv-events-config must be a JSON object")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in raw:
-                continue
-            value = raw[f.name]
-            ok = (
-                isinstance(value, str)
-                if f.name in ("publisher", "endpoint", "topic")
-                else value is None or isinstance(value, str)
-                if f.name == "replay_endpoint"
-                else isinstance(value, int) and not isinstance(value, bool) and value > 0
-            )
-            if not ok:
-                raise ValueError(f"--kv-events-config: bad {f.name}: {value!r}")
-            values[f.name] = value
-        config = cls(**values)
-        if config.publisher not in PUBLISHERS:
-            raise ValueError(f"--kv-events-config: unknown publisher {config.publisher!r}")
-        return config
-
-    @property
-    def enabled(self) -> bool:
-        return self.publisher == "zmq"
 
 
 def binds(endpoint: str) -> bool:
@@ -96,16 +50,6 @@ def binds(endpoint: str) -> bool:
 def local_endpoint(endpoint: str, host: str) -> str:
     """A `*` host replaced by the worker's host (the sim stays on loopback by default)."""
     return endpoint.replace("*", host, 1) if endpoint.startswith("tcp://*") else endpoint
-
-
-def tcp_host_port(endpoint: str) -> tuple[str, int] | None:
-    """(host, port) of a tcp:// endpoint, None for any other."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return host, int(port)
 
 
 def describe(config: KvEventsConfig, block_size: int) -> dict[str, Any] | None:

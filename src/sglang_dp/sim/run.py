@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sglang_dp.httpserver import serve
+from sglang_dp.kv_wire import KvEventsConfig
 from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
 from sglang_dp.sim.cost_model import resolve
-from sglang_dp.sim.kv_events import KvEventsConfig
 from sglang_dp.sim.server import SimWorker
 
 log = logging.getLogger("sglang_dp.sim")

@@ -40,11 +40,11 @@ import orjson
 
 from sglang_dp import __version__
 from sglang_dp.httpserver import TEXT, HttpRequest, Responder
-from sglang_dp.kv_wire import EventBatch
+from sglang_dp.kv_wire import EventBatch, KvEventsConfig
 from sglang_dp.sim import api
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
-from sglang_dp.sim.kv_events import EventPublisher, KvEventsConfig, describe
+from sglang_dp.sim.kv_events import EventPublisher, describe
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
 from sglang_dp.sim.tokenizer import (
     Output,
