@@ -132,3 +132,23 @@ def test_admission_control_and_open_breakers_show_in_the_header() -> None:
     assert "breakers open: 31010 (open)" in text
     console.print(render(frame(stats(1, 5, 50), None, title="m", url="u")))
     assert "admitted" not in console.export_text()  # a router without it: no line
+
+
+def test_each_worker_says_whether_it_is_matched_on_events_or_the_tree() -> None:
+    payload = stats(1, 5, 50, cache_view="events")
+    second = payload["workers"][0] | {"url": "http://127.0.0.1:31010", "cache_view": "tree"}
+    payload["workers"].append(second)
+    payload["kv_events"] = {
+        "mode": "auto",
+        "workers": {
+            "http://127.0.0.1:31000": {"trusted": True, "events_per_s": 12.4},
+            "http://127.0.0.1:31010": {"trusted": False, "reason": "events 3..7 lost"},
+        },
+    }
+    console = Console(record=True, width=200, color_system=None)
+    console.print(render(frame(payload, None, title="m", url="u")))
+    text = console.export_text()
+    assert "events 12/s" in text and "tree: events 3..7 lost" in text
+    del payload["kv_events"]
+    console.print(render(frame(payload, None, title="m", url="u")))
+    assert "view" not in console.export_text().split("events 12/s")[-1]

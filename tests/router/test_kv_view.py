@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
 
-from tests.processes import Worker, free_port_band, sim_worker, wait_for
+from tests.inspect.test_inspect_tree import inspect
+from tests.processes import SGLANG_DP, Worker, free_port_band, sim_worker, wait_for
 from tests.router.cluster import Cluster, router_process
 
 pytestmark = pytest.mark.slow
@@ -82,6 +85,16 @@ def test_routes_on_exact_cache_state_and_says_so() -> None:
         assert stats[held]["cache_view"] == "events"
         metrics = c.router.get("/metrics").body.decode()
         assert f'sglang_dp_kv_events_trusted{{worker="{held}"}} 1.0' in metrics
+        shown = inspect(c, "--prompt", SYSTEM + " third")
+        assert shown.returncode == 0, shown.stderr
+        words = " ".join(shown.stdout.split())  # as wrapped to the terminal's width
+        assert "40 of 41 tokens" in words and "its match is exact" in words
+        summary = subprocess.run(
+            [SGLANG_DP, "inspect-tree", "--url", c.router.url],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, "COLUMNS": "250"},
+        )  # fmt: skip
+        assert "blocks, exact" in summary.stdout, summary.stdout + summary.stderr
 
 
 def test_a_worker_without_events_is_routed_on_the_tree_and_reported() -> None:

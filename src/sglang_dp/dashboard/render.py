@@ -14,6 +14,9 @@ as tokens per second, `prices.py`):
      0  0    31000  healthy  12 ██████▌     0.42 s  7.1 k/s   1,204   81 %   79 %  210 k ...
     events: 22:41:03 worker 3 restarted · ...
 
+With the workers' KV events followed (`kv_events` in the payload), a last column `view` says
+what each worker is matched on: `events 12/s` (exact; batches per second) or `tree: <why>`.
+
 Rows come from plain records and a fresh table is built each frame (no widget state).
 """
 
@@ -59,6 +62,9 @@ class ProcessFacts:
     node: str = ""  # the Ray node it runs on, "" for a local worker
 
 
+VIEW_WIDTH = 28  # the reason a worker is on the tree, cut to fit a terminal
+
+
 @dataclass(frozen=True)
 class WorkerRow:
     index: int
@@ -78,6 +84,8 @@ class WorkerRow:
     wait_s: float | None = None  # estimated queue wait (s)
     prefill_tokens_per_s: float | None = None  # its fitted prefill price, as a rate
     pod: str = ""  # service discovery: the worker's pod, namespace/name
+    view: str = ""  # what its matches come from: "events" (KV events, exact) or "tree"
+    view_note: str = ""  # events: their rate; tree: why not events
 
 
 @dataclass(frozen=True)
@@ -170,6 +178,9 @@ def frame(
     discovery = stats.get("discovery")
     if isinstance(discovery, Mapping):
         rows = with_pods(rows, discovery)
+    kv_events = stats.get("kv_events")
+    if isinstance(kv_events, Mapping):
+        rows = with_views(rows, stats.get("workers", []), kv_events)
     workers = stats.get("workers", [])
     prompt = sum(w.get("prompt_tokens", 0) for w in workers)
     predicted = sum(w.get("predicted_tokens", 0) for w in workers)
@@ -202,6 +213,25 @@ def with_pods(rows: list[WorkerRow], discovery: Mapping[str, Any]) -> list[Worke
             continue
         state = row.state if pod.get("routed", True) else "unready"
         out.append(dataclasses.replace(row, pod=f"{pod['namespace']}/{pod['name']}", state=state))
+    return out
+
+
+def with_views(
+    rows: list[WorkerRow], workers: Sequence[Mapping[str, Any]], kv_events: Mapping[str, Any]
+) -> list[WorkerRow]:
+    """Each row says what the router matches that worker on: its KV events (with their rate)
+    or the approximate tree (with why not events)."""
+    views = {w["url"]: w.get("cache_view", "tree") for w in workers}
+    streams: Mapping[str, Any] = kv_events.get("workers", {})
+    out = []
+    for row in rows:
+        view = views.get(row.url, "tree")
+        stream = streams.get(row.url)
+        if view == "events" and stream is not None:
+            note = f"{float(stream.get('events_per_s', 0.0)):.0f}/s"
+        else:
+            note = str(stream.get("reason", "")) if stream is not None else "not followed"
+        out.append(dataclasses.replace(row, view=view, view_note=note))
     return out
 
 
@@ -319,6 +349,7 @@ def worker_table(f: Frame) -> Table:
     in_pods = any(w.pod for w in f.workers)  # service discovery: say which pod each is
     if in_pods:
         table.add_column("pod")
+    viewed = any(w.view for w in f.workers)  # KV events: say what each worker is matched on
     for name, justify in (
         ("#", "right"), ("GPU", "left"), ("port", "right"), ("state", "left"),
         ("queue", "left"), ("wait", "right"), ("prefill", "right"),
@@ -326,6 +357,8 @@ def worker_table(f: Frame) -> Table:
         ("tree", "right"), ("restarts", "right"), ("CPU", "right"), ("mem", "right"),
     ):  # fmt: skip
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    if viewed:
+        table.add_column("view", no_wrap=True, max_width=VIEW_WIDTH)
     scale = max([8, *(w.in_flight for w in f.workers)])
     for w in f.workers:
         table.add_row(
@@ -345,8 +378,16 @@ def worker_table(f: Frame) -> Table:
             str(w.restarts),
             "-" if w.cpu_percent is None else f"{w.cpu_percent:.0f} %",
             "-" if w.rss_bytes is None else human(w.rss_bytes) + "B",
+            *([view_text(w)] if viewed else []),
         )
     return table
+
+
+def view_text(w: WorkerRow) -> Text:
+    """'events 12/s' in green, or 'tree: <why>' in yellow."""
+    if w.view == "events":
+        return Text(f"events {w.view_note}", style="green")
+    return Text(f"tree: {w.view_note}" if w.view_note else "tree", style="yellow")
 
 
 def render(f: Frame) -> RenderableType:

@@ -44,6 +44,9 @@ def summary_table(stats: Mapping[str, Any]) -> Table:
         table.add_column(
             column, justify="left" if column in ("worker", "url", "state") else "right"
         )
+    streams = kv_streams(stats)
+    if streams is not None:
+        table.add_column("events (exact blocks)", justify="left")
     for w in stats.get("workers", []):
         name = names[w["url"]]
         budget = w.get("budget")
@@ -60,8 +63,37 @@ def summary_table(stats: Mapping[str, Any]) -> Table:
             str(w.get("corrections", 0)),
             human(w.get("evicted", 0)),
             w["url"],
+            *([stream_cell(streams.get(w["url"]))] if streams is not None else []),
         )
     return table
+
+
+def kv_streams(stats: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The KV event streams the router follows (None when it follows none: `--cache-view
+    approx`)."""
+    kv = stats.get("kv_events")
+    return kv.get("workers", {}) if isinstance(kv, Mapping) else None
+
+
+def stream_cell(stream: Mapping[str, Any] | None) -> Text:
+    """'1,204 blocks, exact' or 'untrusted: <why>' for one worker's stream."""
+    if stream is None:
+        return Text("not followed", style="dim")
+    if stream.get("trusted"):
+        blocks, speculative = int(stream.get("blocks", 0)), int(stream.get("speculative", 0))
+        extra = f" (+{speculative:,} routed, unconfirmed)" if speculative else ""
+        return Text(f"{blocks:,} blocks, exact{extra}", style="green")
+    return Text(f"tree: {stream.get('reason', '?')}", style="yellow")
+
+
+def view_sentence(route: Mapping[str, Any]) -> str:
+    """Which picture of the chosen worker's cache decided ('' when there is only the tree)."""
+    views = {w.get("view") for w in route.get("workers", [])}
+    if "events" not in views:
+        return ""
+    if route["decision"].get("view") == "events":
+        return "; its match is exact: the blocks its KV events say it holds"
+    return "; its match is the approximate tree's: its KV events are not whole (see the summary)"
 
 
 def _branch_label(branch: Mapping[str, Any], names: Mapping[str, str]) -> Text:
@@ -121,7 +153,8 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     name = names.get(d["worker"], d["worker"])
     loads = {w["url"]: w["load"] for w in route.get("workers", [])}
     threshold = settings.get("cache_threshold", 0.0)
-    held = f"{d['matched']:,} of {length:,} characters ({_pct(d['match_rate'])})"
+    unit = route.get("key_unit", "characters")
+    held = f"{d['matched']:,} of {length:,} {unit} ({_pct(d['match_rate'])})"
     reason = d["reason"]
     if d["policy"] == "least_ttft":
         return _explain_least_ttft(route, names, held)
@@ -132,13 +165,13 @@ def explain(route: Mapping[str, Any], stats: Mapping[str, Any]) -> str:
     if reason == "below_threshold":
         best = max((w["matched"] for w in route.get("workers", [])), default=0)
         rate = best / length if length else 0.0
-        below = f"the best match is {best:,} of {length:,} characters ({_pct(rate)}) ≤ threshold "
+        below = f"the best match is {best:,} of {length:,} {unit} ({_pct(rate)}) ≤ threshold "
         in_flight = f"{loads.get(d['worker'], 0)} in flight"
         if d["policy"] == "cache_aware":
             pending = {w["url"]: w.get("pending", 0) for w in route.get("workers", [])}
             return (
                 f"{below}{_pct(threshold)}: the worker with the least pending prefill, {name} "
-                f"({pending.get(d['worker'], 0):,} uncached characters, {in_flight}), takes it"
+                f"({pending.get(d['worker'], 0):,} uncached {unit}, {in_flight}), takes it"
             )
         return f"{below}{_pct(threshold)}: the least loaded worker, {name} ({in_flight}), takes it"
     if reason in ("imbalanced", "imbalanced_hit"):
@@ -192,8 +225,10 @@ def _estimate_cell(estimate: Mapping[str, float] | None) -> str:
 def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> RenderableType:
     names = worker_names(stats)
     table = Table(title="per worker", title_justify="left")
+    viewed = any(w.get("view") == "events" for w in route.get("workers", []))
     for column in (
-        "worker", "url", "matched", "rate", "in flight", "pending prefill", "estimated"
+        "worker", "url", "matched", "rate", "in flight", "pending prefill", "estimated",
+        *(["view"] if viewed else []),
     ):  # fmt: skip
         table.add_column(column, justify="left" if column in ("worker", "url") else "right")
     length = max(int(route.get("key_length", 0)), 1)
@@ -209,11 +244,13 @@ def decision_view(route: Mapping[str, Any], stats: Mapping[str, Any]) -> Rendera
             str(w["load"]),
             f"{w.get('pending', 0):,}",
             _estimate_cell(w.get("estimate")),
+            *([w.get("view", "tree")] if viewed else []),
         )
     d = route["decision"]
     name = names.get(d["worker"], d["worker"])
     headline = Text.assemble(
         ("→ ", "bold"), (name, f"bold {_style(name)}"),
         f"  [{d['reason']}, policy {d['policy']}]\n", explain(route, stats),
+        view_sentence(route),
     )  # fmt: skip
     return Group(headline, table)

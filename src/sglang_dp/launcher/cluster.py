@@ -16,7 +16,6 @@ supervisor reads it (`health_of`) to restart a worker unhealthy for --unhealthy-
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -27,13 +26,14 @@ import psutil
 
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
-from sglang_dp.launcher.plan import WorkerSpec, plan_workers
+from sglang_dp.launcher.plan import KV_EVENTS_FLAG, WorkerSpec, plan_workers
 from sglang_dp.launcher.process import (
     LogRotation,
     Spawner,
     busy_ports,
     find_leftovers,
     kill_leftovers,
+    sglang_accepts_flag,
     sglang_accepts_nccl_port,
     sglang_importable,
     spawn_worker,
@@ -77,6 +77,8 @@ def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
             environ=os.environ,
             host=config.worker_host,
             reserved_ports=[] if config.no_router else [config.router.port],
+            kv_events=config.kv_events
+            and (config.simulate or sglang_accepts_flag(python, KV_EVENTS_FLAG)),
         )
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
@@ -203,12 +205,30 @@ class Cluster:
             return
         from sglang_dp.router.server import RouterServer
 
-        self._router = RouterServer(dataclasses.replace(self.config.router, worker_urls=()))
+        self._router = self._make_router(RouterServer)
         for message in self._events_before_router:
             self._router.record_event(message)
         for url in self._up_before_router:
             self._router.add_worker(url)
         await self._router.start()
+
+    def _make_router(self, server: type[RouterServer]) -> RouterServer:
+        """The router, keyed on the workers' tokens when they publish KV events (its tokenizer
+        failing to load — say, a hub name not in the local cache — falls back to characters,
+        with the reason in the event log)."""
+        config = self.config
+        specs = self.supervisor.specs
+        publishing = any(KV_EVENTS_FLAG in spec.argv for spec in specs)
+        if config.kv_events and not publishing and specs:
+            self._event("this SGLang has no --kv-events-config: routing on the approximate tree")
+        settings = config.router_settings(publishing)
+        try:
+            return server(settings)
+        except (OSError, ValueError, ImportError) as exc:
+            if settings == config.router_settings(False):
+                raise
+            self._event(f"KV events not used: the tokenizer did not load ({exc})")
+            return server(config.router_settings(False))
 
     async def wait_ready(self, allow_partial: bool) -> list[str]:
         """Raises StartupFailed (with the log tail) when a worker cannot start."""

@@ -7,9 +7,11 @@ not an option here. Everything after `--` goes to every worker unchanged (`worke
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from sglang_dp.discovery.config import DISCOVERY_FLAGS
+from sglang_dp.launcher.plan import flag_value
 from sglang_dp.launcher.ray_plan import PLACEMENTS
 from sglang_dp.options import nested, option
 from sglang_dp.router.config import RouterConfig
@@ -68,6 +70,13 @@ class LaunchConfig:
     )
     simulate: bool = option(
         False, "Run simulated CPU-only workers (python -m sglang_dp.sim) instead of SGLang."
+    )
+    kv_events: bool = option(
+        True,
+        "Have every worker publish its KV cache events (SGLang's --kv-events-config, on ports "
+        "of its own band, with --page-size 16 unless given) so that the router routes on exact "
+        "cache state; it then keys prompts on the model's tokenizer (--no-kv-events: the "
+        "approximate tree on characters alone).",
     )
     dashboard: bool = option(True, "Show the live dashboard (else a status line every 5 s).")
     worker_host: str = option(
@@ -130,6 +139,20 @@ class LaunchConfig:
             raise ValueError("--ray runs the router on this machine: drop --no-router")
         if self.gpus is not None:
             raise ValueError("--gpus does not go with --ray: Ray assigns each worker its GPUs")
+
+    def router_settings(self, kv_events: bool) -> RouterConfig:
+        """The embedded router's settings: with the workers' KV events (`kv_events`: the
+        workers were told to publish), keys of token ids unless the user chose a key —
+        the simulated workers' word tokenizer, else the workers' own tokenizer."""
+        router = dataclasses.replace(self.router, worker_urls=())
+        if not kv_events or router.cache_view == "approx" or router.routing_key != "chars":
+            return router
+        tokenizer = router.tokenizer_path or flag_value(self.worker_args, "--tokenizer-path")
+        if self.simulate and tokenizer is None:
+            return dataclasses.replace(router, routing_key="words")
+        return dataclasses.replace(
+            router, routing_key="tokens", tokenizer_path=tokenizer or self.model
+        )
 
     @property
     def model(self) -> str:

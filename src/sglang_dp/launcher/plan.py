@@ -25,9 +25,14 @@ Keep the base at 30000 or above: sglang 0.5 without `--nccl-port` picks random p
 with "address already in use" moves to the next free band after the plan (`spare_ports`,
 `with_ports`).
 
-The launcher owns --model-path, --host, --port, --tp-size, --nccl-port, --dp-size and
---base-gpu-id (and their aliases, `--flag=value` forms and the abbreviations argparse would
-expand to them): finding one in the user's flags after `--` is a ValueError naming the flag.
+KV events (`kv_events=True`, launch's default where the installed SGLang has
+`--kv-events-config`): every worker publishes its cache events at P_i + 2 with replay at P_i + 3
+(`kv_events_config`), topic "kv", and gets `--page-size 16` unless the user gave a page size.
+
+The launcher owns --model-path, --host, --port, --tp-size, --nccl-port, --dp-size,
+--base-gpu-id and --kv-events-config (and their aliases, `--flag=value` forms and the
+abbreviations argparse would expand to them): finding one in the user's flags after `--` is a
+ValueError naming the flag.
 Everything else is passed to every worker unchanged.
 """
 
@@ -69,8 +74,14 @@ OWNED_FLAGS: Mapping[str, str] = MappingProxyType(
         "--data-parallel-size": _DP,
         "--nccl-port": "sglang-dp gives each worker its own",
         "--base-gpu-id": "use --gpus: each worker sees only its own GPUs (CUDA_VISIBLE_DEVICES)",
+        "--kv-events-config": "sglang-dp gives each worker its own ports (--no-kv-events: none)",
     }
 )
+KV_EVENTS_FLAG = "--kv-events-config"
+PAGE_SIZE_FLAG = "--page-size"
+KV_EVENTS_PAGE_SIZE = 16  # tokens per KV page, and so per event block (see README)
+KV_EVENTS_PORT_OFFSET = 2  # publisher at P_i + 2, replay at P_i + 3: inside every band
+KV_EVENTS_TOPIC = "kv"
 MIN_ABBREVIATION = 3  # argparse expands unique prefixes; "--mod" would mean --model-path
 
 
@@ -167,12 +178,7 @@ def check_worker_args(worker_args: Sequence[str]) -> None:
 
 def api_key_from_args(argv: Sequence[str]) -> str | None:
     """The value of `--api-key` in a worker's argv (health checks must send it), if any."""
-    for i, arg in enumerate(argv):
-        if arg == "--api-key" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--api-key="):
-            return arg.split("=", 1)[1]
-    return None
+    return flag_value(argv, "--api-key")
 
 
 def worker_argv(
@@ -185,6 +191,7 @@ def worker_argv(
     tp: int,
     nccl_port: int | None,
     worker_args: Sequence[str],
+    kv_events: bool = False,
 ) -> tuple[str, ...]:
     """One worker's command line (see the module docstring)."""
     module = SIM_MODULE if simulate else REAL_MODULE
@@ -192,7 +199,31 @@ def worker_argv(
     argv += ["--port", str(port), "--tp-size", str(tp)]
     if nccl_port is not None:
         argv += ["--nccl-port", str(nccl_port)]
+    if kv_events:
+        argv += [KV_EVENTS_FLAG, kv_events_config(port)]
+        if flag_value(worker_args, PAGE_SIZE_FLAG) is None:
+            argv += [PAGE_SIZE_FLAG, str(KV_EVENTS_PAGE_SIZE)]
     return (*argv, *worker_args)
+
+
+def kv_events_config(port: int) -> str:
+    """The `--kv-events-config` of the worker whose HTTP port is `port` (see the module
+    docstring): SGLang binds a `*` endpoint (any other host would make it connect instead)."""
+    publish, replay = port + KV_EVENTS_PORT_OFFSET, port + KV_EVENTS_PORT_OFFSET + 1
+    return (
+        f'{{"publisher": "zmq", "endpoint": "tcp://*:{publish}", '
+        f'"replay_endpoint": "tcp://*:{replay}", "topic": "{KV_EVENTS_TOPIC}"}}'
+    )
+
+
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` in an argv (`--flag value` or `--flag=value`), if given."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def worker_env(
@@ -222,6 +253,7 @@ def plan_workers(
     environ: Mapping[str, str],
     host: str = WORKER_HOST,
     reserved_ports: Collection[int] = (),
+    kv_events: bool = False,
 ) -> list[WorkerSpec]:
     """One WorkerSpec per worker; ValueError on an impossible plan (message says why)."""
     if dp < 1 or tp < 1:
@@ -241,6 +273,7 @@ def plan_workers(
             tp=tp,
             nccl_port=layout.nccl_port(i),
             worker_args=worker_args,
+            kv_events=kv_events,
         )
         spec = WorkerSpec(
             index=i,
@@ -273,6 +306,8 @@ def with_ports(spec: WorkerSpec, port: int, nccl_port: int | None) -> WorkerSpec
     """The same worker on other ports (its argv's --port and --nccl-port rewritten)."""
     argv = list(spec.argv)
     _set_flag_value(argv, "--port", str(port))
+    if KV_EVENTS_FLAG in argv:
+        _set_flag_value(argv, KV_EVENTS_FLAG, kv_events_config(port))
     if spec.nccl_port is not None and nccl_port is not None:
         _set_flag_value(argv, "--nccl-port", str(nccl_port))
     else:

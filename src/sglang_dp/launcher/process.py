@@ -71,15 +71,15 @@ TAIL_READ_BYTES = 64 * 1024  # the last lines of a log are in its last 64 KiB
 CHECK_TIMEOUT_S = 60.0  # a cold Python start on a busy node's network filesystem is slow
 HELP_TIMEOUT_S = 300.0  # `launch_server --help` imports torch
 
-# Exit status of the server_args.py probe (see _NCCL_PORT_PROBE)
+# Exit status of the server_args.py probe (see _FLAG_PROBE: argv[1] is the flag)
 _PROBE_YES, _PROBE_NO = 0, 1
-_NCCL_PORT_PROBE = """
+_FLAG_PROBE = """
 import importlib.util, pathlib, sys
 spec = importlib.util.find_spec("sglang")
 for root in (spec.submodule_search_locations or []) if spec else []:
     source = pathlib.Path(root, "srt", "server_args.py")
     if source.is_file():
-        sys.exit(0 if '"--nccl-port"' in source.read_text(errors="replace") else 1)
+        sys.exit(0 if f'"{sys.argv[1]}"' in source.read_text(errors="replace") else 1)
 sys.exit(2)
 """
 _IMPORTABLE_PROBE = (
@@ -422,12 +422,18 @@ def sglang_importable(python: str) -> bool:
 
 def sglang_accepts_nccl_port(python: str) -> bool:
     """Whether the sglang that `python` imports has `--nccl-port` (0.5+); False if unknown."""
-    probe = _run_quietly([python, "-c", _NCCL_PORT_PROBE], CHECK_TIMEOUT_S)
+    return sglang_accepts_flag(python, "--nccl-port")
+
+
+def sglang_accepts_flag(python: str, flag: str) -> bool:
+    """Whether the sglang that `python` imports has `flag` (`--nccl-port`,
+    `--kv-events-config`); False if unknown."""
+    probe = _run_quietly([python, "-c", _FLAG_PROBE, flag], CHECK_TIMEOUT_S)
     if probe is not None and probe.returncode in (_PROBE_YES, _PROBE_NO):
         return probe.returncode == _PROBE_YES
     # server_args.py moved: ask the server itself
     done = _run_quietly([python, "-m", "sglang.launch_server", "--help"], HELP_TIMEOUT_S)
-    return done is not None and "--nccl-port" in done.stdout
+    return done is not None and flag in done.stdout
 
 
 def _run_quietly(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str] | None:

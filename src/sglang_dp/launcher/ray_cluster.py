@@ -112,6 +112,7 @@ def template_specs(config: LaunchConfig, log_dir: Path) -> list[WorkerSpec]:
             environ={},
             host=config.worker_host,
             reserved_ports=[config.router.port],
+            kv_events=config.kv_events,
         )
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
@@ -129,6 +130,7 @@ def requests_for(specs: list[WorkerSpec], config: LaunchConfig) -> dict[int, Wor
             base_port=config.base_port,
             log_path=str(spec.log_path),
             log_rotation=LogRotation(config.log_rotation_bytes, config.log_keep),
+            kv_events=config.kv_events,
         )
         for spec in specs
     }

@@ -43,6 +43,7 @@ from types import MappingProxyType
 from typing import Any
 
 from sglang_dp.launcher.plan import (
+    KV_EVENTS_FLAG,
     NCCL_PORT_OFFSET,
     PortLayout,
     WorkerSpec,
@@ -56,6 +57,7 @@ from sglang_dp.launcher.process import (
     busy_ports,
     is_local_address,
     pids_path_of,
+    sglang_accepts_flag,
     sglang_accepts_nccl_port,
     sglang_importable,
 )
@@ -79,6 +81,7 @@ class WorkerRequest:
     base_port: int
     log_path: str  # absolute: the actor's working directory is Ray's
     log_rotation: LogRotation
+    kv_events: bool = False  # publish KV events, if the node's SGLang can
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class WorkerActor:
         layout = PortLayout(request.base_port, accepts)
         port = free_band(request, layout, host)
         nccl_port = port + NCCL_PORT_OFFSET if accepts else None
+        kv_events = request.kv_events and (
+            request.simulate or await asyncio.to_thread(sglang_accepts_flag, python, KV_EVENTS_FLAG)
+        )
         argv = worker_argv(
             python=python,
             simulate=request.simulate,
@@ -124,6 +130,7 @@ class WorkerActor:
             tp=request.tp,
             nccl_port=nccl_port,
             worker_args=request.worker_args,
+            kv_events=kv_events,
         )
         spec = WorkerSpec(
             index=request.index,

@@ -353,6 +353,7 @@ def _debug_route(state: RouterState) -> Endpoint:
             {
                 "path": path,
                 "key_length": decision.key_length,
+                "key_unit": "characters" if isinstance(routed.key, str) else "tokens",
                 "decision": {
                     "worker": decision.worker,
                     "reason": decision.reason,
