@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,14 @@ from hypothesis import strategies as st
 
 from sglang_dp.launcher.plan import (
     DEFAULT_BASE_PORT,
+    KV_EVENTS_FLAG,
     STRIDE_WITH_NCCL_PORT,
     STRIDE_WITHOUT_NCCL_PORT,
     PortLayout,
     WorkerSpec,
     api_key_from_args,
     check_worker_args,
+    flag_value,
     owned_flag,
     plan_workers,
     spare_ports,
@@ -271,3 +274,30 @@ def test_layout_bands_partition_the_ports(slots: int, accepts: bool) -> None:
         assert nccl is None or nccl in band
         if i:
             assert bands[i - 1].stop == band.start
+
+
+def test_kv_events_each_worker_publishes_inside_its_own_band() -> None:
+    specs = plan(kv_events=True, dp=3, tp=1, gpus=[(0,), (1,), (2,)])
+    for spec in specs:
+        config = json.loads(flag_value(spec.argv, KV_EVENTS_FLAG) or "")
+        assert config == {
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{spec.port + 2}",
+            "replay_endpoint": f"tcp://*:{spec.port + 3}",
+            "topic": "kv",
+        }
+        assert spec.port + 3 in PortLayout(31000, True).band(spec.index)
+        assert flag_value(spec.argv, "--page-size") == "16"
+    mine = plan(kv_events=True, worker_args=["--page-size", "64"])[0]
+    assert mine.argv.count("--page-size") == 1 and flag_value(mine.argv, "--page-size") == "64"
+    assert KV_EVENTS_FLAG not in plan()[0].argv  # off unless asked
+    moved = with_ports(specs[1], 40000, 40001)
+    assert json.loads(flag_value(moved.argv, KV_EVENTS_FLAG) or "")["endpoint"] == "tcp://*:40002"
+    with pytest.raises(ValueError, match="--kv-events-config cannot be passed"):
+        plan(worker_args=["--kv-events-config", "{}"])
+
+
+def test_flag_value() -> None:
+    assert flag_value(["--a", "1", "--b=2"], "--b") == "2"
+    assert flag_value(["--a", "1"], "--a") == "1"
+    assert flag_value(["--a"], "--a") is None and flag_value(["--ab", "1"], "--a") is None

@@ -128,3 +128,17 @@ def test_a_ray_address_where_nothing_answers_is_a_clear_error_at_once(
     config = LaunchConfig(simulate=True, ray=address, log_dir=str(tmp_path), router=router)
     assert run_launch(config) == 2
     assert f"nothing answers at {address}" in capsys.readouterr().out
+
+
+def test_the_router_keys_on_the_workers_tokens_when_they_publish_kv_events() -> None:
+    simulated = LaunchConfig(simulate=True)
+    assert simulated.router_settings(True).routing_key == "words"
+    assert simulated.router_settings(False).routing_key == "chars"
+    real = LaunchConfig(model_path="/models/llama")
+    tokens = real.router_settings(True)
+    assert (tokens.routing_key, tokens.tokenizer_path) == ("tokens", "/models/llama")
+    given = LaunchConfig(simulate=True, worker_args=("--tokenizer-path", "/tok"))
+    assert given.router_settings(True).tokenizer_path == "/tok"
+    chosen = LaunchConfig(model_path="/m", router=RouterConfig(cache_view="approx"))
+    assert chosen.router_settings(True).routing_key == "chars"
+    assert real.router_settings(True).worker_urls == ()
