@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # mypyc compiles these at install time (setup.py): a change to them needs a reinstall.
 COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py \
-	src/sglang_dp/router/prices.py \
+	src/sglang_dp/router/prices.py src/sglang_dp/router/kv_index.py \
 	src/sglang_dp/httpserver.py src/sglang_dp/router/upstream.py src/sglang_dp/router/proxy.py \
 	src/sglang_dp/router/answers.py
 

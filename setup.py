@@ -17,6 +17,7 @@ COMPILED = [
     "src/sglang_dp/router/tree.py",
     "src/sglang_dp/router/policies.py",
     "src/sglang_dp/router/prices.py",
+    "src/sglang_dp/router/kv_index.py",
     "src/sglang_dp/router/engine.py",
     "src/sglang_dp/httpserver.py",
     "src/sglang_dp/router/upstream.py",

@@ -11,6 +11,7 @@ COMPILED = [  # setup.py's list
     "sglang_dp.router.tree",
     "sglang_dp.router.policies",
     "sglang_dp.router.prices",
+    "sglang_dp.router.kv_index",
     "sglang_dp.router.engine",
     "sglang_dp.httpserver",
     "sglang_dp.router.upstream",

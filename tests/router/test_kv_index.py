@@ -194,23 +194,6 @@ def test_foreign_namespaced_blocks_are_never_matched() -> None:
     assert index.status("w").foreign_blocks == 1 and index.trusted("w")
 
 
-def test_speculative_pages_count_until_they_expire() -> None:
-    index = KvIndex(block_size=2)
-    ids = chain_ids([1, 2], 2)
-    index.apply("w0", batch(0, BlockStored(ids, None, [1, 2], 2)), 0.0)
-    index.add_worker("w1")
-    index.speculate("w0", [1, 2, 3, 4, 5], now=10.0, ttl=2.0)
-    index.speculate("w1", [1, 2, 3, 4], now=11.0, ttl=2.0)
-    assert index.match([1, 2, 3, 4, 9], now=11.5) == {"w0": 4, "w1": 4}
-    assert index.match([1, 2, 3, 4, 9]) == {"w0": 2, "w1": 0}  # confirmed only
-    assert index.match([1, 2, 3, 4], now=12.5) == {"w0": 2, "w1": 4}
-    assert index.status("w1").speculative == 2
-    index.expire(13.0)
-    assert index.speculative("w0") == 0 and index.speculative("w1") == 0
-    assert index.match([1, 2, 3, 4], now=13.0) == {"w0": 2, "w1": 0}
-    assert not index._spec_roots  # nothing left behind
-
-
 # ---------------------------------------------------------------- properties against brute force
 
 
@@ -306,43 +289,3 @@ def test_dropped_batches_are_replayed_or_the_worker_is_untrusted(
         assert index.trusted("w") and index.blocks("w") == cache.block_ids()
     elif index.trusted("w"):  # trust came back through a clear: exact again
         assert index.blocks("w") == cache.block_ids()
-
-
-@settings(max_examples=150, deadline=None)
-@given(
-    page=st.integers(1, 2),
-    calls=st.lists(
-        st.tuples(st.sampled_from(["w0", "w1"]), token_lists, st.integers(0, 6), st.integers(1, 4)),
-        max_size=15,
-    ),
-    probes=st.lists(token_lists, min_size=1, max_size=4),
-    later=st.integers(0, 12),
-)
-def test_speculation_equals_a_brute_force_table(
-    page: int, calls: list[tuple[str, list[int], int, int]], probes: list[list[int]], later: int
-) -> None:
-    """Speculations at non-decreasing times; matches at a later time against (worker, prefix)
-    -> expiry, the longest whole-page prefix whose every page prefix is unexpired."""
-    index = KvIndex(block_size=page)
-    for w in ("w0", "w1"):
-        index.add_worker(w)
-    table: dict[tuple[str, tuple[int, ...]], float] = {}
-    now = 0.0
-    for worker, tokens, step, ttl in calls:
-        now += step
-        index.speculate(worker, tokens, now, ttl)
-        for end in range(page, len(tokens) - len(tokens) % page + 1, page):
-            key = (worker, tuple(tokens[:end]))
-            table[key] = max(table.get(key, 0.0), now + ttl)
-    at = now + later
-    index.expire(at)
-    for probe in probes:
-        expected = {}
-        for w in ("w0", "w1"):
-            n = 0
-            while n + page <= len(probe) and table.get((w, tuple(probe[: n + page])), 0.0) > at:
-                n += page
-            expected[w] = n
-        assert index.match(probe, now=at) == expected
-    live = {(w, k) for (w, k), until in table.items() if until > at}
-    assert index.speculative("w0") + index.speculative("w1") == len(live)

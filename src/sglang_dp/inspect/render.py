@@ -80,9 +80,7 @@ def stream_cell(stream: Mapping[str, Any] | None) -> Text:
     if stream is None:
         return Text("not followed", style="dim")
     if stream.get("trusted"):
-        blocks, speculative = int(stream.get("blocks", 0)), int(stream.get("speculative", 0))
-        extra = f" (+{speculative:,} routed, unconfirmed)" if speculative else ""
-        return Text(f"{blocks:,} blocks, exact{extra}", style="green")
+        return Text(f"{int(stream.get('blocks', 0)):,} blocks, exact", style="green")
     return Text(f"tree: {stream.get('reason', '?')}", style="yellow")
 
 

@@ -44,11 +44,12 @@ Correction (`observe`), the proposal's fourth phase that sgl-router never built:
 
 Exact cache view (`use_events`): with token keys and a `KvIndex` fed by the workers' KV events
 (SGLang's `--kv-events-config`), a worker whose event stream is whole (`KvIndex.trusted`) is
-matched on the blocks it stored — whole pages, as SGLang matches — plus the pages of requests
-routed to it in the last few seconds whose events have not come yet (`KvIndex.speculate`); every
-other worker on the tree. The tree keeps being updated and corrected for all of them, so a
-worker whose stream breaks falls back to a current picture. `Explanation.views` and
-`WorkerStats.cache_view` say which picture served.
+matched on the blocks it stored — whole pages, as SGLang matches — or, if longer, on the whole
+pages of what the tree says was routed to it in the last `SPECULATIVE_TTL_S` (their events may
+not have come yet: `RadixTree.recent_match`); every other worker on the tree. The tree keeps
+being updated and corrected for all of them, so a worker whose stream breaks falls back to a
+current picture. `Explanation.views` and `WorkerStats.cache_view` say which picture served.
+
 The tree as a whole is held to `max_tree_memory_mb` (its estimated bytes: `tree.memory`) and
 `max_tree_size` key elements — global budgets: memory does not grow with the number of workers.
 While the tree is over either, every request evicts at most `EVICT_STEP` of the least recently
@@ -69,7 +70,7 @@ from typing import NamedTuple
 
 from sglang_dp.options import nested, option
 from sglang_dp.router.keys import KIND_IDS, KIND_TEXT, KINDS
-from sglang_dp.router.kv_index import KvIndex
+from sglang_dp.router.kv_index import SPECULATIVE_TTL_S, KvIndex
 from sglang_dp.router.policies import PolicyConfig, make_policy
 from sglang_dp.router.prices import (
     WARMUP,
@@ -488,12 +489,10 @@ class RoutingEngine:
         self._view.now = now
         path = self._tree.walk(key)
         loads = self._candidates(exclude)
-        matched, exact = self._matches(path, loads, now)
+        matched, _ = self._matches(path, loads, now)
         decision = self._decide(matched, len(path.key), loads)
         state = self._workers[decision.worker]
         prior = self._tree.insert_at(path, state.url, now)
-        if decision.worker in exact:  # stored before their events come: held a short while
-            self._speculate(decision.worker, path.key, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
         uncached = decision.key_length - decision.matched
         load = state.load
@@ -689,7 +688,8 @@ class RoutingEngine:
         self, path: Path, loads: dict[str, int], now: float | None
     ) -> tuple[dict[str, int], list[str]]:
         """Every candidate's match: its KV events' where they are whole (exact, whole pages),
-        the tree's elsewhere; and the workers matched on events."""
+        the tree's elsewhere; and the workers matched on events. A prefix routed to a worker in
+        the last `SPECULATIVE_TTL_S` counts as held before its events come (the tree's touch)."""
         index = self._events
         key = path.key
         if index is None or isinstance(key, str):
@@ -697,14 +697,16 @@ class RoutingEngine:
         exact = [w for w in loads if index.trusted(w)]
         if not exact:
             return path.matched, exact
+        stored = index.match(key, exact)
+        since = (self._view.now if now is None else now) - SPECULATIVE_TTL_S
+        page = index.block_size
         matched = dict(path.matched)
-        matched.update(index.match(key, exact, now))
+        for w in exact:
+            held = stored[w]
+            if matched.get(w, 0) > held:  # the tree knows more: routed there lately?
+                held = max(held, self._tree.recent_match(path, w, since) // page * page)
+            matched[w] = held
         return matched, exact
-
-    def _speculate(self, worker: str, key: Key, now: float) -> None:
-        index = self._events
-        if index is not None and not isinstance(key, str):
-            index.speculate(worker, key, now)
 
     def _decide(self, matched: dict[str, int], length: int, loads: dict[str, int]) -> Decision:
         worker, reason = self._policy.choose(loads, matched, length, self._pending)

@@ -20,7 +20,8 @@ holders nor children leaves the trie); `AllBlocksCleared` empties the worker's p
 Matching walks the request's whole pages through the trie once for all workers; a worker's
 match ends at the first page it does not hold (the prefix property of a radix cache), so this is
 exactly "chain the request's page hashes as SGLang does and count the leading ones the worker
-has stored", without hashing per request.
+has stored", without hashing per request. A page is keyed by its token ids as uint32
+little-endian bytes (`page_bytes`): one slice of the request's bytes per page, no tuple of ints.
 
 Stream state per worker (`status(worker)`): seq handling follows the wire contract —
 - seq = last + 1: applied. A first batch with seq 0 starts a whole picture (SGLang's first batch
@@ -40,11 +41,9 @@ than its KV capacity: removals were missed; the picture is dropped to bound memo
 worker untrusted, with the reason, until its next `AllBlocksCleared` or publisher restart.
 Events keep being applied while untrusted (best effort), so trust returns exactly then.
 
-Speculation (`speculate(worker, tokens, now)`): the engine routes a request before its blocks'
-`BlockStored` arrives; its whole pages count as held by that worker for `ttl` (default 2 s, as
-llm-d) in `match(..., now=now)`. They live in a second page trie walked in lockstep with the
-confirmed one; each speculation queues only its deepest page, and `expire(now)` (also called by
-`speculate`) walks up from it, so memory follows the requests of the last `ttl` seconds.
+Speculation is not kept here: between routing a request and its `BlockStored` the engine
+counts as held what its tree says the worker was routed in the last `SPECULATIVE_TTL_S` (2 s, as
+llm-d; `RadixTree.recent_match`), so matching costs one walk of this trie and no bookkeeping.
 
 Settings: `block_size` (the workers' `--page-size`), `max_blocks` per worker (default 1 << 20;
 size it from the worker's capacity: max_total_num_tokens / block_size), `max_pending` batches
@@ -54,12 +53,11 @@ copies) are ignored. Time is a parameter (`now`): last event time for silence ch
 
 from __future__ import annotations
 
-import heapq
-import struct
+import sys
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
-from itertools import count
 
 from sglang_dp.kv_wire import AllBlocksCleared, BlockRemoved, BlockStored, Event
 from sglang_dp.router.kv_events import Batch, Rejected
@@ -71,7 +69,18 @@ GPU = "GPU"
 NO_EVENTS = "no events yet"
 RESTARTED = "publisher restarted (seq went back): waiting for its seq 0"
 
-Page = tuple[int, ...]
+Page = bytes  # a page's token ids as uint32 little-endian: hashed as SGLang hashes them
+TOKEN_BYTES = 4
+
+
+def page_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as uint32 little-endian bytes: a page is a slice (cheaper than a tuple of ints
+    per page, and exactly what SGLang's page hash reads)."""
+    ids = tokens if isinstance(tokens, array) and tokens.typecode == "I" else array("I", tokens)
+    if sys.byteorder != "little":
+        ids = array("I", ids)
+        ids.byteswap()
+    return ids.tobytes()
 
 
 class Block:
@@ -86,18 +95,6 @@ class Block:
         self.parent = parent
         self.children: dict[Page, Block] = {}
         self.holders: set[str] = set()
-
-
-class SpecNode:
-    """A page some workers probably hold: routed there, its event not seen yet."""
-
-    __slots__ = ("children", "expiry", "page", "parent")
-
-    def __init__(self, page: Page, parent: SpecNode | None) -> None:
-        self.page = page
-        self.parent = parent
-        self.children: dict[Page, SpecNode] = {}
-        self.expiry: dict[str, float] = {}  # worker -> until
 
 
 @dataclass
@@ -118,7 +115,6 @@ class StreamStatus:
     rejected: int = 0
     last_event_time: float | None = None
     replaying_from: int | None = None
-    speculative: int = 0  # speculative pages not yet expired (swept)
 
 
 @dataclass
@@ -147,10 +143,6 @@ class KvIndex:
         self._roots: dict[Page, Block] = {}
         self._blocks: dict[int, Block] = {}
         self._workers: dict[str, _Worker] = {}
-        self._spec_roots: dict[Page, SpecNode] = {}
-        self._spec_queue: list[tuple[float, int, str, SpecNode]] = []
-        self._spec_ticks = count()
-        self._spec_count: dict[str, int] = {}
 
     # ------------------------------------------------------------------ workers
 
@@ -180,7 +172,6 @@ class KvIndex:
         s = w.status
         s.blocks = len(w.blocks)
         s.foreign_blocks = len(w.foreign)
-        s.speculative = self._spec_count.get(worker, 0)
         s.trusted = w.whole and not w.pending
         if s.trusted:
             s.reason = ""
@@ -205,98 +196,32 @@ class KvIndex:
 
     # ------------------------------------------------------------------ matching
 
-    def match(
-        self,
-        tokens: Sequence[int],
-        workers: Iterable[str] | None = None,
-        now: float | None = None,
-    ) -> dict[str, int]:
-        """Leading tokens of `tokens` each worker holds (whole pages; absent workers: 0).
-
-        With `now`, unexpired speculative entries (`speculate`) count as held too."""
+    def match(self, tokens: Sequence[int], workers: Iterable[str] | None = None) -> dict[str, int]:
+        """Leading tokens of `tokens` each worker holds (whole pages; absent workers: 0)."""
         wanted = set(self._workers if workers is None else workers)
         out = dict.fromkeys(wanted, 0)
-        p = self.block_size
-        children: dict[Page, Block] | None = self._roots
-        spec_children = self._spec_roots if now is not None and self._spec_roots else None
+        data = page_bytes(tokens)
+        step = self.block_size * TOKEN_BYTES
+        children = self._roots
         alive = wanted
         depth = 0
-        for start in range(0, len(tokens) - p + 1, p):
-            page = tuple(tokens[start : start + p])
-            block = children.get(page) if children is not None else None
-            spec = spec_children.get(page) if spec_children is not None else None
-            if spec is not None and now is not None:
-                live = {w for w, until in spec.expiry.items() if until > now}
-                holders = live | block.holders if block is not None else live
-            elif block is not None:
-                holders = block.holders
-            else:
+        for start in range(0, len(data) - step + 1, step):
+            block = children.get(data[start : start + step])
+            if block is None:
                 break
-            nxt = alive & holders
-            if len(nxt) < len(alive):
-                for w in alive - nxt:
+            holders = block.holders
+            if not alive <= holders:
+                held = alive & holders
+                for w in alive - held:
                     out[w] = depth
-                if not nxt:
+                if not held:
                     return out
-            alive = nxt
-            depth += p
-            children = block.children if block is not None else None
-            spec_children = spec.children if spec is not None else None
+                alive = held
+            depth += self.block_size
+            children = block.children
         for w in alive:
             out[w] = depth
         return out
-
-    # ------------------------------------------------------------------ speculation
-
-    def speculate(
-        self, worker: str, tokens: Sequence[int], now: float, ttl: float = SPECULATIVE_TTL_S
-    ) -> None:
-        """The whole pages of `tokens` count as held by `worker` until `now + ttl` (a request
-        routed there: its blocks are stored before their event arrives)."""
-        self.expire(now)
-        until = now + ttl
-        p = self.block_size
-        children = self._spec_roots
-        parent: SpecNode | None = None
-        count = self._spec_count
-        for start in range(0, len(tokens) - p + 1, p):
-            page = tuple(tokens[start : start + p])
-            node = children.get(page)
-            if node is None:
-                node = children[page] = SpecNode(page, parent)
-            if worker not in node.expiry:
-                count[worker] = count.get(worker, 0) + 1
-            # ancestors keep the latest expiry of anything under them: expiry walks up from the
-            # deepest node and stops where a later speculation still holds
-            node.expiry[worker] = max(until, node.expiry.get(worker, until))
-            children = node.children
-            parent = node
-        if parent is not None:
-            heapq.heappush(self._spec_queue, (until, next(self._spec_ticks), worker, parent))
-
-    def expire(self, now: float) -> None:
-        """Drop the speculative entries whose time has passed."""
-        queue = self._spec_queue
-        while queue and queue[0][0] <= now:
-            _, _, worker, node = heapq.heappop(queue)
-            self._expire_path(worker, node, now)
-
-    def speculative(self, worker: str) -> int:
-        """Speculative pages of a worker not yet swept (`expire`)."""
-        return self._spec_count.get(worker, 0)
-
-    def _expire_path(self, worker: str, node: SpecNode | None, now: float) -> None:
-        while node is not None:
-            until = node.expiry.get(worker)
-            if until is None or until > now:
-                return  # refreshed by a later speculation, and so is everything above
-            del node.expiry[worker]
-            self._spec_count[worker] -= 1
-            parent = node.parent
-            if not node.expiry and not node.children:
-                siblings = self._spec_roots if parent is None else parent.children
-                del siblings[node.page]
-            node = parent
 
     def matched_tokens(self, worker: str, tokens: Sequence[int]) -> int:
         """Leading tokens of `tokens` one worker holds."""
@@ -419,8 +344,10 @@ class KvIndex:
                 if parent is None or worker not in parent.holders:
                     self._distrust(w, f"block {parent_id} used as a parent was never stored")
                     foreign = True  # cannot be placed: never matched
+        data = page_bytes(tokens)
+        step = p * TOKEN_BYTES
         for i, block_id in enumerate(event.block_hashes):
-            page = tuple(tokens[i * p : (i + 1) * p])
+            page = data[i * step : (i + 1) * step]
             if not foreign:
                 block = self._place(block_id, page, parent)
                 if block is None:
@@ -445,7 +372,7 @@ class KvIndex:
         if block is not None:
             return block if block.block_id == block_id else None
         prior = parent.digest if parent else b""
-        digest = sha256(prior + struct.pack(f"<{len(page)}I", *page)).digest()
+        digest = sha256(prior + page).digest()  # the page is its tokens as uint32 LE
         if int.from_bytes(digest[:8], "big", signed=True) != block_id:
             return None
         block = Block(block_id, digest, page, parent)

@@ -17,8 +17,8 @@ global state. Everything runs on the router's event loop, so nothing needs a loc
     sglang_dp_{admitted_in_flight, queue_length}, sglang_dp_queued_total,
     sglang_dp_shed_total{reason}, sglang_dp_circuit_breaker_state{worker, state},
     sglang_dp_circuit_breaker_opens_total{worker}   admission control (`watch_admission`)
-    sglang_dp_kv_events_{trusted, last_seq, blocks, speculative_blocks, gaps_filled_total,
-               gaps_lost_total, rejected_total}{worker}, sglang_dp_kv_event_batches_total,
+    sglang_dp_kv_events_{trusted, last_seq, blocks, gaps_filled_total, gaps_lost_total,
+               rejected_total}{worker}, sglang_dp_kv_event_batches_total,
     sglang_dp_kv_event_batches_per_second, sglang_dp_kv_events_total{worker},
     sglang_dp_kv_index_blocks                       KV events (`watch_kv_events`)
 """
@@ -227,7 +227,6 @@ _KV_FIELDS = (
     ("last_seq", "sglang_dp_kv_events_last_seq", "gauge", "Last event batch seq applied."),
     ("events_per_s", "sglang_dp_kv_event_batches_per_second", "gauge", "Batches received."),
     ("blocks", "sglang_dp_kv_events_blocks", "gauge", "Blocks the worker's events say it holds."),
-    ("speculative", "sglang_dp_kv_events_speculative_blocks", "gauge", "Routed, unconfirmed."),
     ("batches", "sglang_dp_kv_event_batches", "counter", "Event batches applied."),
     ("events", "sglang_dp_kv_events", "counter", "Events applied."),
     ("gaps_filled", "sglang_dp_kv_events_gaps_filled", "counter", "Seq gaps repaired by replay."),

@@ -332,6 +332,23 @@ class RadixTree:
             node = child
         return Path(key, data, nodes, ends, matched, self._version)
 
+    def recent_match(self, path: Path, tenant: str, since: float) -> int:
+        """Key elements of the walked key that `tenant` holds in nodes it touched at `since` or
+        later: a prefix routed there recently (touch times never decrease toward the root)."""
+        index = self._index.get(tenant)
+        if index is None:
+            return 0
+        if path.version != self._version:
+            path = self.walk(path.key)
+        times = self._times
+        held = 0
+        for node, end in zip(path.nodes, path.ends):
+            touched = times.get(node << TENANT_SHIFT | index)
+            if touched is None or touched < since:
+                break
+            held = end
+        return held // _width(path.data)
+
     def match(self, key: KeyLike) -> dict[str, int]:
         """For every tenant holding a prefix of `key`, the length of its longest one."""
         return self.walk(key).matched
