@@ -2,9 +2,9 @@
 
 Workload (seeded): 64 system prompts of 8,000 characters; each request is one of them plus a
 random 512-character suffix; 20,000 requests; at most 64 in flight (released oldest first).
-Runs the cache_aware engine with 8 and 64 workers in the same process and prints the median and
-p99 microseconds per `route()`, the 64/8 ratio (cost must not grow with the number of workers)
-and the tree's bytes per stored character (tracemalloc, a separate run).
+Runs the default engine (least_ttft) with 8 and 64 workers in the same process and prints the
+median and p99 microseconds per `route()`, the 64/8 ratio (cost must not grow with the number
+of workers) and the tree's bytes per stored character (tracemalloc, a separate run).
 
 Eviction and memory, each in a fresh process:
 - `evict_pause_ms_max`: the default budgets, 64 prompts of 2,000 characters each followed by a
@@ -21,12 +21,18 @@ Eviction and memory, each in a fresh process:
   `gc_tracked_objects_at_budget` the objects the collector tracks, tree at budget;
 - `tree_rss_mb_at_budget_{chars,tokens}`: `--max-tree-memory-mb 256`, character keys (as above)
   or token keys (500-token prompts + 64 unique tokens): the process's resident memory growth
-  once the tree is held at its budget, and its ratio to the budget;
+  once the tree is held at its budget, and its ratio to the budget. The estimate's constants
+  (tree.py's NODE_BYTES, TENANT_BYTES) were fitted on these two, so they are regression guards;
+  `tree_rss_mb_at_budget_conversations` validates them on a workload they never saw:
+  multi-turn chat (256 conversations under 16 system prompts, each request a whole history
+  plus a new turn of 100–400 characters, 8 turns a conversation);
 - with `--leak-requests N` (not by default: minutes): `--max-tree-memory-mb 256`, character
   keys, N requests routed once the tree is at its budget; `leak_rss_mb`: the resident memory
   growth between the first tenth of them and the end (flat: nothing leaks).
 
     python benchmarks/bench_core.py [--json] [--requests N] [--quick] [--leak-requests N]
+
+A full run (not `--quick`) writes benchmarks/results_core.json.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 
@@ -50,6 +57,7 @@ from sglang_dp.router.engine import EVICT_STEP_WORK, EngineConfig, RoutingEngine
 from sglang_dp.router.tree import KeyLike
 
 ALPHABET = string.ascii_letters + "      .,"
+RESULTS = Path(__file__).with_name("results_core.json")
 
 
 def workload(requests: int, seed: int = 0) -> list[str]:
@@ -101,6 +109,26 @@ def unique_token_keys(seed: int) -> Iterator[list[int]]:
     prompts = [[rng.randrange(1000, 150_000) for _ in range(500)] for _ in range(64)]
     while True:
         yield rng.choice(prompts) + [rng.randrange(1000, 150_000) for _ in range(64)]
+
+
+def conversation_keys(seed: int, active: int = 256, turns: int = 8) -> Iterator[str]:
+    """Multi-turn chat, the validation workload of the memory estimate (its constants were
+    fitted on the two above): `active` conversations under 16 shared 1,500-character system
+    prompts, each request one conversation's whole history plus its next turn (100–400
+    characters), a conversation replaced by a new one after `turns` turns (endless)."""
+    rng = random.Random(seed)
+    systems = ["".join(rng.choices(ALPHABET, k=1500)) for _ in range(16)]
+
+    def fresh() -> list[str]:
+        return [rng.choice(systems)]
+
+    chats = [fresh() for _ in range(active)]
+    while True:
+        i = rng.randrange(active)
+        chats[i].append("".join(rng.choices(ALPHABET, k=rng.randint(100, 400))))
+        yield "".join(chats[i])
+        if len(chats[i]) > turns:
+            chats[i] = fresh()
 
 
 def fill(
@@ -197,7 +225,11 @@ def evict_pause(after_full: int) -> dict[str, float]:
 
 
 def rss_at_budget(kind: str, budget_mb: int, after_full: int) -> dict[str, float]:
-    keys: Iterator[KeyLike] = unique_keys(2) if kind == "chars" else unique_token_keys(2)
+    keys: Iterator[KeyLike] = {
+        "chars": unique_keys,
+        "tokens": unique_token_keys,
+        "conversations": conversation_keys,
+    }[kind](2)
     next(keys)  # the prompts exist before measuring
     config = EngineConfig(max_tree_size=2**40, max_tree_memory_mb=budget_mb)
     engine = RoutingEngine(config)
@@ -285,10 +317,21 @@ def main() -> None:
     if not args.quick:
         result["max_tree_memory_mb"] = 256
         result |= in_child("--evict-pause", "20000")
-        for kind in ("chars", "tokens"):
+        for kind in ("chars", "tokens", "conversations"):
             result |= in_child("--rss", kind, "256", "20000")
+        result["fits"] = {
+            "tree_rss_over_budget_chars": "NODE_BYTES and TENANT_BYTES were fitted on this "
+            "workload (and the tokens one): a regression guard",
+            "tree_rss_over_budget_tokens": "the same",
+        }
+        result["validation"] = {
+            "tree_rss_over_budget_conversations": "multi-turn chat, a workload the constants "
+            "were not fitted on (target <= 1.5)",
+        }
     if args.leak_requests:
         result |= in_child("--leak", str(args.leak_requests))
+    if not args.quick:
+        RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

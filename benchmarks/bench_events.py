@@ -239,6 +239,7 @@ def main() -> None:
         "events_index_bytes_per_block": round(bytes_per_block(batches)),
         "workers": per_worker,
     }
+    Path(__file__).with_name("results_events.json").write_text(json.dumps(figures, indent=1) + "\n")
     if args.json:
         print(json.dumps(figures))
     else:

@@ -240,6 +240,7 @@ def main() -> None:
         import bench_ray  # the Ray figures (bench_ray.py beside this file)
 
         result.update(bench_ray.figures(args.ray_dp, args.runs))
+    Path(__file__).with_name("results_launch.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     result = figures(args.dp, args.runs)
+    Path(__file__).with_name("results_ray.json").write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

@@ -187,6 +187,8 @@ def main() -> None:
     }
     for mode in ("sequential", "concurrent"):
         result[mode] = summary(measured["pool"][mode], measured["aiohttp"][mode])
+    results = Path(__file__).with_name("results_upstream.json")
+    results.write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
         print(json.dumps(result))
         return

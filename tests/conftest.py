@@ -1,11 +1,21 @@
-"""Refuses to test stale compiled modules: mypyc builds the request path at install time."""
+"""Refuses to test stale compiled modules: mypyc builds the request path at install time.
+
+Hypothesis runs without its per-example deadline (profile `no-deadline`, loaded unless
+HYPOTHESIS_PROFILE names another): a property is about results, and a slow or shared CI machine
+must not fail one for taking 200 ms on an example.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "no-deadline"))
 
 COMPILED = [  # setup.py's list
     "sglang_dp.router.tree",

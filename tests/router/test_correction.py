@@ -1,4 +1,12 @@
-"""Correction of every kind of traffic, through a real router in front of real simulated workers."""
+"""Correction of every kind of traffic, through a real router in front of real simulated workers.
+
+Agreement is checked on both sides: recall (Σ min(predicted, reported) / Σ reported: the cached
+tokens the tree predicted) and precision (the same over Σ predicted: what it predicted that was
+really cached), so a router that predicts "everything cached" fails. Router and worker render
+chat by code of ours on both sides, so each side is also checked against a reference we did not
+write: a literal string for the built-in template, Hugging Face's own
+`apply_chat_template(tokenize=True)` for a tokenizer's template.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,25 @@ from tests.processes import make_chat_tokenizer
 from tests.router.cluster import Cluster, cluster
 
 SYSTEM = " ".join(f"rule{i}" for i in range(300))
+AGREEMENT = 0.9  # least recall and precision over a test's requests (answers included)
+
+
+def two_sided(before: list[Any], after: list[Any]) -> tuple[float, float]:
+    """(recall, precision) of the tree's predictions over the requests between two /debug/stats
+    snapshots of the workers."""
+
+    def total(field: str) -> int:
+        return sum(w[field] for w in after) - sum(w[field] for w in before)
+
+    agreed, cached = total("agreed_tokens"), total("cached_tokens")
+    predicted = total("predicted_tokens")
+    return (agreed / cached if cached else 1.0, agreed / predicted if predicted else 1.0)
+
+
+def assert_agrees(before: list[Any], after: list[Any]) -> None:
+    recall, precision = two_sided(before, after)
+    assert recall >= AGREEMENT, f"the tree missed cached tokens: recall {recall:.3f}"
+    assert precision >= AGREEMENT, f"the tree over-predicted: precision {precision:.3f}"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +104,7 @@ def test_streamed_chat_through_the_openai_client_is_corrected(two: Cluster) -> N
 
     assert total("completed") == 9  # every streamed request was observed
     assert total("cached_tokens") > 0
-    assert total("agreed_tokens") >= 0.9 * total("cached_tokens")  # answers included
+    assert_agrees(before, after)
     assert total("corrections") == 0
 
 
@@ -105,21 +132,71 @@ def test_token_id_conversations_are_corrected_with_the_output_ids(
 
     assert total("completed") == 9
     assert total("cached_tokens") > 0
-    assert total("agreed_tokens") >= 0.9 * total("cached_tokens")  # answers included
+    assert_agrees(before, after)
     assert total("corrections") == 0
+
+
+# The built-in template (no tokenizer template): one `<|role|>\ncontent\n` block a message and
+# the generation prompt, written out by hand; the default word tokenizer makes one token of each
+# word and each punctuation mark: < | system | > Be brief . < | user | > hello < | assistant | >
+BUILT_IN_MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hello"},
+]
+BUILT_IN_TEXT = "<|system|>\nBe brief.\n<|user|>\nhello\n<|assistant|>\n"
+BUILT_IN_TOKENS = 19
+
+
+def test_both_sides_render_the_built_in_chat_template_as_written(two: Cluster) -> None:
+    route = two.router.post("/debug/route", {"messages": BUILT_IN_MESSAGES}).json()
+    assert route["key_length"] == len(BUILT_IN_TEXT)  # the router's character key
+    body = {"messages": BUILT_IN_MESSAGES, "max_tokens": 1}
+    reply = two.workers[0].post("/v1/chat/completions", body).json()
+    assert reply["usage"]["prompt_tokens"] == BUILT_IN_TOKENS  # what the worker computed
 
 
 def test_token_keyed_chat_agrees_with_a_worker_using_the_same_chat_template(
     tmp_path: Path,
 ) -> None:
+    from transformers import AutoTokenizer
+
     folder = str(make_chat_tokenizer(tmp_path / "tok"))
+    hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     worker_args = ("--time-scale", "1000", "--enable-cache-report", "--tokenizer-path", folder)
     router_args = ("--routing-key", "tokens", "--tokenizer-path", folder)
     with cluster(2, *router_args, worker_args=worker_args) as c:
+        # both sides against Hugging Face's own rendering of a conversation
+        messages = [{"role": "system", "content": "the capital of France"}, *BUILT_IN_MESSAGES]
+        expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        expected = expected if isinstance(expected, list) else expected["input_ids"]
+        route = c.router.post("/debug/route", {"messages": messages}).json()
+        assert route["key_length"] == len(expected)
+        reply = c.workers[0].post("/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+        assert reply.json()["usage"]["prompt_tokens"] == len(expected)
+        before = c.stats()["workers"]
         system = "conversation {n}: the capital of France is Paris"
         chat_conversations(c.router.url, system, "hello world {turn}")
         workers = c.stats()["workers"]
-    cached = sum(w["cached_tokens"] for w in workers)
-    assert sum(w["completed"] for w in workers) == 9 and cached > 0
-    assert sum(w["agreed_tokens"] for w in workers) >= 0.9 * cached
+    cached = sum(w["cached_tokens"] for w in workers) - sum(w["cached_tokens"] for w in before)
+    assert sum(w["completed"] for w in workers) - sum(w["completed"] for w in before) == 9
+    assert cached > 0
+    assert_agrees(before, workers)
     assert sum(w["corrections"] for w in workers) == 0
+
+
+def test_over_prediction_fails_the_agreement_check() -> None:
+    """A router that believes a worker holds everything (here: the worker's cache flushed
+    behind its back) keeps full recall, and only precision catches it."""
+    with cluster(1) as c:
+        prompt = {"text": "over prediction " + SYSTEM, "sampling_params": {"max_new_tokens": 4}}
+        c.router.post("/generate", prompt)  # the tree now holds the prompt for the worker
+        before = c.stats()["workers"]
+        assert c.workers[0].post("/flush_cache", {}).status == 200  # not through the router
+        reply = c.router.post("/generate", prompt).json()
+        after = c.stats()["workers"]
+    assert reply["meta_info"]["cached_tokens"] == 0
+    recall, precision = two_sided(before, after)
+    assert recall == 1.0 and precision == 0.0  # recall alone would call this perfect
+    with pytest.raises(AssertionError, match="over-predicted"):
+        assert_agrees(before, after)
+    assert after[0]["mispredicted"] == before[0]["mispredicted"] + 1

@@ -155,6 +155,19 @@ def test_prediction_and_reality_are_both_counted() -> None:
     assert stats.mispredicted == 0
 
 
+def test_a_request_is_predicted_before_its_answer_teaches_the_rate() -> None:
+    """Prediction is judged on what the router knew when it routed: the characters-per-token
+    rate learned from a request's own answer must not enter that request's prediction."""
+    engine = engine_with(1)
+    engine.observe(engine.route("a" * 400, now=1), Outcome(400, 0, kind=KIND_TEXT), now=2)
+    before = engine.snapshot(3).workers[0].predicted_tokens  # 1 character a token learned
+    d = engine.route("a" * 400 + "b" * 400, now=3)
+    assert d.decision.matched == 400
+    engine.observe(d, Outcome(prompt_tokens=2000, cached_tokens=399, kind=KIND_TEXT), now=4)
+    # at the rate it knew: 400 tokens; after learning 0.4 characters a token it would say 571
+    assert engine.snapshot(5).workers[0].predicted_tokens - before == 400
+
+
 def test_a_confirmed_miss_shrinks_the_workers_share() -> None:
     engine = engine_with(1, token_keys=True)
     for i in range(10):  # ten distinct, finished requests of 100 tokens each

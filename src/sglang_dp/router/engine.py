@@ -530,9 +530,9 @@ class RoutingEngine:
         state.completed += 1
         if outcome.prompt_tokens <= 0:
             return
+        predicted = self._predicted_tokens(dispatch, outcome)  # before it learns from this one
         self._learn_elements_per_token(dispatch, outcome)
         self._learn_prices(dispatch, outcome, now)
-        predicted = self._predicted_tokens(dispatch, outcome)
         state.prompt_tokens += outcome.prompt_tokens
         state.cached_tokens += outcome.cached_tokens
         state.completion_tokens += outcome.completion_tokens
