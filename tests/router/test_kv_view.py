@@ -114,3 +114,25 @@ def test_character_keys_never_follow_events() -> None:
         assert all("characters" in s["reason"] for s in streams(c).values())
         generate(c.router, SYSTEM)
         assert {w["view"] for w in explain(c.router, SYSTEM)["workers"]} == {"tree"}
+
+
+def test_without_replay_a_lossy_worker_goes_to_the_tree_and_no_request_fails() -> None:
+    common = ("--time-scale", "1000", "--enable-cache-report", "--page-size", str(PAGE))
+    base = free_port_band(2)
+    lossy = json.dumps({"publisher": "zmq", "endpoint": f"tcp://*:{base}", "topic": "kv"})
+    with ExitStack() as stack:
+        worker = stack.enter_context(
+            sim_worker(*common, "--kv-events-config", lossy, "--kv-events-drop-rate", "0.5")
+        )
+        router = stack.enter_context(
+            router_process([worker.url], "--routing-key", "words", "--cache-view", "events")
+        )
+        c = Cluster(router, [worker])
+        wait_for(lambda: worker.url in streams(c), timeout=20, what="the stream followed")
+        for i in range(30):
+            generate(router, f"{SYSTEM} question {i}")  # each answer asserts a 200
+            if "lost" in streams(c)[worker.url]["reason"]:
+                break
+        assert "lost (not replayed)" in streams(c)[worker.url]["reason"]
+        assert {w["view"] for w in explain(router, SYSTEM)["workers"]} == {"tree"}
+        generate(router, SYSTEM + " after")

@@ -90,3 +90,34 @@ def test_a_silent_trusted_stream_goes_to_the_tree_with_its_reason() -> None:
         await view.close()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_publishing_at_another_block_size_is_not_followed() -> None:
+    said: list[str] = []
+    engine = RoutingEngine(EngineConfig(token_keys=True))
+    view = KvView("events", engine, True, record_event=said.append)
+
+    def info(block_size: int) -> dict[str, object]:
+        return {
+            "kv_events": {
+                "publisher": "zmq",
+                "endpoint_host": "127.0.0.1",
+                "endpoint_port_base": free_port(),
+                "block_size": block_size,
+            }
+        }
+
+    async def scenario() -> None:
+        view.server_info("http://a:1", info(16))
+        view.server_info("http://b:1", info(32))
+        view.server_info("http://c:1", {"version": "0.4.0"})  # an older SGLang: no events
+        workers = view.status()["workers"]
+        assert view.status()["block_size"] == 16 and workers["http://a:1"]["endpoint"]
+        assert "blocks of 32 tokens" in workers["http://b:1"]["reason"]
+        assert "does not publish" in workers["http://c:1"]["reason"]
+        assert len([line for line in said if "routed on the approximate tree" in line]) == 2
+        view.server_info("http://b:1", info(32))  # said once
+        assert len([line for line in said if "32 tokens" in line]) == 1
+        await view.close()
+
+    asyncio.run(scenario())
