@@ -133,6 +133,7 @@ def test_a_ray_address_where_nothing_answers_is_a_clear_error_at_once(
 def test_the_router_keys_on_the_workers_tokens_when_they_publish_kv_events() -> None:
     simulated = LaunchConfig(simulate=True)
     assert simulated.router_settings(True).routing_key == "words"
+    assert simulated.router_settings(True).cache_view == "events"  # a silent worker is reported
     assert simulated.router_settings(False).routing_key == "chars"
     real = LaunchConfig(model_path="/models/llama")
     tokens = real.router_settings(True)

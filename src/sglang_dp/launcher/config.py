@@ -143,9 +143,14 @@ class LaunchConfig:
     def router_settings(self, kv_events: bool) -> RouterConfig:
         """The embedded router's settings: with the workers' KV events (`kv_events`: the
         workers were told to publish), keys of token ids unless the user chose a key —
-        the simulated workers' word tokenizer, else the workers' own tokenizer."""
+        the simulated workers' word tokenizer, else the workers' own tokenizer — and a worker
+        that does not publish after all is reported (`--cache-view events`)."""
         router = dataclasses.replace(self.router, worker_urls=())
-        if not kv_events or router.cache_view == "approx" or router.routing_key != "chars":
+        if not kv_events or router.cache_view == "approx":
+            return router
+        if router.cache_view == "auto":
+            router = dataclasses.replace(router, cache_view="events")
+        if router.routing_key != "chars":
             return router
         tokenizer = router.tokenizer_path or flag_value(self.worker_args, "--tokenizer-path")
         if self.simulate and tokenizer is None:
