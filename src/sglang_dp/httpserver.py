@@ -315,8 +315,8 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         server = self._server
         if len(server.connections) >= server.max_connections or server.shutting_down:
-            why = b"shutting down" if server.shutting_down else b"too many connections"
-            self._failure = (503, b"the server is %b: try again later" % why)
+            why = b"is shutting down" if server.shutting_down else b"has too many connections"
+            self._failure = (503, b"the server %b: try again later" % why)
             self._send_failure()
             return
         server.connections.add(self)
