@@ -18,9 +18,10 @@ Why Starlette and not FastAPI: FastAPI adds request validation and OpenAPI docum
 Starlette's routing, requests and responses; the bytes on the wire are Starlette's and uvicorn's,
 and those are what this server is for. FastAPI is not a dependency; Starlette and uvicorn are.
 
-Settings, as SGLang's: httptools parser, keep-alive timeout 5 s (`KEEPALIVE_TIMEOUT_S`),
-lifespan off; no access log. The listening socket is bound here (a taken port is an OSError
-for `sim.run`, as with the lean server) and SIGINT/SIGTERM stay `sim.run`'s.
+Settings: httptools' parser and a keep-alive timeout of 5 s (`KEEPALIVE_TIMEOUT_S`), as
+SGLang's; no lifespan (nothing to start) and no access log. The listening socket is bound here
+(a taken port is an OSError for `sim.run`, as with the lean server) and SIGINT/SIGTERM stay
+`sim.run`'s.
 
 Faults (the simulator's fault injection), as the stack itself fails where it can:
 - a broken stream (`abort_stream`) raises inside the stream: uvicorn logs it and closes the
