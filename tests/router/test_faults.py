@@ -50,6 +50,7 @@ FAULTS: dict[str, tuple[str, ...]] = {  # the workers' arguments
     "stall": (*INSTANT, *STALL),
     "stall_timed": (*TIMED, *STALL),
 }
+WORKERS = {"good": INSTANT, "slow": ("--max-total-tokens", "20000")}  # (slow: real time)
 # The workers serve with the lean httpserver, and with uvicorn + Starlette (SGLang's stack) for
 # the faults whose bytes depend on the server's framing (a hang, and a stall the scheduler does
 # not time, look the same on any server: not repeated, to keep the suite short).
@@ -201,7 +202,7 @@ class Matrix:
     def worker(self, server: str, fault: str) -> Worker:
         key = (server, fault)
         if key not in self._workers:
-            args = FAULTS.get(fault, INSTANT)  # "good": no fault
+            args = FAULTS.get(fault, WORKERS.get(fault, ()))
             worker = sim_worker(*args, "--http-server", server)
             self._workers[key] = self._stack.enter_context(worker)
         return self._workers[key]
@@ -344,3 +345,34 @@ def test_a_removed_worker_pooled_connections_are_closed(faults: Matrix) -> None:
 
 async def open_sockets(router: RouterServer) -> int:
     return router.pool.open_connections()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_client_gone_mid_answer_aborts_the_request_at_the_worker(
+    faults: Matrix, server: str, stream: bool
+) -> None:
+    """The router passes a client's disconnect on (it closes the worker's connection), and the
+    worker's server tells the worker: the request is aborted there, its KV freed."""
+    worker = faults.worker(server, "slow")
+    wait_for(lambda: load(worker)["num_tokens"] == 0, what="its warm-up request done")
+    router = faults.routers.start([worker.url], retries=0)
+    body = {"text": "long " * 10, "stream": stream, "sampling_params": {"max_new_tokens": 5000}}
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", router.port), timeout=CLIENT_TIMEOUT_S)
+    try:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(data), data)
+        )
+        wait_for(lambda: load(worker)["num_reqs"] == 1, what="the request at the worker")
+        if stream:
+            assert b"data: " in sock.recv(65536)
+    finally:
+        sock.close()
+    wait_for(lambda: load(worker)["num_tokens"] == 0, what="the worker aborted it")
+    wait_for(lambda: faults.routers.in_flight(router) == 0, what="in-flight back to 0")
+
+
+def load(worker: Worker) -> dict[str, int]:
+    return worker.get("/get_load").json()[0]  # type: ignore[no-any-return]
