@@ -491,12 +491,26 @@ def test_truncated_request_that_stalls_gets_408(partial: bytes) -> None:
 
 
 def test_a_slow_request_that_keeps_sending_is_not_timed_out() -> None:
-    with running(request_timeout=1.0) as server:
+    """A request trickled in over twice the request timeout, in pieces less than the timeout
+    apart (the head cut mid-line, the body mid-way): the timeout counts from the last bytes,
+    not the first, and the pieces are put together."""
+    timeout = 0.3
+    request = post("/slow", b"abcdef")
+    size = -(-len(request) // 6)
+    with running(request_timeout=timeout) as server:
         client = server.connect()
-        client.send(b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\n")
-        client.send(b"a")
-        client.send(b"bc")
-        assert client.response()[:3:2] == (200, b"POST / abc")
+        for start in range(0, len(request), size):
+            client.send(request[start : start + size])
+            pause(server, timeout / 3)
+        assert client.response()[:3:2] == (200, b"POST /slow abcdef")
+        assert len(server.requests) == 1
+
+
+def pause(server: Server, seconds: float) -> None:
+    """Keep quiet for `seconds` of the server's loop (its timer: at least that long passes)."""
+    passed = threading.Event()
+    server.call(passed.set, delay=seconds)
+    assert passed.wait(TIMEOUT_S)
 
 
 def test_idle_keep_alive_connection_is_not_timed_out() -> None:

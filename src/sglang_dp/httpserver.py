@@ -49,6 +49,8 @@ Connection ownership (as uvicorn's protocols have it):
   closed at once.
 - A broken stream (`Responder.abort_stream`) sends its last bytes and closes the connection
   without the clean `0\r\n\r\n` terminator, so the client cannot mistake it for a whole answer.
+- For the simulator's fault injection: `Responder.send_partial` (a head whose content-length
+  the bytes sent fall short of) and `Responder.reset` (a close with a TCP reset).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import contextlib
 import logging
 import math
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
@@ -79,6 +82,7 @@ KEEPALIVE_TIMEOUT_S = 5.0  # an idle keep-alive connection is closed after this 
 MAX_CONNECTIONS = 10000  # client connections served at once; more get a 503 and are closed
 LINGER_S = 2.0  # after an error answer, what the client still sends is dropped this long
 
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _HEAD_TOO_LARGE = b"request line and headers larger than %d bytes" % MAX_HEAD
 _ERROR_KINDS = {
     400: "BadRequestError",
@@ -233,6 +237,26 @@ class Responder:
         self._conn.write(self._head_pending + tail)
         self._conn.response_done(self._keep_alive)
 
+    def send_partial(self, code: int, body: bytes, sent: int, content_type: bytes = JSON) -> None:
+        """A head declaring `len(body)` bytes, then only the first `sent` of them; the response
+        stays open until `abort_stream` (a close) or `reset` (the simulator's truncated and
+        reset answers)."""
+        self.started = self.streaming = True
+        length = b"content-length: %d\r\n\r\n" % len(body)
+        self._conn.write(self._head(code, content_type, length) + body[:sent])
+
+    def reset(self) -> None:
+        """Close the connection with a TCP reset (SO_LINGER 0: what is unsent is dropped, the
+        client reads ECONNRESET), as a crashed host or a middlebox does (the simulator's
+        --reset-rate)."""
+        if self.done:
+            return
+        if self._head_pending:
+            self._conn.write(self._head_pending)
+            self._head_pending = b""
+        self.done = self.started = True
+        self._conn.reset()
+
     def abort_stream(self, data: bytes = b"") -> None:
         """A broken stream: `data` (say an error event) as its last chunk, then the connection
         closes WITHOUT the clean terminator, so the client cannot take it for a whole answer."""
@@ -291,8 +315,8 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         server = self._server
         if len(server.connections) >= server.max_connections or server.shutting_down:
-            why = b"shutting down" if server.shutting_down else b"too many connections"
-            self._failure = (503, b"the server is %b: try again later" % why)
+            why = b"is shutting down" if server.shutting_down else b"has too many connections"
+            self._failure = (503, b"the server %b: try again later" % why)
             self._send_failure()
             return
         server.connections.add(self)
@@ -538,6 +562,17 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self._transport is not None:
             self._transport.close()
+
+    def reset(self) -> None:
+        """End the connection with a TCP reset (see `Responder.reset`)."""
+        self._active = None
+        self.closed = True
+        transport = self._transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            transport.abort()
 
     @property
     def idle(self) -> bool:

@@ -1,4 +1,8 @@
-"""The fault matrix: every injected worker fault × stream / non-stream × retries off / on.
+"""The fault matrix: every injected worker fault × stream / non-stream × retries off / on, with
+workers on the lean httpserver and, for the faults whose bytes depend on the server's framing,
+on uvicorn + Starlette (`--http-server uvicorn`: SGLang's own stack). Faults: a 500, a hang,
+garbled chunks, a close after the head, a body short of its content-length, a TCP reset
+mid-response, and stalls (with --instant, and timed by the scheduler).
 
 Whatever a worker does, the client gets, within a bound (the socket timeout), either a whole
 well-formed answer with the status the outcome table names, or — once a stream's bytes reached
@@ -33,13 +37,33 @@ from sglang_dp.router.server import RouterServer
 from tests.processes import Worker, free_port, sim_worker, wait_for
 
 CLIENT_TIMEOUT_S = 6.0  # request timeout 1 s: an answer later than this is a hang
-FAULTS: dict[str, tuple[str, ...]] = {
-    "fail": ("--fail-rate", "1"),
-    "hang": ("--hang-rate", "1"),
-    "garble": ("--garble-rate", "1"),
-    "close_after_head": ("--close-after-head", "1"),
-    "stall": ("--stall-after-tokens", "2", "--stall-secs", "3"),
+INSTANT = ("--instant",)
+TIMED = ("--time-scale", "100")  # the scheduler's timers run: the stall is a real one
+STALL = ("--stall-after-tokens", "2", "--stall-secs", "3")
+FAULTS: dict[str, tuple[str, ...]] = {  # the workers' arguments
+    "fail": (*INSTANT, "--fail-rate", "1"),
+    "hang": (*INSTANT, "--hang-rate", "1"),
+    "garble": (*INSTANT, "--garble-rate", "1"),
+    "close_after_head": (*INSTANT, "--close-after-head", "1"),
+    "truncate": (*INSTANT, "--truncate-rate", "1"),
+    "reset": (*INSTANT, "--reset-rate", "1"),
+    "stall": (*INSTANT, *STALL),
+    "stall_timed": (*TIMED, *STALL),
 }
+WORKERS = {"good": INSTANT, "slow": ("--max-total-tokens", "20000")}  # (slow: real time)
+# The workers serve with the lean httpserver, and with uvicorn + Starlette (SGLang's stack) for
+# the faults whose bytes depend on the server's framing (a hang, and a stall the scheduler does
+# not time, look the same on any server: not repeated, to keep the suite short).
+SERVERS = ("lean", "uvicorn")
+ON_UVICORN = ("fail", "garble", "close_after_head", "truncate", "reset", "stall_timed")
+CASES = [
+    pytest.param(server, fault, id=f"{server}-{fault}")
+    for server in SERVERS
+    for fault in FAULTS
+    if server == "lean" or fault in ON_UVICORN
+]
+# a stall ends in the router's timeout on any worker: beside a good one, once is enough
+CASES_RETRIED = [case for case in CASES if case.id not in ("lean-stall", "uvicorn-stall_timed")]
 # what the client gets from a router whose only worker has the fault (no retry possible):
 # a status, or "broken" (an error event, then a close without the terminator)
 ALONE: dict[tuple[str, bool], Any] = {
@@ -51,8 +75,22 @@ ALONE: dict[tuple[str, bool], Any] = {
     ("garble", True): "broken",  # its first event reached the client
     ("close_after_head", False): 502,
     ("close_after_head", True): 502,  # its head never reached the client: not started
+    ("truncate", False): 502,  # the body fell short of its content-length: nothing relayed
+    ("truncate", True): "broken",  # the head and half an event reached the client
+    ("reset", False): 502,
+    ("reset", True): "broken",  # its first event reached the client, then the reset
     ("stall", False): 504,
     ("stall", True): "broken",  # two tokens reached the client, then the timeout
+    ("stall_timed", False): 504,
+    ("stall_timed", True): "broken",
+}
+# beside a good worker with retries, these always end well (nothing reached the client)
+RETRIED = {("fail", s) for s in (False, True)} | {
+    ("close_after_head", True),
+    ("close_after_head", False),
+    ("garble", False),
+    ("truncate", False),
+    ("reset", False),
 }
 
 
@@ -152,22 +190,28 @@ class Routers:
         self.loop.close()
 
 
-@dataclass
 class Matrix:
-    workers: dict[str, Worker]
-    routers: Routers
+    """Routers on one loop, and a worker per server and fault, started when first asked for."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self._stack = stack
+        self._workers: dict[tuple[str, str], Worker] = {}
+        self.routers = Routers()
+        stack.callback(self.routers.close)
+
+    def worker(self, server: str, fault: str) -> Worker:
+        key = (server, fault)
+        if key not in self._workers:
+            args = FAULTS.get(fault, WORKERS.get(fault, ()))
+            worker = sim_worker(*args, "--http-server", server)
+            self._workers[key] = self._stack.enter_context(worker)
+        return self._workers[key]
 
 
 @contextmanager
 def matrix() -> Iterator[Matrix]:
     with ExitStack() as stack:
-        workers = {
-            name: stack.enter_context(sim_worker("--instant", *args))
-            for name, args in {"good": (), **FAULTS}.items()
-        }
-        routers = Routers()
-        stack.callback(routers.close)
-        yield Matrix(workers, routers)
+        yield Matrix(stack)
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +240,11 @@ def check_shape(outcome: Outcome, stream: bool) -> Any:
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_fault_alone_without_retry(faults: Matrix, fault: str, stream: bool) -> None:
-    worker = faults.workers[fault]
+@pytest.mark.parametrize(("server", "fault"), CASES)
+def test_fault_alone_without_retry(faults: Matrix, server: str, fault: str, stream: bool) -> None:
+    worker = faults.worker(server, fault)
     router = faults.routers.start([worker.url], retries=0)
-    rounds = 1 if fault in ("hang", "stall") else 2  # the second may find a pooled connection
+    rounds = 1 if fault.startswith(("hang", "stall")) else 2  # the second may find a pooled one
     for i in range(rounds):
         # a failure reported the worker down until a health check (started at once) passes
         wait_for(lambda: faults.routers.healthy(router) == 1, what="worker healthy")
@@ -212,11 +256,13 @@ def test_fault_alone_without_retry(faults: Matrix, fault: str, stream: bool) -> 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_fault_beside_a_good_worker_with_retries(faults: Matrix, fault: str, stream: bool) -> None:
-    bad, good = faults.workers[fault], faults.workers["good"]
+@pytest.mark.parametrize(("server", "fault"), CASES_RETRIED)
+def test_fault_beside_a_good_worker_with_retries(
+    faults: Matrix, server: str, fault: str, stream: bool
+) -> None:
+    bad, good = faults.worker(server, fault), faults.worker(server, "good")
     router = faults.routers.start([bad.url, good.url], retries=2)
-    retried = fault in ("fail", "close_after_head") or (fault == "garble" and not stream)
+    retried = (fault, stream) in RETRIED
     for i in range(2):
         wait_for(lambda: faults.routers.healthy(router) == 2, what="workers healthy")
         outcome = exchange(router.port, request(stream, f"{fault} {stream} {i} retried"))
@@ -233,7 +279,7 @@ def test_fault_beside_a_good_worker_with_retries(faults: Matrix, fault: str, str
 def test_clients_gone_in_the_same_turn_as_their_request_leak_nothing(faults: Matrix) -> None:
     """A request and the client's close in one read: its task may be cancelled before its
     first step; the attempt's in-flight count must be released all the same."""
-    router = faults.routers.start([faults.workers["good"].url], retries=0)
+    router = faults.routers.start([faults.worker("lean", "good").url], retries=0)
     for i in range(20):
         data = json.dumps(request(i % 2 == 0, f"gone {i}")).encode()
         sock = socket.create_connection(("127.0.0.1", router.port), timeout=CLIENT_TIMEOUT_S)
@@ -281,7 +327,7 @@ def test_the_worker_headers_are_relayed_less_hop_by_hop_ones(faults: Matrix) -> 
 
 
 def test_a_removed_worker_pooled_connections_are_closed(faults: Matrix) -> None:
-    url = faults.workers["good"].url
+    url = faults.worker("lean", "good").url
     router = faults.routers.start([url], retries=0)
     assert exchange(router.port, request(False, "pool me")).status == 200
 
@@ -299,3 +345,34 @@ def test_a_removed_worker_pooled_connections_are_closed(faults: Matrix) -> None:
 
 async def open_sockets(router: RouterServer) -> int:
     return router.pool.open_connections()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("server", SERVERS)
+def test_a_client_gone_mid_answer_aborts_the_request_at_the_worker(
+    faults: Matrix, server: str, stream: bool
+) -> None:
+    """The router passes a client's disconnect on (it closes the worker's connection), and the
+    worker's server tells the worker: the request is aborted there, its KV freed."""
+    worker = faults.worker(server, "slow")
+    wait_for(lambda: load(worker)["num_tokens"] == 0, what="its warm-up request done")
+    router = faults.routers.start([worker.url], retries=0)
+    body = {"text": "long " * 10, "stream": stream, "sampling_params": {"max_new_tokens": 5000}}
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", router.port), timeout=CLIENT_TIMEOUT_S)
+    try:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(data), data)
+        )
+        wait_for(lambda: load(worker)["num_reqs"] == 1, what="the request at the worker")
+        if stream:
+            assert b"data: " in sock.recv(65536)
+    finally:
+        sock.close()
+    wait_for(lambda: load(worker)["num_tokens"] == 0, what="the worker aborted it")
+    wait_for(lambda: faults.routers.in_flight(router) == 0, what="in-flight back to 0")
+
+
+def load(worker: Worker) -> dict[str, int]:
+    return worker.get("/get_load").json()[0]  # type: ignore[no-any-return]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.processes import Reply, free_port, sim_worker, wait_for
+from tests.processes import Reply, Worker, free_port, sim_worker, wait_for
 from tests.router.cluster import Cluster, cluster, router_process
 
 SYSTEM = " ".join(f"rule{i}" for i in range(300))  # a long shared system prompt
@@ -324,29 +325,67 @@ def test_sigint_with_an_idle_keep_alive_connection_exits_at_once() -> None:
 
 
 def test_running_out_of_file_descriptors_is_the_router_own_503() -> None:
-    """Under a low open-files limit, with idle client connections held: every answer is a 200
-    or the router's own 503, and the worker is neither marked down nor has its tree reset."""
-    with (
-        sim_worker("--instant") as w,
-        router_process([w.url], max_files=96) as r,
-    ):
-        held = []
-        for _ in range(73):
-            try:
-                held.append(socket.create_connection(("127.0.0.1", r.port), timeout=10))
-            except OSError:
-                break
+    """An open-files limit (40) too low for the client connections the router serves (at
+    least 16, each needing one to the worker, beside its own): a connection past those gets the
+    router's own 503 at once, and requests that find no descriptor left to reach the worker get
+    its own 503 naming the limit. Neither is blamed on the worker, and once the clients are gone
+    requests succeed again."""
+    long = json.dumps({"text": "busy", "sampling_params": {"max_new_tokens": 8000}}).encode()
+    post = (
+        b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%b" % (len(long), long)
+    )
+    with sim_worker() as w, router_process([w.url], max_files=40) as r:
+        held: list[socket.socket] = []
+        answers: dict[socket.socket, tuple[int, bytes]] = {}
         try:
-            statuses = []
-            for i in range(12):
-                try:
-                    statuses.append(r.post("/generate", {"text": f"limited {i}"}).status)
-                except OSError:
-                    statuses.append(0)  # refused outright by the kernel: no answer at all
-            assert set(statuses) <= {200, 503, 0}, statuses
+            status = 200
+            while status == 200:  # the connections it serves: each asks the router's /health
+                held.append(socket.create_connection(("127.0.0.1", r.port), timeout=10))
+                held[-1].sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                status, answer = read_answer(held[-1])
+            held.pop().close()
+            assert status == 503 and "too many connections" in answer.decode(), answer
+            for sock in held:  # long requests: each holds its connection to the worker
+                sock.sendall(post)
+
+            def settled() -> bool:
+                readable, _, _ = select.select([s for s in held if s not in answers], [], [], 0)
+                answers.update((sock, read_answer(sock)) for sock in readable)
+                return len(answers) + w.get("/get_load").json()[0]["num_reqs"] == len(held)
+
+            wait_for(settled, what="every request answered or at the worker")
+            assert answers, "every request reached the worker: no descriptor ran out"
+            for status, answer in answers.values():
+                error = json.loads(answer)["error"]
+                assert status == 503 and "open files" in error["message"], answer
         finally:
             for sock in held:
                 sock.close()
-        wait_for(lambda: r.post("/generate", {"text": "after"}).status == 200, what="a 200")
+        wait_for(lambda: succeeds(r), what="a 200")
         (worker,) = r.get("/debug/stats").json()["workers"]
         assert worker["state"] == "healthy" and worker["errors"] == 0 and worker["resets"] == 0
+
+
+def succeeds(router: Worker) -> bool:
+    body = {"text": "after", "sampling_params": {"max_new_tokens": 1}}
+    try:
+        return router.post("/generate", body).status == 200
+    except OSError:  # refused while the router's descriptors are still short
+        return False
+
+
+def read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole content-length answer from a raw socket: its status and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-answer: {data + body!r}"
+        body += chunk
+    return int(head.split(b" ")[1]), body

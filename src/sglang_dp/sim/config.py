@@ -25,6 +25,7 @@ from sglang_dp.options import build, option
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+HTTP_SERVERS = ("lean", "uvicorn")
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,16 @@ class SimConfig:
     close_after_head: float = option(
         0.0, "Fraction of generation requests answered with a head, then a closed connection."
     )
+    truncate_rate: float = option(
+        0.0,
+        "Fraction of generation requests answered with a head whose content-length the body "
+        "falls short of (half of it is sent), then a closed connection.",
+    )
+    reset_rate: float = option(
+        0.0,
+        "Fraction of generation requests answered with a head and part of a body (one SSE "
+        "event for streams), then a TCP reset (SO_LINGER 0 close).",
+    )
     stall_after_tokens: int | None = option(
         None,
         "Streams: after this many tokens, send nothing for --stall-secs (then go on); whole "
@@ -164,6 +175,14 @@ class SimConfig:
     instant: bool = option(
         False,
         "Answer at once, no cost model (router-overhead benchmarks).",
+    )
+    # --- serving
+    http_server: str = option(
+        "lean",
+        "HTTP server: lean (our own, on uvloop + httptools; the cheapest) or uvicorn "
+        "(uvicorn + Starlette, the stack SGLang serves with: its framing, keep-alive and "
+        "disconnects).",
+        choices=HTTP_SERVERS,
     )
 
     @property

@@ -1,8 +1,10 @@
 """Process entry of the simulated worker: logging, option checks, event loop, signals.
 
 `run_worker(config, extra_args)` is what `sglang-dp sim-worker` and `python -m sglang_dp.sim`
-call. It serves until SIGINT/SIGTERM (the handlers only set an event; the main coroutine closes
-the listener), exits 2 on options that cannot work together and 1 when the port is taken.
+call. `--http-server` picks the server: the lean `httpserver` (default) or uvicorn + Starlette
+(`sim.asgi`, imported only then). It serves until SIGINT/SIGTERM (the handlers only set an
+event; the main coroutine closes the listener), exits 2 on options that cannot work together
+and 1 when the port is taken.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sglang_dp.httpserver import serve
+from sglang_dp.httpserver import HttpServer, serve
 from sglang_dp.kv_wire import KvEventsConfig
 from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
 from sglang_dp.sim.cost_model import resolve
 from sglang_dp.sim.server import SimWorker
+
+if TYPE_CHECKING:
+    from sglang_dp.sim.asgi import UvicornServer
 
 log = logging.getLogger("sglang_dp.sim")
 
@@ -36,7 +41,8 @@ def check_config(config: SimConfig) -> str | None:
             KvEventsConfig.parse(config.kv_events_config)
         except ValueError as exc:
             return str(exc)
-    for name in ("fail_rate", "hang_rate", "kv_events_drop_rate"):
+    rates = ("fail_rate", "hang_rate", "garble_rate", "close_after_head", "truncate_rate")
+    for name in (*rates, "reset_rate", "kv_events_drop_rate"):
         if not 0 <= getattr(config, name) <= 1:
             return f"--{name.replace('_', '-')} must be between 0 and 1"
     if config.stream_interval < 1:
@@ -63,15 +69,22 @@ def process_age_seconds() -> float:
 async def _serve(config: SimConfig) -> None:
     loop = asyncio.get_running_loop()
     worker = SimWorker(config, loop)
-    server = await serve(worker.handle, config.host, config.port)
+    server: HttpServer | UvicornServer
+    if config.http_server == "uvicorn":
+        from sglang_dp.sim.asgi import serve_uvicorn  # uvicorn and Starlette: only for it
+
+        server = await serve_uvicorn(worker, config.host, config.port, config.log_level)
+    else:
+        server = await serve(worker.handle, config.host, config.port)
     log.info(
-        "simulated SGLang worker on http://%s:%d (%s, KV %d tokens, time scale %g%s)",
+        "simulated SGLang worker on http://%s:%d (%s, KV %d tokens, time scale %g%s, %s server)",
         config.host,
         config.port,
         config.profile,
         worker.cost.max_total_tokens,
         config.time_scale,
         ", instant" if config.instant else "",
+        config.http_server,
     )
     worker.start(already_elapsed=process_age_seconds())
     stop = asyncio.Event()
@@ -80,6 +93,8 @@ async def _serve(config: SimConfig) -> None:
     await stop.wait()
     log.info("shutting down")
     server.close()
+    if not isinstance(server, HttpServer):
+        await server.wait_closed()
     worker.close()
 
 

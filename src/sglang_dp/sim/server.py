@@ -17,9 +17,15 @@ afresh from the tree) for agreement checks. Fault injection applies to generatio
 and uses a seeded RNG, so
 test runs repeat: `--fail-rate` (a 500), `--hang-rate` (never answered), `--crash-after N`
 (exit), `--garble-rate` (a head, one SSE event, 50 ms later bytes that are no valid chunk),
-`--close-after-head` (a head, then the connection closes), `--stall-after-tokens N
+`--close-after-head` (a head, then the connection closes), `--truncate-rate` (a head whose
+content-length the body falls short of: half of it, then a close), `--reset-rate` (a head and
+half a body, or one SSE event, then 50 ms later a TCP reset), `--stall-after-tokens N
 --stall-secs S` (a stream goes silent for S real seconds after N tokens; a whole answer of more
 than N tokens comes S seconds late).
+
+Two HTTP servers carry the one handler, `SimWorker.handle(request, responder)`: the lean
+`httpserver` (default) and uvicorn + Starlette (`--http-server uvicorn`, `sim.asgi`), SGLang's
+own stack. `Responder` is what the handler needs of a response; both servers implement it.
 """
 
 from __future__ import annotations
@@ -34,12 +40,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 from sglang_dp import __version__
-from sglang_dp.httpserver import TEXT, HttpRequest, Responder
+from sglang_dp.httpserver import JSON, SSE, TEXT, HttpRequest
 from sglang_dp.kv_wire import EventBatch, KvEventsConfig
 from sglang_dp.sim import api
 from sglang_dp.sim.config import SimConfig
@@ -81,6 +87,56 @@ def error_body(message: str, kind: str = "BadRequestError", code: int = 400) -> 
 def sse(obj: Any) -> bytes:
     """One server-sent event."""
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class Responder(Protocol):
+    """One response as the handler writes it, whichever server carries it: the lean server's
+    `httpserver.Responder`, or `sim.asgi.AsgiResponder` over uvicorn + Starlette."""
+
+    done: bool  # the response is over (or broken)
+    started: bool  # bytes of it were written
+    streaming: bool
+    on_disconnect: Callable[[], object] | None  # called when the client goes away first
+
+    @property
+    def closed(self) -> bool:
+        """The client went away or the response is over: writing is pointless."""
+
+    def send(
+        self, code: int, body: bytes, content_type: bytes = JSON, headers: bytes = b""
+    ) -> None:
+        """The whole response at once."""
+
+    def start_stream(
+        self, code: int = 200, content_type: bytes = SSE, headers: bytes = b""
+    ) -> None:
+        """A streamed response begins (its head may wait for the first chunk)."""
+
+    def write(self, data: bytes) -> None:
+        """One chunk of a stream."""
+
+    def end(self, data: bytes = b"") -> None:
+        """The last chunk and the clean end of a stream."""
+
+    def abort_stream(self, data: bytes = b"") -> None:
+        """A broken response: `data`, then a close without the clean end."""
+
+    # fault injection
+    def write_unframed(self, data: bytes) -> None:
+        """Bytes outside any framing (--garble-rate)."""
+
+    def send_partial(self, code: int, body: bytes, sent: int, content_type: bytes = JSON) -> None:
+        """A head declaring len(body) bytes, and only `sent` of them; then `abort_stream` or
+        `reset` (--truncate-rate, --reset-rate)."""
+
+    def reset(self) -> None:
+        """Close with a TCP reset (--reset-rate)."""
+
+
+def _fault_answer(stream: bool, fault: str) -> tuple[bytes, bytes]:
+    """The body (and content type) a faulty answer begins: one SSE event or a JSON answer."""
+    answer = {"text": "", "meta_info": {fault: True}}
+    return (sse(answer), SSE) if stream else (orjson.dumps(answer), JSON)
 
 
 class IdMaker:
@@ -446,13 +502,13 @@ class SimWorker:
             except api.BadRequest as exc:
                 responder.send(400, error_body(str(exc)))
                 return
-            if self._inject_faults(responder):
+            if self._inject_faults(responder, parsed.stream):
                 return
             self._run(call)
 
         return route
 
-    def _inject_faults(self, responder: Responder) -> bool:
+    def _inject_faults(self, responder: Responder, stream: bool) -> bool:
         c = self.config
         self._received += 1
         if c.crash_after is not None and self._received > c.crash_after:
@@ -473,6 +529,21 @@ class SimWorker:
         if c.close_after_head and self._rng.random() < c.close_after_head:
             responder.start_stream()
             responder.abort_stream()
+            return True
+        if c.truncate_rate and self._rng.random() < c.truncate_rate:
+            body, kind = _fault_answer(stream, "truncated")
+            responder.send_partial(200, body, len(body) // 2, kind)
+            responder.abort_stream()
+            return True
+        if c.reset_rate and self._rng.random() < c.reset_rate:
+            body, kind = _fault_answer(stream, "reset")
+            if stream:  # one whole event, as a stream that breaks off
+                responder.start_stream()
+                responder.write(body)
+            else:
+                responder.send_partial(200, body, len(body) // 2, kind)
+            # a moment later, so that the bytes reach the client before the reset
+            self._loop.call_later(GARBLE_DELAY_S, responder.reset)
             return True
         # a hung request is never answered; the connection keeps the responder alive
         return bool(c.hang_rate and self._rng.random() < c.hang_rate)
