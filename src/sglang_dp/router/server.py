@@ -33,6 +33,7 @@ from sglang_dp.router.admission import Admission, LoadReports
 from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
 from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig
+from sglang_dp.router.encoding import EncodingPool, default_threads
 from sglang_dp.router.engine import RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.keys import INFERENCE_PATHS, Encoder, HFEncoder
@@ -88,6 +89,9 @@ class RouterServer:
         self.metrics.watch_admission(self.admission, self.breakers, clock)
         self.pool = UpstreamPool()
         encode = load_encoder(config.tokenizer_path) if config.tokenizer_path else None
+        threads = config.tokenizer_threads
+        threads = default_threads() if threads is None else threads
+        self.encoding = EncodingPool(threads) if encode is not None and threads > 0 else None
         self._session: aiohttp.ClientSession | None = None
         self.state = RouterState(
             config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
@@ -108,6 +112,7 @@ class RouterServer:
             self.admission,
             self.breakers,
             self.loads,
+            self.encoding,
         )
         self._server: HttpServer | None = None
         self._bridged: set[asyncio.Task[None]] = set()
@@ -188,6 +193,8 @@ class RouterServer:
         once); close everything."""
         if self._server is not None:
             await self._server.shutdown(grace)
+        if self.encoding is not None:
+            await self.encoding.close()
         for task in list(self._bridged):
             task.cancel()
         for watcher in (self._imbalance, self._load_reports):
