@@ -361,6 +361,8 @@ class Proxy:
             self._give_up(job, why)
             return None
         self._metrics.routing_latency.observe(time.perf_counter() - started)
+        if self._breakers is not None:  # a half-open worker counts its probes
+            self._breakers.routed(dispatch.worker, now)
         job.tried.append(dispatch.worker)
         return dispatch
 
