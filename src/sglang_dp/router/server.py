@@ -182,9 +182,11 @@ class RouterServer:
         self.monitor.report_failure(url, reason, refused=True)
         self.engine.reset_worker(url)
         self.breakers.forget(url)  # its replacement starts with a closed breaker
+        self.loads.forget(url)  # and without the dead process's last load report
 
     def remove_worker(self, url: str) -> None:
         remove_worker(self.state, url)
+        self.loads.forget(url)
         log.info("%s removed", url)
 
     async def stop(self, grace: float = 5.0) -> None:
