@@ -5,6 +5,7 @@ every failure mode answered, nothing leaked)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
 from collections.abc import Sequence
@@ -241,7 +242,10 @@ def in_router(
         finally:
             await server.stop(0.5)
 
-    return run_on("uvloop", main)
+    try:
+        return run_on("uvloop", main)
+    finally:
+        gc.unfreeze()  # `load_encoder` froze this test process's objects: let them go again
 
 
 async def until(condition: Any, what: str) -> None:
@@ -328,3 +332,11 @@ def test_a_client_gone_during_its_encoding_is_never_routed(folder: Path, worker:
             assert reply.status == 200
 
     in_router(folder, worker, scenario, gated=True)
+
+
+def test_loading_a_tokenizer_puts_its_objects_out_of_the_collectors_way(folder: Path) -> None:
+    try:
+        load_encoder(str(folder))
+        assert gc.get_freeze_count() > 10_000  # transformers' modules, the tokenizer's vocab
+    finally:
+        gc.unfreeze()
