@@ -28,6 +28,7 @@ FRAGMENTS = ["<|start|>", "<|end|>", "<s>", "hello", " world", "\n", "  ", "Pari
 LONG = " the capital of France is Paris" * 4  # remembered pieces are at least 64 characters
 ROLES = ["system", "user", "assistant"]
 Session = aiohttp.ClientSession
+CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +189,7 @@ class Gated:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.fail = False
+        self.fail_answers = False  # raise on a key extended by an answer
         self.gate.set()
 
     def encode(self, text: str, special: bool) -> Sequence[int]:
@@ -195,7 +197,7 @@ class Gated:
             self.entered.set()
             if not self.gate.wait(30):
                 raise TimeoutError("the test never opened the gate")
-            if self.fail:
+            if self.fail or (self.fail_answers and not text.endswith("assistant\n")):
                 raise RuntimeError("tokenizer exploded")
         return self.inner.encode(text, special)
 
@@ -338,5 +340,51 @@ def test_loading_a_tokenizer_puts_its_objects_out_of_the_collectors_way(folder: 
     try:
         load_encoder(str(folder))
         assert gc.get_freeze_count() > 10_000  # transformers' modules, the tokenizer's vocab
+    finally:
+        gc.unfreeze()
+
+
+def test_a_tokenizer_error_on_an_answer_still_observes_it(folder: Path, worker: Worker) -> None:
+    async def scenario(server: RouterServer, encoder: Gated, session: Session) -> None:
+        encoder.fail_answers = True
+        async with session.post("/v1/chat/completions", json=chat("fine")) as reply:
+            assert reply.status == 200
+        await until(lambda: completed(server) == 1, "observed without its extension")
+        assert in_flight(server) == 0 and server.engine.tree.size(worker.url) > 0
+
+    in_router(folder, worker, scenario, gated=True)
+
+
+def test_stopping_with_an_encoding_under_way_does_not_hang(folder: Path, worker: Worker) -> None:
+    async def main() -> None:
+        encoder = Gated(load_encoder(str(folder)))
+        loader = server_module.load_encoder
+        server_module.load_encoder = lambda path: encoder  # type: ignore[assignment]
+        try:
+            config = RouterConfig(
+                worker_urls=(worker.url,),
+                port=free_port(),
+                routing_key="tokens",
+                tokenizer_path=str(folder),
+            )
+            server = RouterServer(config)
+        finally:
+            server_module.load_encoder = loader
+        await server.start()
+        encoder.gate.clear()
+        try:
+            async with aiohttp.ClientSession(server.url) as session:
+                request = asyncio.ensure_future(session.post(CHAT, json=chat("late")))
+                await until(encoder.entered.is_set, "the request in its encoding")
+                await server.stop(0.2)
+                outcome = (await asyncio.gather(request, return_exceptions=True))[0]
+                assert isinstance(outcome, aiohttp.ClientError) or outcome.status == 503
+                assert server.encoding is not None and server.encoding.pending == 0
+                assert server.engine.snapshot(0).workers[0].routed == 0
+        finally:
+            encoder.gate.set()
+
+    try:
+        run_on("uvloop", main)
     finally:
         gc.unfreeze()
