@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,6 +172,11 @@ def test_a_tokenizer_that_does_not_split_is_encoded_whole_from_every_thread(
 
 def test_the_pool_is_sized_from_the_cpus_and_needs_a_thread() -> None:
     assert 1 <= default_threads() <= 4
+    before = sys.getswitchinterval()
+    pool = EncodingPool(1)  # a thread holding the GIL gives it up to the loop within 1 ms
+    assert sys.getswitchinterval() == min(before, 0.001)
+    asyncio.run(pool.close())
+    assert sys.getswitchinterval() == before
     with pytest.raises(ValueError, match="at least one thread"):
         EncodingPool(0)
     with pytest.raises(ValueError, match="--tokenizer-threads must be >= 0"):

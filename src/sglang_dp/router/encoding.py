@@ -12,6 +12,11 @@ loop: the hop to a thread and back costs more than encoding them. Each result co
 loop as an asyncio future, whose done callback — on the loop — goes on with the request
 (admission, routing, `engine.observe`): the engine is never touched from a thread.
 
+While a pool runs, the interpreter's switch interval is `SWITCH_INTERVAL_S` (1 ms; CPython's
+default is 5): when a pool thread holds the GIL, the loop waits for it until it asks the
+holder to give it up, after that interval (measured with `benchmarks/bench_tokenize.py`: a few
+stalls of 5–9 ms per 16,000 probes at 5 ms, none over 2 ms at 1 ms, at the same requests/s).
+
 `close()` cancels what is still pending (the callbacks run and see it cancelled: nothing waits
 on a result that will not come) and lets the threads go.
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,6 +39,7 @@ T = TypeVar("T")
 
 OFFLOAD_BYTES = 2048
 MAX_THREADS = 4
+SWITCH_INTERVAL_S = 0.001
 
 
 def default_threads() -> int:
@@ -55,6 +62,8 @@ class EncodingPool:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="sglang-dp-encode")
         self._pending: set[asyncio.Future[Any]] = set()
         self.offloaded = 0  # calls sent to the threads so far
+        self._switch_interval = sys.getswitchinterval()  # restored by `close`
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
 
     def run(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """`work(*args)` in a thread; its result (or exception) as a future of the running loop.
@@ -76,3 +85,4 @@ class EncodingPool:
             future.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        sys.setswitchinterval(self._switch_interval)
