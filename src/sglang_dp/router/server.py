@@ -124,7 +124,7 @@ class RouterServer:
         threads = config.tokenizer_threads
         threads = default_threads() if threads is None else threads
         # the word tokenizer is pure Python: a thread would hold the GIL the loop needs
-        pooled = isinstance(encode, HFEncoder) and threads > 0
+        pooled = encode is not None and not isinstance(encode, WordEncoder) and threads > 0
         self.encoding = EncodingPool(threads) if pooled else None
         self._session: aiohttp.ClientSession | None = None
         self.state = RouterState(
