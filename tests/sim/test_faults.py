@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sglang_dp.sim import faults
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.faults import Faults
+from sglang_dp.sim.run import check_config
 
 RATES = ("fail_rate", "garble_rate", "close_after_head", "truncate_rate", "reset_rate", "hang_rate")
 NAMES = ("fail", "garble", "close", "truncate", "reset", "hang")
@@ -68,3 +71,14 @@ def test_crash_after_n_spares_the_first_n_requests() -> None:
 
 def test_a_certain_fault_hides_the_later_ones() -> None:
     assert set(draws(Faults(SimConfig(garble_rate=1.0, hang_rate=1.0)), 20)) == {"garble"}
+
+
+@pytest.mark.parametrize("field", [*RATES, "kv_events_drop_rate"])
+@pytest.mark.parametrize("rate", [-0.1, 1.5])
+def test_a_rate_outside_0_to_1_is_refused_by_name(field: str, rate: float) -> None:
+    flag = "--" + field.replace("_", "-")
+    assert check_config(SimConfig(**{field: rate})) == f"{flag} must be between 0 and 1"
+
+
+def test_every_fault_rate_is_drawn() -> None:
+    assert tuple(field for _, field in faults.RATES) == RATES

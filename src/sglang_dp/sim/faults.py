@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sglang_dp.sim")
 
+RATES = (  # each fault and the SimConfig field of its rate, in the order they are drawn
+    ("fail", "fail_rate"),
+    ("garble", "garble_rate"),
+    ("close", "close_after_head"),
+    ("truncate", "truncate_rate"),
+    ("reset", "reset_rate"),
+    ("hang", "hang_rate"),
+)
 DELAY_S = 0.05  # garble, reset: so that the bytes before reach the client first
 CRASH_STATUS = 3
 
@@ -47,13 +55,8 @@ class Faults:
 
     def __init__(self, config: SimConfig) -> None:
         self.crash_after = config.crash_after
-        self.rates = (
-            ("fail", config.fail_rate),
-            ("garble", config.garble_rate),
-            ("close", config.close_after_head),
-            ("truncate", config.truncate_rate),
-            ("reset", config.reset_rate),
-            ("hang", config.hang_rate),
+        self.rates: tuple[tuple[str, float], ...] = tuple(
+            (fault, getattr(config, field)) for fault, field in RATES
         )
         self.received = 0  # generation requests drawn for
         self._rng = random.Random(config.random_seed)
