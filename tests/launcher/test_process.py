@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from sglang_dp.launcher import shim
+from sglang_dp.launcher.plan import with_ports
 from sglang_dp.launcher.process import (
     LogRotation,
     OwnedProcess,
@@ -132,12 +133,12 @@ def test_log_tail_reads_only_this_run(run: Runner, tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_port_override(run: Runner, tmp_path: Path) -> None:
+def test_a_moved_worker_runs_on_its_new_port(run: Runner, tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import sys; print(sys.argv[1:])", "--port", "7", "--x"]
     spec = spec_for(tmp_path, argv, port=7)
 
     async def scenario() -> None:
-        proc = await WorkerProcess.spawn(spec, port_override=9)
+        proc = await WorkerProcess.spawn(with_ports(spec, 9, None))
         await proc.wait()
         assert proc.spec.port == 9 and proc.spec.url.endswith(":9")
         assert proc.log_tail()[-1] == "['--port', '9', '--x']"

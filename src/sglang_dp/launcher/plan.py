@@ -29,7 +29,7 @@ Keep the base at 30000 or above: sglang 0.5 without `--nccl-port` picks random p
 with "address already in use" moves to the next free band after the plan (`spare_ports`,
 `with_ports`).
 
-KV events (`kv_events=True`, launch's default where the installed SGLang has
+KV events (`WorkerTemplate.kv_events`: launch turns them on where the installed SGLang has
 `--kv-events-config`): every worker publishes its cache events at P_i + 2 with replay at P_i + 3
 (`kv_events_config`), topic "kv", and gets `--page-size 16` unless the user gave a page size.
 

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sglang_dp.launcher import shim
-from sglang_dp.launcher.plan import WorkerSpec, with_ports
+from sglang_dp.launcher.plan import WorkerSpec
 
 # bench/compare.py imports these from here still (its imports belong to another change)
 from sglang_dp.launcher.ports import free_port as free_port  # noqa: PLC0414
@@ -201,15 +201,8 @@ class WorkerProcess(OwnedProcess):
     spec: WorkerSpec
 
     @classmethod
-    async def spawn(
-        cls,
-        spec: WorkerSpec,
-        port_override: int | None = None,
-        rotation: LogRotation = LogRotation(),
-    ) -> WorkerProcess:
-        """Start the worker (on `port_override` instead of `spec.port` if given)."""
-        if port_override is not None:
-            spec = with_ports(spec, port_override, spec.nccl_port)
+    async def spawn(cls, spec: WorkerSpec, rotation: LogRotation = LogRotation()) -> WorkerProcess:
+        """Start the worker its spec describes."""
         worker = await cls.start(spec.argv, spec.env, spec.log_path, _header(spec), rotation)
         worker.spec = spec
         return worker

@@ -11,7 +11,7 @@
                               KILL, exactly as locally), then the actor is killed (ray.kill)
 
 `RayWorkerProcess` has the public surface of `process.WorkerProcess` (spec, pid, returncode,
-wait(), log_tail(), terminate(grace), and `pids_path` when the worker runs on this machine), so
+pids_path (None unless the worker runs on this machine), wait(), log_tail(), terminate(grace)), so
 the supervisor runs Ray workers as it runs local ones: readiness, health, restarts with backoff,
 and CPU and memory for those on this machine. One actor lives for one run of its worker: when
 the worker exits, its last log lines are fetched and the actor is killed, which frees the bundle
