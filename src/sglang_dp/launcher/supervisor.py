@@ -181,7 +181,7 @@ class _Ended:
 
 @dataclass(frozen=True)
 class SupervisorSettings:
-    """How patient the supervisor is (seconds; the module docstring says what each does)."""
+    """The supervisor's settings, times in seconds (the module docstring says what each does)."""
 
     startup_timeout: float
     max_restarts: int
