@@ -164,6 +164,36 @@ def test_half_open_probes_close_it_or_open_it_again() -> None:
     assert breakers.opens("w") == 0
 
 
+def test_a_half_open_worker_takes_a_limited_number_of_probes() -> None:
+    config = BreakerConfig(
+        cb_failure_threshold=1, cb_success_threshold=2, cb_timeout_duration_secs=10
+    )
+    breakers = Breakers(config)
+    breakers.routed("w", 0)  # closed: nothing counted
+    breakers.failure("w", 0)
+    assert breakers.blocked(10) == frozenset()  # half-open
+    breakers.routed("w", 10)
+    assert breakers.blocked(10) == frozenset()
+    breakers.routed("w", 10)  # two probes out, unanswered: no third
+    assert breakers.blocked(11) == {"w"} and breakers.state("w", 11) is State.HALF_OPEN
+    breakers.success("w", 12)  # one answered: room for one more
+    assert breakers.blocked(12) == frozenset()
+    breakers.routed("w", 12)
+    assert breakers.blocked(12) == {"w"}
+    assert breakers.blocked(22) == frozenset()  # no answer for a cool-down: probe afresh
+    breakers.routed("w", 22)
+    breakers.success("w", 23)
+    assert breakers.state("w", 23) is State.CLOSED and breakers.blocked(23) == frozenset()
+    breakers.failure("w", 24)  # opens again, half-open at 34, probes out, then a failure
+    assert breakers.blocked(34) == frozenset()
+    breakers.routed("w", 34)
+    breakers.routed("w", 34)
+    breakers.failure("w", 35)
+    assert breakers.blocked(36) == {"w"} and breakers.state("w", 36) is State.OPEN
+    breakers.forget("w")
+    assert breakers.blocked(36) == frozenset()
+
+
 def test_a_disabled_breaker_never_opens() -> None:
     breakers = Breakers(BreakerConfig(cb_failure_threshold=1, disable_circuit_breaker=True))
     for now in range(100):

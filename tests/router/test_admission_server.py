@@ -117,3 +117,17 @@ def test_clients_gone_while_admitted_or_queued_free_their_slots() -> None:
             timeout=10,
             what="slots freed",
         )
+
+
+def test_a_dead_or_removed_worker_leaves_no_load_report_behind() -> None:
+    async def main() -> list[int | None]:
+        urls = ("http://127.0.0.1:9", "http://127.0.0.1:10")
+        server = RouterServer(RouterConfig(worker_urls=urls))
+        for url in urls:
+            server.add_worker(url)
+            server.loads.record(url, 5, 0.0)
+        server.worker_down(urls[0], "exited")  # its replacement must not look saturated
+        server.remove_worker(urls[1])
+        return [server.loads.waiting(url, 0.0) for url in urls]
+
+    assert asyncio.run(main()) == [None, None]

@@ -85,6 +85,8 @@ def test_routed_pages_count_before_their_events_come() -> None:
     second = engine.route(tokens(PREFIX, [2]), now=1.1)  # no event yet: speculation holds it
     assert second.worker == first.worker and second.decision.matched == len(PREFIX)
     assert second.decision.matched % PAGE == 0  # whole pages, as the worker will cache them
+    speculated = {w.url: w.speculated for w in engine.snapshot(1.1).workers}
+    assert speculated[first.worker] == 1 and sum(speculated.values()) == 1
     later = engine.explain(tokens(PREFIX, [3]), now=100.0)  # speculation expired, no event
     assert later.matches[first.worker] == 0
 
@@ -117,3 +119,13 @@ def test_each_worker_is_matched_on_exactly_one_view(held: list[int], trusted: li
         worker = f"w{i}"
         expected = (pages * PAGE, EVENTS) if trusted[i] else (0, TREE)  # the tree is empty
         assert (explained.matches[worker], explained.views[worker]) == expected
+
+
+def test_a_prefix_waiting_for_its_prefill_stays_held_past_the_ttl() -> None:
+    """SGLang publishes a prompt's pages once computed: behind a long queue, after the TTL."""
+    engine, _ = engine_with_events(2)
+    first = engine.route(tokens(PREFIX, [1]), now=1.0, streamed=True)
+    waiting = engine.explain(tokens(PREFIX, [2]), now=30.0)
+    assert waiting.matches[first.worker] == len(PREFIX)
+    engine.first_token(first, now=31.0)  # computed: its events are due within the TTL
+    assert engine.explain(tokens(PREFIX, [2]), now=40.0).matches[first.worker] == 0

@@ -47,6 +47,7 @@ def summary_table(stats: Mapping[str, Any]) -> Table:
     streams = kv_streams(stats)
     if streams is not None:
         table.add_column("events (exact blocks)", justify="left")
+        table.add_column("routed on speculation", justify="right")
     for w in stats.get("workers", []):
         name = names[w["url"]]
         budget = w.get("budget")
@@ -63,7 +64,7 @@ def summary_table(stats: Mapping[str, Any]) -> Table:
             str(w.get("corrections", 0)),
             human(w.get("evicted", 0)),
             w["url"],
-            *([stream_cell(streams.get(w["url"]))] if streams is not None else []),
+            *(stream_cells(streams.get(w["url"]), w) if streams is not None else []),
         )
     return table
 
@@ -73,6 +74,11 @@ def kv_streams(stats: Mapping[str, Any]) -> Mapping[str, Any] | None:
     approx`)."""
     kv = stats.get("kv_events")
     return kv.get("workers", {}) if isinstance(kv, Mapping) else None
+
+
+def stream_cells(stream: Mapping[str, Any] | None, worker: Mapping[str, Any]) -> list[Text]:
+    """The events columns of one worker: its stream, and its routes on unconfirmed pages."""
+    return [stream_cell(stream), Text(f"{int(worker.get('speculated', 0)):,}")]
 
 
 def stream_cell(stream: Mapping[str, Any] | None) -> Text:

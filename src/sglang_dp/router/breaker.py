@@ -8,9 +8,11 @@ while its `/health` answers (a worker whose health route is fine but whose gener
 - closed: the worker routes normally; a success resets the count of failures in a row;
 - open: the worker is excluded from routing (`blocked(now)`, passed to `engine.route`'s
   `exclude`) until `timeout_secs` have passed since it opened;
-- half-open: real requests are routed to it again (the probes: no synthetic traffic); the
-  first failure opens it again for another cool-down, `success_threshold` successes in a row
-  close it.
+- half-open: real requests are routed to it again (the probes: no synthetic traffic), at most
+  `success_threshold` of them without an answer at a time (`routed` counts them; a worker with
+  that many out is excluded like an open one, for a cool-down at most if none ever answers);
+  the first failure opens it again for another cool-down, `success_threshold` successes in a
+  row close it.
 
 Settings (SMG's names and defaults): `--cb-failure-threshold` 10, `--cb-success-threshold` 3,
 `--cb-timeout-duration-secs` 60, `--disable-circuit-breaker`.
@@ -56,7 +58,7 @@ class BreakerConfig:
 
 
 class _Breaker:
-    __slots__ = ("failures", "opened_at", "opens", "state", "successes")
+    __slots__ = ("failures", "opened_at", "opens", "probes", "state", "successes")
 
     def __init__(self) -> None:
         self.state = State.CLOSED
@@ -64,6 +66,7 @@ class _Breaker:
         self.successes = 0  # in a row, while half-open
         self.opened_at = 0.0
         self.opens = 0  # times it opened (for statistics)
+        self.probes = 0  # requests routed while half-open and not answered yet
 
 
 class Breakers:
@@ -73,6 +76,8 @@ class Breakers:
         self.config = config or BreakerConfig()
         self._breakers: dict[str, _Breaker] = {}
         self._open: dict[str, float] = {}  # open breakers: worker -> when it may be probed
+        # half-open ones with every probe out: worker -> when to stop waiting for their answers
+        self._probing: dict[str, float] = {}
 
     def failure(self, worker: str, now: float) -> None:
         """A request to `worker` failed (the worker's fault: refused, reset, timed out, 5xx)."""
@@ -85,6 +90,7 @@ class Breakers:
         if breaker.state is State.HALF_OPEN or (
             breaker.state is State.CLOSED and breaker.failures >= self.config.cb_failure_threshold
         ):
+            self._probing.pop(worker, None)
             breaker.state = State.OPEN
             breaker.opened_at = now
             breaker.opens += 1
@@ -99,20 +105,38 @@ class Breakers:
         breaker.failures = 0
         if breaker.state is State.HALF_OPEN:
             breaker.successes += 1
+            breaker.probes = max(0, breaker.probes - 1)
+            self._probing.pop(worker, None)  # a probe answered: room for another
             if breaker.successes >= self.config.cb_success_threshold:
                 breaker.state = State.CLOSED
                 breaker.successes = 0
         if breaker.state is State.CLOSED and not breaker.opens:
             del self._breakers[worker]  # back to the common case
 
+    def routed(self, worker: str, now: float) -> None:
+        """A request was routed to `worker`: while half-open, one of its limited probes."""
+        breaker = self._breakers.get(worker)
+        if breaker is None or breaker.state is not State.HALF_OPEN:
+            return
+        breaker.probes += 1
+        if breaker.probes >= self.config.cb_success_threshold:
+            self._probing[worker] = now + self.config.cb_timeout_duration_secs
+
     def blocked(self, now: float) -> frozenset[str]:
-        """Workers whose breaker is open at `now` (to exclude from routing)."""
-        if not self._open:
+        """Workers whose breaker is open at `now`, or half-open with every probe out (to
+        exclude from routing)."""
+        if not self._open and not self._probing:
             return _NONE
         for worker, until in list(self._open.items()):
             if now >= until:
                 self._advance(worker, self._breakers[worker], now)
-        return frozenset(self._open)
+        for worker, until in list(self._probing.items()):
+            if now >= until:  # its probes never answered (clients gone): probe afresh
+                self._breakers[worker].probes = 0
+                del self._probing[worker]
+        if not self._probing:
+            return frozenset(self._open)
+        return frozenset(self._open).union(self._probing)
 
     def state(self, worker: str, now: float) -> State:
         breaker = self._breakers.get(worker)
@@ -130,6 +154,7 @@ class Breakers:
         """The worker left the router (or was replaced by a fresh process)."""
         self._breakers.pop(worker, None)
         self._open.pop(worker, None)
+        self._probing.pop(worker, None)
 
     def _get(self, worker: str) -> _Breaker:
         breaker = self._breakers.get(worker)
@@ -143,4 +168,5 @@ class Breakers:
             breaker.state = State.HALF_OPEN
             breaker.successes = 0
             breaker.failures = 0
+            breaker.probes = 0
             del self._open[worker]

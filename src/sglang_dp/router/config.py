@@ -50,6 +50,12 @@ class RouterConfig:
     tokenizer_path: str | None = option(
         None, "Local Hugging Face tokenizer folder for --routing-key tokens.", type=str
     )
+    tokenizer_threads: int | None = option(
+        None,
+        "Threads that encode long prompts off the event loop with --tokenizer-path "
+        "(default: one per CPU but the loop's, 1 to 4; 0: encode on the loop).",
+        type=int,
+    )
     api_key: str | None = option(
         None, "Bearer token required on inference routes; also sent to the workers.", type=str
     )
@@ -72,6 +78,8 @@ class RouterConfig:
             check_worker_url(url)
         if self.routing_key == "tokens" and not self.tokenizer_path:
             raise ValueError("--routing-key tokens needs --tokenizer-path (a local folder)")
+        if self.tokenizer_threads is not None and self.tokenizer_threads < 0:
+            raise ValueError(f"--tokenizer-threads must be >= 0, not {self.tokenizer_threads}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be between 1 and 65535, not {self.port}")
         if self.retries < 0 or self.max_payload_size <= 0 or self.request_timeout_secs <= 0:

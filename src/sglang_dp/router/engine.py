@@ -45,8 +45,9 @@ Correction (`observe`), the proposal's fourth phase that sgl-router never built:
 Exact cache view (`use_events`): with token keys and a `KvIndex` fed by the workers' KV events
 (SGLang's `--kv-events-config`), a worker whose event stream is whole (`KvIndex.trusted`) is
 matched on the blocks it stored — whole pages, as SGLang matches — or, if longer, on the whole
-pages of what the tree says was routed to it in the last `SPECULATIVE_TTL_S` (their events may
-not have come yet: `RadixTree.recent_match`); every other worker on the tree. The tree keeps
+pages of what the tree says was routed to it in the last `SPECULATIVE_TTL_S`, or since the
+oldest request it still has waiting for its prefill (their events cannot have come yet:
+`RadixTree.recent_match`); every other worker on the tree. The tree keeps
 being updated and corrected for all of them, so a worker whose stream breaks falls back to a
 current picture. `Explanation.views` and `WorkerStats.cache_view` say which picture served.
 
@@ -204,6 +205,7 @@ class _WorkerState:
         "queued",
         "resets",
         "routed",
+        "speculated",
         "step_fit",
         "ttft_fit",
         "url",
@@ -229,6 +231,7 @@ class _WorkerState:
         self.completion_tokens = 0
         self.agreed_tokens = 0  # sum of min(predicted, reported) cached tokens
         self.mispredicted = self.corrections = self.evicted = 0
+        self.speculated = 0  # routed on a match its KV events had not confirmed yet
 
 
 @dataclass(slots=True, eq=False)
@@ -320,6 +323,7 @@ class WorkerStats:
     ttft_samples: int = 0  # answers its own fits learned from
     step_samples: int = 0
     cache_view: str = TREE  # what its matches come from: EVENTS (exact) or TREE
+    speculated: int = 0  # routed there on pages its events had not confirmed yet (recent routes)
 
     @property
     def hit_rate(self) -> float:
@@ -383,6 +387,7 @@ class RoutingEngine:
         self._per_token = [start] * len(KINDS)  # indexed by keys.KIND_*
         self._learned = [0] * len(KINDS)  # responses each estimate was learned from
         self._events: KvIndex | None = None
+        self._speculated: list[str] = []  # whose matches `_matches` last took from speculation
 
     @property
     def tree(self) -> RadixTree:
@@ -492,6 +497,8 @@ class RoutingEngine:
         matched, _ = self._matches(path, loads, now)
         decision = self._decide(matched, len(path.key), loads)
         state = self._workers[decision.worker]
+        if decision.worker in self._speculated:
+            state.speculated += 1
         prior = self._tree.insert_at(path, state.url, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
         uncached = decision.key_length - decision.matched
@@ -688,10 +695,11 @@ class RoutingEngine:
         self, path: Path, loads: dict[str, int], now: float | None
     ) -> tuple[dict[str, int], list[str]]:
         """Every candidate's match: its KV events' where they are whole (exact, whole pages),
-        the tree's elsewhere; and the workers matched on events. A prefix routed to a worker in
-        the last `SPECULATIVE_TTL_S` counts as held before its events come (the tree's touch)."""
+        the tree's elsewhere; and the workers matched on events. A prefix routed to a worker
+        lately counts as held before its events come (the tree's touch, `_unconfirmed_since`)."""
         index = self._events
         key = path.key
+        self._speculated.clear()
         if index is None or isinstance(key, str):
             return path.matched, []
         exact = [w for w in loads if index.trusted(w)]
@@ -704,9 +712,23 @@ class RoutingEngine:
         for w in exact:
             held = stored[w]
             if matched.get(w, 0) > held:  # the tree knows more: routed there lately?
-                held = max(held, self._tree.recent_match(path, w, since) // page * page)
+                recent = self._tree.recent_match(path, w, self._unconfirmed_since(w, since))
+                recent = recent // page * page
+                if recent > held:
+                    held = recent
+                    self._speculated.append(w)
             matched[w] = held
         return matched, exact
+
+    def _unconfirmed_since(self, url: str, since: float) -> float:
+        """Since when the worker's routed prefixes may still be unconfirmed: `since`, or
+        earlier while a request routed then still waits for its prefill (SGLang publishes a
+        prompt's pages when it has computed them, seconds later behind a long queue)."""
+        state = self._workers[url]
+        for dispatch_id in state.queued:  # oldest first: the first one routed
+            sent = state.in_flight.get(dispatch_id, since)
+            return min(sent, since)
+        return since
 
     def _decide(self, matched: dict[str, int], length: int, loads: dict[str, int]) -> Decision:
         worker, reason = self._policy.choose(loads, matched, length, self._pending)
@@ -786,6 +808,7 @@ class RoutingEngine:
             ttft_samples=state.ttft_fit.samples,
             step_samples=state.step_fit.samples,
             cache_view=self._view_of(state.url),
+            speculated=state.speculated,
         )
 
     def _view_of(self, url: str) -> str:

@@ -18,7 +18,7 @@ global state. Everything runs on the router's event loop, so nothing needs a loc
     sglang_dp_shed_total{reason}, sglang_dp_circuit_breaker_state{worker, state},
     sglang_dp_circuit_breaker_opens_total{worker}   admission control (`watch_admission`)
     sglang_dp_kv_events_{trusted, last_seq, blocks, gaps_filled_total, gaps_lost_total,
-               rejected_total}{worker}, sglang_dp_kv_event_batches_total,
+               rejected_total, speculated_routes_total}{worker}, sglang_dp_kv_event_batches_total,
     sglang_dp_kv_event_batches_per_second, sglang_dp_kv_events_total{worker},
     sglang_dp_kv_index_blocks                       KV events (`watch_kv_events`)
 """
@@ -232,6 +232,12 @@ _KV_FIELDS = (
     ("gaps_filled", "sglang_dp_kv_events_gaps_filled", "counter", "Seq gaps repaired by replay."),
     ("gaps_lost", "sglang_dp_kv_events_gaps_lost", "counter", "Seq gaps replay could not fill."),
     ("rejected", "sglang_dp_kv_events_rejected", "counter", "Messages that could not be used."),
+    (
+        "speculated",
+        "sglang_dp_kv_events_speculated_routes",
+        "counter",
+        "Routed on unconfirmed pages.",
+    ),
 )
 
 

@@ -2,7 +2,8 @@
 
 For `/generate`, `/v1/completions` and `/v1/chat/completions` (POST):
 
-1. the body is validated and its routing key computed (`keys.route_request`; 400 on bad input);
+1. the body is validated and its routing key computed (`keys.route_request`; 400 on bad input),
+   in a thread of the encoding pool for a long body when token keys are on (below);
 2. `engine.route` picks a worker and counts the request in flight (503 if none is healthy);
 3. the body is forwarded unchanged on a pooled keep-alive connection (`upstream.UpstreamPool`);
 4. if the attempt fails, `outcomes.decide` says what it becomes (one table, used by both ways
@@ -35,6 +36,14 @@ queue's timeout), both with `Retry-After`. Circuit breakers (`breaker.Breakers`)
 breaker is open are passed to `engine.route` as excluded; failed attempts the worker is blamed
 for and answered requests are reported to them.
 
+Encoding off the loop (`encoding.EncodingPool`, with `--tokenizer-path`): a body of at least
+the pool's threshold is validated and encoded in a thread; until its result comes back the
+request is neither admitted nor routed, so it holds nothing. A client gone meanwhile cancels
+it (the result is dropped); a tokenizer error is a 500 naming it, never a hang; a request whose
+encoding the stopping router cancelled gets a 503. After a long answer, the key extended by it
+(`answers.outcome`) is encoded in the pool too; the attempt's dispatch is held until then and
+`engine.observe` runs back on the loop with the time of the answer, which releases it.
+
 In-flight accounting cannot leak: the attempt's dispatch is held by its `_Job` and released
 once (`_Job.release`), at the end of every attempt and by the task's done callback — which also
 runs for a task cancelled before its first step (a client gone in the same loop turn). A client
@@ -62,9 +71,10 @@ from sglang_dp.router.answers import StreamTap, outcome
 from sglang_dp.router.auth import bearer_matches
 from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig
-from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, RoutingEngine
+from sglang_dp.router.encoding import EncodingPool
+from sglang_dp.router.engine import Dispatch, NoWorkerAvailable, Outcome, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
-from sglang_dp.router.keys import Encoder, InvalidRequest, Routed, route_request
+from sglang_dp.router.keys import KIND_IDS, Encoder, InvalidRequest, Routed, route_request
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.outcomes import RETRY_STATUSES, Action, Fault, decide
 from sglang_dp.router.upstream import (
@@ -215,6 +225,7 @@ class Proxy:
         admission: Admission[_Job] | None = None,
         breakers: Breakers | None = None,
         loads: LoadReports | None = None,
+        encoding: EncodingPool | None = None,
     ) -> None:
         self._config = config
         self._engine = engine
@@ -234,6 +245,7 @@ class Proxy:
         self._admission = admission
         self._breakers = breakers
         self._loads = loads
+        self._encoding = encoding if encode is not None else None
 
     def handle(self, request: HttpRequest, responder: Responder) -> None:
         """Entry point from the HTTP server (synchronous; see the module docstring)."""
@@ -249,11 +261,45 @@ class Proxy:
         ):
             self._reject(responder, rid_header, 401, "missing or wrong API key", "Unauthorized")
             return
+        encoding = self._encoding
+        if encoding is not None and len(request.body) >= encoding.threshold:
+            future = encoding.run(route_request, request.path, request.body, self._encode)
+            responder.on_disconnect = future.cancel  # nothing is admitted or routed yet
+            future.add_done_callback(_Encoded(self, rid, rid_header, responder).done)
+            return
         try:
             routed = route_request(request.path, request.body, self._encode)
         except InvalidRequest as exc:
             self._reject(responder, rid_header, 400, str(exc), "BadRequestError")
             return
+        self._enter(routed, rid, rid_header, responder)
+
+    def _encoded(
+        self,
+        future: asyncio.Future[Routed],
+        rid: bytes,
+        rid_header: bytes,
+        responder: Responder,
+    ) -> None:
+        """A request's key came back from the encoding pool: go on as `handle` does inline."""
+        responder.on_disconnect = None
+        if responder.closed:  # the client went away meanwhile: nothing to undo
+            return
+        if future.cancelled():
+            self._reject(responder, rid_header, 503, "the router is stopping", "ServiceUnavailable")
+            return
+        error = future.exception()
+        if error is None:
+            self._enter(future.result(), rid, rid_header, responder)
+        elif isinstance(error, InvalidRequest):
+            self._reject(responder, rid_header, 400, str(error), "BadRequestError")
+        else:
+            log.error("the tokenizer failed on a request: %r", error)
+            message = f"the tokenizer failed on this request: {type(error).__name__}: {error}"
+            self._reject(responder, rid_header, 500, message, "InternalError")
+
+    def _enter(self, routed: Routed, rid: bytes, rid_header: bytes, responder: Responder) -> None:
+        """A valid request: admitted (or queued, or refused), then routed and forwarded."""
         headers = [*self._base_headers, (b"x-request-id", rid)]
         job = _Job(self, routed, routed.forward, headers, rid_header, responder)
         if self._admission is None or self._admit(job, self._admission):
@@ -315,6 +361,8 @@ class Proxy:
             self._give_up(job, why)
             return None
         self._metrics.routing_latency.observe(time.perf_counter() - started)
+        if self._breakers is not None:  # a half-open worker counts its probes
+            self._breakers.routed(dispatch.worker, now)
         job.tried.append(dispatch.worker)
         return dispatch
 
@@ -533,7 +581,7 @@ class Proxy:
             return self._settle(job, dispatch, Fault.STATUS, f"answered {status}", answer)
         job.responder.send(status, payload, content_type, extra)
         if status == 200:
-            self._observe_body(dispatch, job.routed, payload)
+            self._observe_body(job, dispatch, payload)
         self._finished(job, dispatch.worker, status)
         return False
 
@@ -559,7 +607,7 @@ class Proxy:
                 if drained is not None:
                     await drained
         responder.end()
-        self._observe_stream(dispatch, job.routed, tap)
+        self._observe_stream(job, dispatch, tap)
         self._finished(job, dispatch.worker, upstream.status)
 
     def _client_head(
@@ -577,24 +625,96 @@ class Proxy:
         self._metrics.count(worker, status)
         self._metrics.upstream_latency.observe(time.perf_counter() - job.sent)
 
-    def _observe_body(self, dispatch: Dispatch, routed: Routed, payload: bytes) -> None:
+    def _observe_body(self, job: _Job, dispatch: Dispatch, payload: bytes) -> None:
         try:
             reply = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return
         first = reply[0] if isinstance(reply, list) and reply else reply
         if isinstance(first, dict):
-            self._observe(dispatch, routed, first, None)
+            self._observe(job, dispatch, first, None, len(payload))
 
-    def _observe_stream(self, dispatch: Dispatch, routed: Routed, tap: StreamTap) -> None:
+    def _observe_stream(self, job: _Job, dispatch: Dispatch, tap: StreamTap) -> None:
         reply = tap.last_reply()
         if reply is not None:
             # /generate's last event carries the whole text; OpenAI chunks only deltas
-            self._observe(dispatch, routed, reply, tap.output())
+            streamed = tap.output()
+            size = len(streamed) if streamed is not None else len(str(reply.get("text", "")))
+            self._observe(job, dispatch, reply, streamed, size)
 
     def _observe(
-        self, dispatch: Dispatch, routed: Routed, reply: dict[str, Any], streamed: str | None
+        self,
+        job: _Job,
+        dispatch: Dispatch,
+        reply: dict[str, Any],
+        streamed: str | None,
+        output_size: int,
     ) -> None:
+        """Correct the engine from an answer; the key extended by a long one is encoded in
+        the pool, and the job's dispatch is then held until `engine.observe` releases it."""
+        routed = job.routed
+        encoding = self._encoding
+        if (
+            encoding is not None
+            and routed.text is not None
+            and routed.kind != KIND_IDS
+            and len(routed.text) + output_size >= encoding.threshold
+        ):
+            job.dispatch = None  # released by `_Observed.done`, whatever becomes of the work
+            future = encoding.run(outcome, routed, reply, streamed, self._encode)
+            future.add_done_callback(_Observed(self, dispatch, routed, reply, streamed).done)
+            return
         result = outcome(routed, reply, streamed, self._encode)
         if result is not None:
             self._engine.observe(dispatch, result, self._clock())
+
+
+class _Encoded:
+    """The done callback of a request's encoding in the pool (on the loop)."""
+
+    __slots__ = ("proxy", "responder", "rid", "rid_header")
+
+    def __init__(self, proxy: Proxy, rid: bytes, rid_header: bytes, responder: Responder) -> None:
+        self.proxy = proxy
+        self.rid = rid
+        self.rid_header = rid_header
+        self.responder = responder
+
+    def done(self, future: asyncio.Future[Routed]) -> None:
+        self.proxy._encoded(future, self.rid, self.rid_header, self.responder)
+
+
+class _Observed:
+    """The done callback of an answer's key extension in the pool (on the loop): the engine
+    observes the answer at the time it came, or — the work failed or was cancelled — observes
+    it without the extension, so the dispatch is always released."""
+
+    __slots__ = ("answered", "dispatch", "proxy", "reply", "routed", "streamed")
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        dispatch: Dispatch,
+        routed: Routed,
+        reply: dict[str, Any],
+        streamed: str | None,
+    ) -> None:
+        self.proxy = proxy
+        self.dispatch = dispatch
+        self.routed = routed
+        self.reply = reply
+        self.streamed = streamed
+        self.answered = proxy._clock()
+
+    def done(self, future: asyncio.Future[Outcome | None]) -> None:
+        engine = self.proxy._engine
+        if future.cancelled() or future.exception() is not None:
+            if not future.cancelled():
+                log.error("the tokenizer failed on an answer: %r", future.exception())
+            result = outcome(self.routed, self.reply, self.streamed, None)
+        else:
+            result = future.result()
+        if result is None:
+            engine.release(self.dispatch)
+        else:
+            engine.observe(self.dispatch, result, self.answered)
