@@ -3,17 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# mypyc compiles these at install time (setup.py): a change to them needs a reinstall.
-COMPILED := src/sglang_dp/router/tree.py src/sglang_dp/router/policies.py src/sglang_dp/router/engine.py \
-	src/sglang_dp/router/prices.py src/sglang_dp/router/kv_index.py \
-	src/sglang_dp/httpserver.py src/sglang_dp/router/upstream.py src/sglang_dp/router/proxy.py \
-	src/sglang_dp/router/answers.py
+# mypyc compiles these at install time (setup.py; the list is compiled.txt, which
+# tests/conftest.py reads too): a change to them needs a reinstall.
+COMPILED := $(shell cat compiled.txt)
 
 .PHONY: install test lint typecheck pytest bench demo dist clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(COMPILED)
+$(STAMP): pyproject.toml setup.py compiled.txt $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

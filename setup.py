@@ -10,20 +10,13 @@ typed packages they import are build requirements too (pyproject.toml).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from setuptools import setup
 
-COMPILED = [
-    "src/sglang_dp/router/tree.py",
-    "src/sglang_dp/router/policies.py",
-    "src/sglang_dp/router/prices.py",
-    "src/sglang_dp/router/kv_index.py",
-    "src/sglang_dp/router/engine.py",
-    "src/sglang_dp/httpserver.py",
-    "src/sglang_dp/router/upstream.py",
-    "src/sglang_dp/router/proxy.py",
-    "src/sglang_dp/router/answers.py",
-]
+# one source path a line; the Makefile (reinstall when one changes) and tests/conftest.py (refuse a
+# stale build) read the same file
+COMPILED = Path(__file__).parent / "compiled.txt"
 
 
 def extensions() -> list:
@@ -33,7 +26,7 @@ def extensions() -> list:
         from mypyc.build import mypycify
     except ImportError:
         return []
-    return mypycify(COMPILED, opt_level="3")
+    return mypycify(COMPILED.read_text(encoding="utf-8").split(), opt_level="3")
 
 
 setup(ext_modules=extensions())

@@ -17,20 +17,17 @@ from hypothesis import settings
 settings.register_profile("no-deadline", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "no-deadline"))
 
-COMPILED = [  # setup.py's list
-    "sglang_dp.router.tree",
-    "sglang_dp.router.policies",
-    "sglang_dp.router.prices",
-    "sglang_dp.router.kv_index",
-    "sglang_dp.router.engine",
-    "sglang_dp.httpserver",
-    "sglang_dp.router.upstream",
-    "sglang_dp.router.proxy",
-]
+COMPILED = Path(__file__).parent.parent / "compiled.txt"  # setup.py's list, and the Makefile's
+
+
+def compiled_modules() -> list[str]:
+    """The module names of compiled.txt's source paths."""
+    paths = COMPILED.read_text(encoding="utf-8").split()
+    return [path.removeprefix("src/").removesuffix(".py").replace("/", ".") for path in paths]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    for name in COMPILED:
+    for name in compiled_modules():
         module_file = Path(importlib.import_module(name).__file__ or "")
         if module_file.suffix != ".so":
             continue

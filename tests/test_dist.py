@@ -11,6 +11,7 @@ import os
 import site
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
@@ -28,7 +29,10 @@ def test_wheel_and_sdist_build_and_the_wheel_runs(tmp_path: Path) -> None:
     env = os.environ | {"SGLANG_DP_PURE_PYTHON": "1"}
     run(sys.executable, "-m", "build", "--outdir", tmp_path / "dist", ROOT, env=env)
     wheels = list((tmp_path / "dist").glob("sglang_dp-*.whl"))
-    assert len(wheels) == 1 and list((tmp_path / "dist").glob("sglang_dp-*.tar.gz"))
+    [sdist] = (tmp_path / "dist").glob("sglang_dp-*.tar.gz")
+    assert len(wheels) == 1
+    with tarfile.open(sdist) as archive:  # setup.py compiles what it lists, from the sdist too
+        assert any(name.endswith("/compiled.txt") for name in archive.getnames())
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv)
     purelib = run(

@@ -544,6 +544,15 @@ def streamed(request: HttpRequest, responder: Responder) -> None:
     responder.end(b"data: 2\n\n")
 
 
+def test_a_stream_is_chunked_and_ends_with_the_terminator() -> None:
+    with running(streamed) as server:
+        client = server.connect()
+        client.send(b"GET /s HTTP/1.1\r\nhost: x\r\n\r\n")
+        status, headers, body = client.response()  # reads the chunks up to "0\r\n\r\n"
+        assert (status, headers["transfer-encoding"]) == (200, "chunked")
+        assert body == b"data: 1\n\ndata: 2\n\n"
+
+
 def test_head_of_a_stream_has_no_body() -> None:
     with running(streamed) as server:
         client = server.connect()

@@ -12,8 +12,8 @@
 
 Flags are the field names with dashes (`balance_abs_threshold` → `--balance-abs-threshold`).
 Nested dataclass fields are flattened (their names must be unique across the tree). A field whose
-metadata says `cli=False` gets no option; a tuple field takes several values (`nargs=-1`-like
-via `multiple`, written `--worker-urls A B` or repeated).
+metadata says `cli=False` gets no option; a tuple field takes several values (the flag repeated:
+`--worker-urls A --worker-urls B`). `LOG_LEVELS` are the choices of every `--log-level`.
 
 This module never imports click (not even lazily): the routing core imports it and is compiled
 by mypyc, which type-checks everything it imports in a build environment without click.
@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # every --log-level's choices
 
 
 def option(
@@ -81,24 +83,3 @@ def build(cls: type[T], values: dict[str, Any]) -> T:
             value = values[f.name]
             kwargs[f.name] = tuple(value) if isinstance(f.default, tuple) else value
     return cls(**kwargs)
-
-
-def flags(config: Any, cls: type[Any] | None = None) -> list[str]:
-    """The command-line flags that reproduce `config` (non-default values only)."""
-    args: list[str] = []
-    for f in dataclasses.fields(cls or type(config)):
-        value = getattr(config, f.name)
-        if "nested" in f.metadata:
-            args += flags(value, f.metadata["nested"])
-            continue
-        if not f.metadata.get("cli", True) or value == f.default or "help" not in f.metadata:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else f"--no-{flag[2:]}")
-        elif isinstance(value, tuple):
-            for item in value:
-                args += [flag, str(item)]
-        elif value is not None:
-            args += [flag, str(value)]
-    return args

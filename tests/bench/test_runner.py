@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 
+from sglang_dp.bench.clients import Failure, Sink
+from sglang_dp.bench.codec import HFCodec
 from sglang_dp.bench.config import BenchConfig
-from sglang_dp.bench.runner import Failure, HFCodec, Load, Sink, run_bench
+from sglang_dp.bench.load import Load
+from sglang_dp.bench.runner import run_bench
 from sglang_dp.bench.workloads import VOCABULARY, build_workload
 
 

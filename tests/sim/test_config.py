@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 from click.testing import CliRunner
 
-from sglang_dp.sim.config import SimConfig, build_command
+from sglang_dp.sim.command import build_command
+from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import PROFILES, resolve
 
 

@@ -3,8 +3,8 @@
 A workload is a list of `Script`s, each arriving at an offset `at` (seconds from the start).
 A script is one conversation: a fixed `history` (a system prompt, or a trace's earlier messages)
 and one or more `Turn`s sent one after another; turn k's prompt is the history, then every
-earlier question with the answer the server actually returned, then question k. The runner
-fills in the answers, so a generator yields scripts, not finished prompts.
+earlier question with the answer the server actually returned, then question k. The load
+(`load.Load`) fills in the answers, so a generator yields scripts, not finished prompts.
 
 - shared-prefix (SGLang's generated-shared-prefix): `num_groups` random system prompts of
   `system_prompt_len` tokens; `prompts_per_group` questions of `question_len` tokens each

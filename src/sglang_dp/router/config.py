@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sglang_dp.discovery.config import DiscoveryConfig
-from sglang_dp.options import nested, option
+from sglang_dp.options import LOG_LEVELS, nested, option
 from sglang_dp.router.admission import AdmissionConfig
 from sglang_dp.router.breaker import BreakerConfig
 from sglang_dp.router.engine import EngineConfig
 from sglang_dp.router.kv_view import CACHE_VIEWS
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ Policies and settings (defaults):
   worker's running requests, priced in seconds by the worker's fitted prices. Recomputing a
   prefix that another worker holds is charged `recompute_penalty` (1.0) times its prefill
   again, for the requests it delays behind it (in a saturated burst every recomputation
-  lengthens the whole run: without the charge, spills cost 13 % more prefill). With
-  `decode_weight` > 0 (default 0) the answer's estimated decode time in each worker's batch
-  counts too (decode steps slow down with the context in flight, as NVIDIA Dynamo counts active
-  decode blocks): measured, it spreads bursts more than they gain (shared-prefix burst 0.96×
-  throughput at 1.0), so it is off. Near-ties (within 2 ms of the cheapest) go to the longest
+  lengthens the whole run). With `decode_weight` > 0 (default 0) the answer's estimated decode
+  time in each worker's batch counts too (decode steps slow down with the context in flight, as
+  NVIDIA Dynamo counts active decode blocks); it spreads bursts more than they gain, so it is
+  off. (The figures behind these choices: benchmarks/README.md, bench_policies and
+  bench_late_joiner.) Near-ties (within 2 ms of the cheapest) go to the longest
   match if it is above `cache_threshold`, then the less loaded; else as cache_aware's misses go
   (least pending prefill, then least loaded, then at random: new prefixes spread over idle
   workers). A request still goes where its prefix is, unless waiting there costs more than
@@ -28,11 +28,10 @@ Policies and settings (defaults):
   No GPU idles while others work [idle]: a worker with nothing in flight for `IDLE_S` (0.1 s)
   takes the request when the cheapest has `BUSY` (2) or more in flight, however dear its
   recomputation looks to this one request: the copy of the prefix serves the next ones (the
-  estimate sees only this request, so it never pays to seed an idle worker: without the rule,
-  a worker that joined late under a steady load of 16 clients got 0 of 4,591 requests in 15 s).
-  Once it holds the prefix, the estimates share the prefix's traffic between the copies. A
-  worker idle only between two of its requests does not count: taking any idle worker stole
-  conversations' next turns and cost multi-turn chat 8 % of its throughput.
+  estimate sees only this request, so it never pays to seed an idle worker: without the rule, a
+  worker that joins late under a steady load gets nothing). Once it holds the prefix, the
+  estimates share the prefix's traffic between the copies. A worker idle only between two of its
+  requests does not count: taking any idle worker steals conversations' next turns.
 - `cache_aware` (sgl-router's semantics and flag names): if max_load - min_load >
   `balance_abs_threshold` (64) and max_load > min_load * `balance_rel_threshold` (1.5), the loads
   are imbalanced: take the best-matching worker among those not overloaded (load within half of
@@ -42,13 +41,13 @@ Policies and settings (defaults):
   least pending prefill, then the least loaded [below_threshold].
   Two deviations from sgl-router, both measured on bursts (benchmarks/README.md):
   misses go by pending prefill, not by in-flight count, because when a burst arrives in-flight
-  counts say nothing about the prefixes about to be shared (least-loaded placed 9 of 64 prefix
-  groups on one worker and 7 on another, and the busiest worker set the finishing time), while
+  counts say nothing about the prefixes about to be shared (they spread a burst's prefix groups
+  unevenly, and the busiest worker sets the finishing time), while
   pending prefill counts the misses a worker already has to compute, which spreads new prefixes
   evenly (and weighs prompts by length); and a hot prefix pushed off its overloaded worker goes
   to a worker that already took some of it, instead of being recomputed wherever the load is
-  least (sgl-router scatters it, and so did pending prefill alone: a burst with one very hot
-  prefix lost 7 % throughput). Never "the smallest tree", which sent every miss to one worker.
+  least (sgl-router scatters it, and so did pending prefill alone, which lost throughput on a
+  burst with one very hot prefix). Never "the smallest tree", which sent every miss to one worker.
 - `threshold` (the proposal's "cache threshold + shortest queue"): best match rate >
   `cache_threshold` → best-matching worker [cache_hit]; else shortest queue [below_threshold].
 - `variance` (the proposal's variance-based strategy): with μ and σ the mean and standard deviation

@@ -10,8 +10,8 @@
   cache hits work as with a real chat template); a `--tokenizer-path` tokenizer that has a chat
   template renders them instead (`Tokenizer.encode_chat`, given `ApiRequest.messages`).
 
-Anything malformed raises `BadRequest` (the shell answers 400 with a JSON error); nothing here
-can raise anything else on user input.
+Anything malformed raises `BadRequest` (the shell answers 400 with a JSON error, `error_body`:
+SGLang's shape); nothing here can raise anything else on user input. `sse` frames one event.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's sampling-params default
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for completions
@@ -392,3 +394,20 @@ def usage_chunk(
         "choices": [],
         "usage": usage([r], cache_report),
     }
+
+
+def error_body(message: str, kind: str = "BadRequestError", code: int = 400) -> bytes:
+    """The JSON error every 4xx/5xx carries."""
+    return orjson.dumps(
+        {
+            "error": {"message": message, "type": kind, "code": code},
+            "object": "error",
+            "message": message,
+            "code": code,
+        }
+    )
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"

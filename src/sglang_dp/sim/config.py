@@ -1,4 +1,5 @@
-"""All options of the simulated worker, declared once, and the click command built from them.
+"""All options of the simulated worker, declared once (pure: no click; the command built from
+them is `sim.command`).
 
 `SimConfig` is one frozen dataclass. Every field carries its default and its help text; the
 click options of `sglang-dp sim-worker` and `python -m sglang_dp.sim` are generated from the
@@ -14,18 +15,14 @@ profile (`cost_model.PROFILES`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import click
-
-from sglang_dp.clickopts import click_options
-from sglang_dp.options import build, option
+from sglang_dp.options import LOG_LEVELS, option
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 HTTP_SERVERS = ("lean", "uvicorn")
+SIMULATED_MODEL = "sglang-dp/sim-llama3-8b"  # what a simulated worker serves unless told
 
 
 @dataclass(frozen=True)
@@ -33,9 +30,7 @@ class SimConfig:
     """Options of one simulated worker (see the module docstring)."""
 
     # --- SGLang server flags that matter to the simulator
-    model_path: str = option(
-        "sglang-dp/sim-llama3-8b", "Model name or local folder (reported, not loaded)."
-    )
+    model_path: str = option(SIMULATED_MODEL, "Model name or local folder (reported, not loaded).")
     host: str = option("127.0.0.1", "Address to bind.")
     port: int = option(30000, "HTTP port.")
     tp_size: int = option(
@@ -193,34 +188,3 @@ class SimConfig:
     def replace(self, **changes: Any) -> SimConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
-
-
-def config_from_options(values: dict[str, Any]) -> SimConfig:
-    """Build a SimConfig from click's keyword arguments (unknown keys are ignored)."""
-    return build(SimConfig, values)
-
-
-def build_command(name: str, run: Callable[[SimConfig, list[str]], None]) -> click.Command:
-    """The click command: parses the options into a SimConfig and calls `run(config, extra)`.
-
-    `extra` holds the unknown arguments (SGLang flags the simulator does not model): the command
-    never fails on them.
-    """
-
-    def callback(**values: Any) -> None:
-        ctx = click.get_current_context()
-        run(config_from_options(values), list(ctx.args))
-
-    decorated: Any = click_options(SimConfig)(callback)
-    command: click.Command = click.command(
-        name,
-        help="A CPU-only SGLang worker: SGLang's HTTP API, a RadixAttention-like cache and "
-        "scheduler, a cost model of the GPU, and a time scale.",
-        context_settings={
-            "ignore_unknown_options": True,
-            "allow_extra_args": True,
-            "help_option_names": ["-h", "--help"],
-            "max_content_width": 100,
-        },
-    )(decorated)
-    return command

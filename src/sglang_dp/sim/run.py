@@ -22,6 +22,7 @@ from sglang_dp.httpserver import HttpServer, serve
 from sglang_dp.kv_wire import KvEventsConfig
 from sglang_dp.sim.config import SCHEDULE_POLICIES, SimConfig
 from sglang_dp.sim.cost_model import resolve
+from sglang_dp.sim.faults import RATES as FAULT_RATES
 from sglang_dp.sim.server import SimWorker
 
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ def check_config(config: SimConfig) -> str | None:
             KvEventsConfig.parse(config.kv_events_config)
         except ValueError as exc:
             return str(exc)
-    rates = ("fail_rate", "hang_rate", "garble_rate", "close_after_head", "truncate_rate")
-    for name in (*rates, "reset_rate", "kv_events_drop_rate"):
+    for name in (*(field for _, field in FAULT_RATES), "kv_events_drop_rate"):
         if not 0 <= getattr(config, name) <= 1:
             return f"--{name.replace('_', '-')} must be between 0 and 1"
     if config.stream_interval < 1:

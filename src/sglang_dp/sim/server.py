@@ -13,15 +13,10 @@ cumulative text, OpenAI chunks the delta. A client that disconnects aborts its r
 frees its KV. KV events (`--kv-events-config`): after every call into the scheduler the events
 its cache recorded go out as one batch (`sim.kv_events.EventPublisher`); /server_info reports
 the publisher in `kv_events`, and `/debug/kv_blocks` dumps the ids of every cached page (hashed
-afresh from the tree) for agreement checks. Fault injection applies to generation requests only
-and uses a seeded RNG, so
-test runs repeat: `--fail-rate` (a 500), `--hang-rate` (never answered), `--crash-after N`
-(exit), `--garble-rate` (a head, one SSE event, 50 ms later bytes that are no valid chunk),
-`--close-after-head` (a head, then the connection closes), `--truncate-rate` (a head whose
-content-length the body falls short of: half of it, then a close), `--reset-rate` (a head and
-half a body, or one SSE event, then 50 ms later a TCP reset), `--stall-after-tokens N
---stall-secs S` (a stream goes silent for S real seconds after N tokens; a whole answer of more
-than N tokens comes S seconds late).
+afresh from the tree) for agreement checks. Fault injection (`sim.faults`, seeded, generation
+requests only) decides per request whether it fails and how; `--stall-after-tokens N
+--stall-secs S` is applied here as answers are written (a stream goes silent for S real seconds
+after N tokens; a whole answer of more than N tokens comes S seconds late).
 
 Two HTTP servers carry the one handler, `SimWorker.handle(request, responder)`: the lean
 `httpserver` (default) and uvicorn + Starlette (`--http-server uvicorn`, `sim.asgi`), SGLang's
@@ -33,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -48,8 +41,10 @@ from sglang_dp import __version__
 from sglang_dp.httpserver import JSON, SSE, TEXT, HttpRequest
 from sglang_dp.kv_wire import EventBatch, KvEventsConfig
 from sglang_dp.sim import api
+from sglang_dp.sim.api import error_body, sse
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
+from sglang_dp.sim.faults import Faults
 from sglang_dp.sim.kv_events import EventPublisher, describe
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
 from sglang_dp.sim.tokenizer import (
@@ -68,25 +63,7 @@ log = logging.getLogger("sglang_dp.sim")
 WARMUP_PROMPT = "The capital city of France is"  # what SGLang's warm-up request sends
 HEALTH_TIMEOUT_S = 20.0
 DONE = b"data: [DONE]\n\n"
-GARBLE_DELAY_S = 0.05  # --garble-rate: between the first event and the garbage
 UNAUTHENTICATED = ("/health", "/health_generate", "/ready", "/metrics")
-
-
-def error_body(message: str, kind: str = "BadRequestError", code: int = 400) -> bytes:
-    """The JSON error every 4xx/5xx carries."""
-    return orjson.dumps(
-        {
-            "error": {"message": message, "type": kind, "code": code},
-            "object": "error",
-            "message": message,
-            "code": code,
-        }
-    )
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event."""
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 class Responder(Protocol):
@@ -131,12 +108,6 @@ class Responder(Protocol):
 
     def reset(self) -> None:
         """Close with a TCP reset (--reset-rate)."""
-
-
-def _fault_answer(stream: bool, fault: str) -> tuple[bytes, bytes]:
-    """The body (and content type) a faulty answer begins: one SSE event or a JSON answer."""
-    answer = {"text": "", "meta_info": {fault: True}}
-    return (sse(answer), SSE) if stream else (orjson.dumps(answer), JSON)
 
 
 class IdMaker:
@@ -215,13 +186,12 @@ class SimWorker:
         self._start = loop.time()
         self._scale = config.time_scale
         self._last_now = 0.0
-        self._rng = random.Random(config.random_seed)
+        self.faults = Faults(config)
         self._calls: dict[str, _Call] = {}  # rid -> call
         self._streams: dict[str, tuple[_Call, _Item]] = {}  # rid -> stream past its first token
         self._ids = IdMaker()
         self._wake: asyncio.TimerHandle | None = None
         self._wake_at = 0.0
-        self._received = 0
         self.ready = False
         get, post = "GET", "POST"
         self._routes: dict[str, dict[str, Callable[[HttpRequest, Responder], None]]] = {
@@ -502,51 +472,13 @@ class SimWorker:
             except api.BadRequest as exc:
                 responder.send(400, error_body(str(exc)))
                 return
-            if self._inject_faults(responder, parsed.stream):
+            fault = self.faults.draw()
+            if fault is not None:
+                self.faults.inject(fault, responder, parsed.stream, self._loop)
                 return
             self._run(call)
 
         return route
-
-    def _inject_faults(self, responder: Responder, stream: bool) -> bool:
-        c = self.config
-        self._received += 1
-        if c.crash_after is not None and self._received > c.crash_after:
-            log.error("--crash-after %d: exiting", c.crash_after)
-            logging.shutdown()
-            os._exit(3)
-        if c.fail_rate and self._rng.random() < c.fail_rate:
-            responder.send(
-                500, error_body("injected failure (--fail-rate)", "InternalServerError", 500)
-            )
-            return True
-        if c.garble_rate and self._rng.random() < c.garble_rate:
-            responder.start_stream()
-            responder.write(sse({"text": "", "meta_info": {"garbled": True}}))
-            # a moment later, so that the event reaches the client before the garbage
-            self._loop.call_later(GARBLE_DELAY_S, responder.write_unframed, b"no chunk size\r\n")
-            return True
-        if c.close_after_head and self._rng.random() < c.close_after_head:
-            responder.start_stream()
-            responder.abort_stream()
-            return True
-        if c.truncate_rate and self._rng.random() < c.truncate_rate:
-            body, kind = _fault_answer(stream, "truncated")
-            responder.send_partial(200, body, len(body) // 2, kind)
-            responder.abort_stream()
-            return True
-        if c.reset_rate and self._rng.random() < c.reset_rate:
-            body, kind = _fault_answer(stream, "reset")
-            if stream:  # one whole event, as a stream that breaks off
-                responder.start_stream()
-                responder.write(body)
-            else:
-                responder.send_partial(200, body, len(body) // 2, kind)
-            # a moment later, so that the bytes reach the client before the reset
-            self._loop.call_later(GARBLE_DELAY_S, responder.reset)
-            return True
-        # a hung request is never answered; the connection keeps the responder alive
-        return bool(c.hang_rate and self._rng.random() < c.hang_rate)
 
     def _make_call(self, parsed: api.ApiRequest, responder: Responder) -> _Call:
         call = _Call(parsed, responder, oid=self._ids.next(), created=int(time.time()))
