@@ -49,7 +49,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from sglang_dp.launcher.process import free_port
+from sglang_dp.launcher.ports import free_port
 from support import get_json, process, wait_until
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")

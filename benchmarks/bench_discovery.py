@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))  # the fake API server lives with the tests that u
 
 from tests.discovery.fake_kube import FakeKube  # noqa: E402
 
-from sglang_dp.launcher.process import free_port  # noqa: E402
+from sglang_dp.launcher.ports import free_port  # noqa: E402
 from support import process  # noqa: E402
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")

@@ -40,7 +40,7 @@ from typing import Any
 import zmq
 
 from sglang_dp.kv_wire import END_SEQ, BlockStored
-from sglang_dp.launcher.process import free_port, free_port_band
+from sglang_dp.launcher.ports import free_port, free_port_band
 from sglang_dp.router.kv_events import Batch, decode_payload
 from sglang_dp.router.kv_index import KvIndex
 from sglang_dp.router.kv_subscriber import KvSubscriber, source_from_server_info

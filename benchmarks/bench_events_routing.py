@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from sglang_dp.kv_wire import AllBlocksCleared, BlockStored, chain_ids
-from sglang_dp.launcher.process import free_port_band
+from sglang_dp.launcher.ports import free_port_band
 from sglang_dp.router.engine import EngineConfig, Outcome, RoutingEngine
 from sglang_dp.router.kv_events import Batch
 from sglang_dp.router.kv_index import KvIndex

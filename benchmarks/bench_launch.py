@@ -35,24 +35,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from sglang_dp.launcher.process import free_port, free_port_band
-
-STARTUP_S = 2.0
-SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
-
-
-def healthy_workers(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readiness", timeout=1) as reply:
-            return int(json.load(reply)["healthy_workers"])
-    except (OSError, ValueError, KeyError):
-        return 0
+from sglang_dp.launcher.ports import free_port, free_port_band
+from support import SGLANG_DP, STARTUP_S, launch_healthy_workers
 
 
 def one_run(dp: int, log_dir: str) -> tuple[float, float]:
@@ -69,7 +58,7 @@ def one_run(dp: int, log_dir: str) -> tuple[float, float]:
     )
     try:
         deadline = start + 60
-        while healthy_workers(port) < dp:
+        while launch_healthy_workers(port) < dp:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise SystemExit(f"launch did not become ready: {output.read_text()[-2000:]}")
             time.sleep(0.01)
@@ -116,7 +105,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
 def wait_healthy(proc: subprocess.Popen[bytes], port: int, count: int, log_dir: str) -> None:
     """Until the router reports `count` healthy workers; the launch's output if it never does."""
     deadline = time.monotonic() + 120
-    while healthy_workers(port) != count:
+    while launch_healthy_workers(port) != count:
         if proc.poll() is not None or time.monotonic() > deadline:
             output = (Path(log_dir) / "launch.out").read_text()[-3000:]
             raise SystemExit(f"launch never had {count} healthy workers:\n{output}")
@@ -193,8 +182,8 @@ def hung_worker_replaced(log_dir: str) -> tuple[float, float]:
         shim = min((p for p in seen if p.ppid() == proc.pid), key=lambda p: p.pid)
         worker = shim.children()[0]
         worker.suspend()
-        left = wait_until(lambda: healthy_workers(port) == 1, 60, "the hung worker out")
-        back = wait_until(lambda: healthy_workers(port) == 2, 60, "its replacement")
+        left = wait_until(lambda: launch_healthy_workers(port) == 1, 60, "the hung worker out")
+        back = wait_until(lambda: launch_healthy_workers(port) == 2, 60, "its replacement")
         return left + back, left
     finally:
         kill_everything(proc, seen + descendants(proc.pid))

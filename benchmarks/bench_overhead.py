@@ -52,7 +52,7 @@ from typing import Any
 import psutil
 import uvloop
 
-from sglang_dp.launcher.process import free_port
+from sglang_dp.launcher.ports import free_port
 from sglang_dp.router.upstream import UpstreamPool
 from support import process
 

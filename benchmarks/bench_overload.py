@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from sglang_dp.launcher.process import free_port
+from sglang_dp.launcher.ports import free_port
 from support import get_json, process, wait_until
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")

@@ -31,9 +31,9 @@ from typing import Any
 
 import psutil
 
-from bench_launch import SGLANG_DP, STARTUP_S, healthy_workers
-from sglang_dp.launcher.process import free_port, free_port_band
+from sglang_dp.launcher.ports import free_port, free_port_band
 from sglang_dp.launcher.ray_cluster import LOOPBACK_ENV
+from support import SGLANG_DP, STARTUP_S, launch_healthy_workers
 
 POLL_S = 0.01
 
@@ -91,7 +91,7 @@ def ready_after(proc: subprocess.Popen[bytes], port: int, dp: int, start: float)
     def ready() -> bool:
         if proc.poll() is not None:
             raise SystemExit(f"launch exited with {proc.returncode}")
-        return healthy_workers(port) == dp
+        return launch_healthy_workers(port) == dp
 
     return until(ready, "launch ready") - start
 
@@ -124,7 +124,7 @@ def ray_run(ray: Any, address: str, dp: int, log_dir: str) -> tuple[float, float
         victim.kill()
         replaced = until(
             lambda: (
-                healthy_workers(port) == dp
+                launch_healthy_workers(port) == dp
                 and len(pids := routed_pids(port)) == dp
                 and bool(pids - before)
             ),

@@ -59,7 +59,8 @@ from typing import Any
 
 import psutil
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.ports import free_port
+from sglang_dp.launcher.process import stop_group
 from sglang_dp.sim.calibration import (
     decode_points,
     fit_decode,

@@ -56,7 +56,8 @@ from typing import Any
 import orjson
 import uvloop
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.ports import free_port
+from sglang_dp.launcher.process import stop_group
 from sglang_dp.router.upstream import UpstreamPool
 from support import healthy_workers, start_worker, wait_until
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import aiohttp
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.ports import free_port
+from sglang_dp.launcher.process import stop_group
 from sglang_dp.router.upstream import UpstreamPool
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")

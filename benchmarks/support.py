@@ -15,9 +15,11 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from sglang_dp.launcher.process import free_port, stop_group
+from sglang_dp.launcher.ports import free_port
+from sglang_dp.launcher.process import stop_group
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
+STARTUP_S = 2.0  # launch benchmarks: each simulated worker's start-up (--startup-seconds)
 
 
 @contextmanager
@@ -64,6 +66,16 @@ def healthy_workers(url: str) -> int:
         return int(get_json(url + "/readiness")["healthy_workers"])
     except urllib.error.HTTPError as refused:
         return int(json.loads(refused.read())["healthy_workers"])
+
+
+def launch_healthy_workers(port: int) -> int:
+    """What `launch`'s router on 127.0.0.1:`port` counts as healthy (0 while it does not
+    answer: the launch benchmarks poll it from the launcher's start)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readiness", timeout=1) as reply:
+            return int(json.load(reply)["healthy_workers"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def start_worker(stack: ExitStack, *args: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from sglang_dp.launcher import process
+from sglang_dp.launcher import ports, process
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 Scenario = Callable[[], Awaitable[Any]]
@@ -85,12 +85,12 @@ def make_chat_tokenizer(folder: Path) -> Path:
 
 def free_port() -> int:
     """A port nobody listens on right now."""
-    return process.free_port()
+    return ports.free_port()
 
 
 def free_port_band(size: int) -> int:
     """Consecutive free ports below the ephemeral range, at a random place (tests side by side)."""
-    return process.free_port_band(size, random.Random())
+    return ports.free_port_band(size, random.Random())
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
-from sglang_dp.launcher.plan import WorkerSpec, plan_workers
-from sglang_dp.launcher.process import EPHEMERAL_START, busy_ports
+from sglang_dp.launcher.plan import WorkerSpec, WorkerTemplate, plan_workers
+from sglang_dp.launcher.ports import EPHEMERAL_START, busy_ports
 from tests.processes import Scenario, run_on
 
 Runner = Callable[[Scenario], Any]
@@ -85,19 +85,18 @@ def free_base(dp: int, stride: int = 10) -> int:
 
 def sim_specs(tmp_path: Path, dp: int, *extra: str) -> list[WorkerSpec]:
     """Simulated workers planned as the launcher plans them, on free loopback ports."""
-    return plan_workers(
+    template = WorkerTemplate(
         model_path="sim-model",
-        dp=dp,
         tp=1,
-        gpus=None,
-        base_port=free_base(dp),
-        log_dir=tmp_path,
-        worker_args=[*SIM_ARGS, *extra],
+        worker_args=(*SIM_ARGS, *extra),
         simulate=True,
         python=sys.executable,
-        accepts_nccl_port=True,
         environ=os.environ,
     )
+    return plan_workers(
+        template, dp=dp, gpus=None, base_port=free_base(dp), log_dir=tmp_path,
+        accepts_nccl_port=True,
+    )  # fmt: skip
 
 
 def _live_children() -> set[int]:

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.plan import (
-    DEFAULT_BASE_PORT,
     KV_EVENTS_FLAG,
     STRIDE_WITH_NCCL_PORT,
     STRIDE_WITHOUT_NCCL_PORT,
     PortLayout,
     WorkerSpec,
+    WorkerTemplate,
     api_key_from_args,
     check_worker_args,
     flag_value,
@@ -31,21 +35,27 @@ ENV = {"PATH": "/usr/bin", "HOME": "/home/u"}
 
 
 def plan(**changes: object) -> list[WorkerSpec]:
-    args: dict[str, object] = {
+    """plan_workers with a template of every shared setting and these changes to either."""
+    shared: dict[str, object] = {
         "model_path": "meta-llama/Llama-3.1-8B-Instruct",
-        "dp": 2,
         "tp": 2,
+        "worker_args": ("--mem-fraction-static", "0.8"),
+        "simulate": False,
+        "python": "/venv/bin/python",
+        "environ": ENV,
+    }
+    layout: dict[str, object] = {
+        "dp": 2,
         "gpus": [(0, 1), (2, 3)],
         "base_port": 31000,
         "log_dir": LOGS,
-        "worker_args": ["--mem-fraction-static", "0.8"],
-        "simulate": False,
-        "python": "/venv/bin/python",
         "accepts_nccl_port": True,
-        "environ": ENV,
     }
-    args.update(changes)
-    return plan_workers(**args)  # type: ignore[arg-type]
+    template_fields = {f.name for f in dataclasses.fields(WorkerTemplate)}
+    for name, value in changes.items():
+        (shared if name in template_fields else layout)[name] = value
+    shared["worker_args"] = tuple(cast(Sequence[str], shared["worker_args"]))
+    return plan_workers(WorkerTemplate(**shared), **layout)  # type: ignore[arg-type]
 
 
 def test_real_workers() -> None:
@@ -188,7 +198,7 @@ def test_reserved_ports_in_a_hidden_port_band() -> None:
     with pytest.raises(ValueError, match="port 30000 is in worker 0's ports 29500–30599"):
         plan(accepts_nccl_port=False, base_port=29500, reserved_ports=[30000])
     assert plan(reserved_ports=[30000])  # the default layout leaves 30000 to the router
-    assert DEFAULT_BASE_PORT > 30000 + STRIDE_WITHOUT_NCCL_PORT - 1 - 1000
+    assert LaunchConfig(simulate=True).base_port > 30000 + STRIDE_WITHOUT_NCCL_PORT - 1 - 1000
 
 
 def test_api_key_from_args() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,14 @@ import psutil
 import pytest
 
 from sglang_dp.launcher import shim
+from sglang_dp.launcher.plan import with_ports
 from sglang_dp.launcher.process import (
     LogRotation,
     OwnedProcess,
     WorkerProcess,
-    busy_ports,
     find_leftovers,
-    is_local_address,
     kill_leftovers,
     read_tail,
-    sglang_accepts_nccl_port,
-    sglang_importable,
 )
 from sglang_dp.launcher.shim import RotatingLog
 from tests.launcher.conftest import Runner, gone, python_spec, spec_for
@@ -137,12 +133,12 @@ def test_log_tail_reads_only_this_run(run: Runner, tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_port_override(run: Runner, tmp_path: Path) -> None:
+def test_a_moved_worker_runs_on_its_new_port(run: Runner, tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import sys; print(sys.argv[1:])", "--port", "7", "--x"]
     spec = spec_for(tmp_path, argv, port=7)
 
     async def scenario() -> None:
-        proc = await WorkerProcess.spawn(spec, port_override=9)
+        proc = await WorkerProcess.spawn(with_ports(spec, 9, None))
         await proc.wait()
         assert proc.spec.port == 9 and proc.spec.url.endswith(":9")
         assert proc.log_tail()[-1] == "['--port', '9', '--x']"
@@ -396,60 +392,6 @@ def test_leftovers_are_found_by_pid_and_start_time_and_killed(tmp_path: Path) ->
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
-
-
-# --- pre-flight checks -----------------------------------------------------------------------
-
-
-def fake_python(tmp_path: Path, files: dict[str, str]) -> str:
-    """An interpreter that sees a fake `sglang` package made of `files`."""
-    site = tmp_path / "site"
-    for name, text in {"sglang/__init__.py": "", **files}.items():
-        path = site / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    python = tmp_path / "python"
-    python.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
-    return str(python)
-
-
-def test_sglang_importable(tmp_path: Path) -> None:
-    assert not sglang_importable(sys.executable)  # not a dependency of sglang-dp
-    assert sglang_importable(fake_python(tmp_path, {}))
-    assert not sglang_importable(str(tmp_path / "missing-python"))
-
-
-@pytest.mark.parametrize(
-    ("files", "accepts"),
-    [
-        ({"sglang/srt/server_args.py": 'p.add_argument("--nccl-port", type=int)'}, True),
-        ({"sglang/srt/server_args.py": 'p.add_argument("--port", type=int)'}, False),
-        # server_args.py elsewhere: the server's --help decides
-        ({"sglang/launch_server.py": "print('usage: ... [--nccl-port NCCL_PORT]')"}, True),
-        ({"sglang/launch_server.py": "print('usage: ... [--port PORT]')"}, False),
-        ({}, False),  # no launch_server at all
-    ],
-)
-def test_sglang_accepts_nccl_port(tmp_path: Path, files: dict[str, str], accepts: bool) -> None:
-    assert sglang_accepts_nccl_port(fake_python(tmp_path, files)) is accepts
-
-
-def test_busy_ports() -> None:
-    with socket.socket() as taken, socket.socket() as bound_only:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        bound_only.bind(("127.0.0.1", 0))
-        held = bound_only.getsockname()[1]
-        free = next(p for p in range(busy + 1, 65535) if p != held and not busy_ports([p]))
-        assert busy_ports([busy, free, held]) == [busy, held]
-    assert busy_ports([]) == []
-
-
-def test_is_local_address() -> None:
-    assert is_local_address("127.0.0.1") and is_local_address("0.0.0.0")
-    assert not is_local_address("192.0.2.1")  # TEST-NET-1: nobody's
 
 
 def test_read_tail(tmp_path: Path) -> None:

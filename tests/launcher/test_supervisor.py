@@ -28,6 +28,7 @@ from sglang_dp.launcher.supervisor import (
     AllWorkersFailed,
     StartupFailed,
     Supervisor,
+    SupervisorSettings,
     WorkerStatus,
 )
 from tests.launcher.conftest import (
@@ -61,6 +62,7 @@ class Recorder:
         self.calls.append(("down", url, restarted))
 
     def supervisor(self, specs: Sequence[WorkerSpec], **options: Any) -> Supervisor:
+        """Quick settings, changed by `options` (SupervisorSettings fields, `spawner`, `clock`)."""
         settings: dict[str, Any] = {
             "startup_timeout": 20.0,
             "max_restarts": 3,
@@ -68,10 +70,12 @@ class Recorder:
             "health_interval": 0.05,
             "check_interval": 0.05,
         }
+        shell = {name: options.pop(name) for name in ("spawner", "clock") if name in options}
         settings.update(options)
         return Supervisor(
-            list(specs), on_event=self.event, on_up=self.up, on_down=self.down, **settings
-        )
+            list(specs), SupervisorSettings(**settings), on_event=self.event, on_up=self.up,
+            on_down=self.down, **shell,
+        )  # fmt: skip
 
     def saw(self, text: str) -> bool:
         return any(text in event for event in self.events)

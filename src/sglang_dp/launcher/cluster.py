@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,20 +26,22 @@ import psutil
 
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
-from sglang_dp.launcher.plan import KV_EVENTS_FLAG, WorkerSpec, plan_workers
-from sglang_dp.launcher.process import (
-    LogRotation,
-    Spawner,
-    busy_ports,
-    find_leftovers,
-    kill_leftovers,
+from sglang_dp.launcher.plan import KV_EVENTS_FLAG, WorkerSpec, WorkerTemplate, plan_workers
+from sglang_dp.launcher.ports import busy_ports
+from sglang_dp.launcher.preflight import (
     sglang_accepts_flag,
     sglang_accepts_nccl_port,
     sglang_importable,
+)
+from sglang_dp.launcher.process import (
+    LogRotation,
+    Spawner,
+    find_leftovers,
+    kill_leftovers,
     spawn_worker,
 )
 from sglang_dp.launcher.register import Registrar
-from sglang_dp.launcher.supervisor import Supervisor
+from sglang_dp.launcher.supervisor import Supervisor, SupervisorSettings
 
 if TYPE_CHECKING:
     from sglang_dp.router.health import WorkerHealth
@@ -63,27 +65,39 @@ def make_plan(config: LaunchConfig) -> list[WorkerSpec]:
                     f"sglang is not importable by {python}: install it (pip install sglang) "
                     "or use --simulate"
                 )
+        kv_events = config.kv_events and (
+            config.simulate or sglang_accepts_flag(python, KV_EVENTS_FLAG)
+        )
         specs = plan_workers(
-            model_path=config.model,
+            worker_template(config, python, os.environ, kv_events),
             dp=config.dp,
-            tp=config.tp,
             gpus=gpus,
             base_port=config.base_port,
             log_dir=Path(config.log_dir),
-            worker_args=config.all_worker_args,
-            simulate=config.simulate,
-            python=python,
             accepts_nccl_port=config.simulate or sglang_accepts_nccl_port(python),
-            environ=os.environ,
-            host=config.worker_host,
             reserved_ports=[] if config.no_router else [config.router.port],
-            kv_events=config.kv_events
-            and (config.simulate or sglang_accepts_flag(python, KV_EVENTS_FLAG)),
         )
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
     _check_ports(config, specs)
     return specs
+
+
+def worker_template(
+    config: LaunchConfig, python: str, environ: Mapping[str, str], kv_events: bool
+) -> WorkerTemplate:
+    """What every worker of this launch shares, `python` and `kv_events` as found where the
+    workers run (here, or on a Ray node)."""
+    return WorkerTemplate(
+        model_path=config.model,
+        tp=config.tp,
+        worker_args=config.all_worker_args,
+        simulate=config.simulate,
+        python=python,
+        environ=environ,
+        host=config.worker_host,
+        kv_events=kv_events,
+    )
 
 
 def clear_leftovers(config: LaunchConfig) -> list[str]:
@@ -134,19 +148,22 @@ class Cluster:
         self._router: RouterServer | None = None
         self._up_before_router: list[str] = []
         self._events_before_router: list[str] = []
-        self.supervisor = Supervisor(
-            specs,
+        settings = SupervisorSettings(
             startup_timeout=config.startup_timeout_secs,
             max_restarts=config.max_restarts,
+            unhealthy_restart=config.unhealthy_restart_secs,
+            retry_failed=config.retry_failed_secs,
+            keeps_urls=spawner is None,  # a given spawner (Ray's) picks each run's url
+        )
+        self.supervisor = Supervisor(
+            specs,
+            settings,
             on_event=self._event,
             on_up=self._worker_up,
             on_down=self._worker_down,
             spawner=spawner
             or spawn_worker(LogRotation(config.log_rotation_bytes, config.log_keep)),
-            keeps_urls=spawner is None,  # a given spawner (Ray's) picks each run's url
             health=None if config.no_router else self,
-            unhealthy_restart=config.unhealthy_restart_secs,
-            retry_failed=config.retry_failed_secs,
         )
         self._supervising: asyncio.Task[None] | None = None
         self.registrar: Registrar | None = None

@@ -1,6 +1,10 @@
 """Launch planning: the argv, environment, ports and log file of every worker (pure).
 
-`plan_workers(...)` returns one frozen `WorkerSpec` per data-parallel rank:
+`plan_workers(template, ...)` returns one frozen `WorkerSpec` per data-parallel rank, each made by
+`plan_worker(template, index, gpus, port, nccl_port, log_path)` (which a Ray actor calls too, on
+its node, with that node's Python, address, GPUs and free ports); `WorkerTemplate` is what every
+worker of a launch shares (model, tp, the flags after `--`, simulated or not, the Python, the
+environment, the host, KV events):
 
     real:      python -m sglang.launch_server --model-path M --host 127.0.0.1 --port P_i
                       --tp-size T [--nccl-port N_i] <flags after -->
@@ -25,7 +29,7 @@ Keep the base at 30000 or above: sglang 0.5 without `--nccl-port` picks random p
 with "address already in use" moves to the next free band after the plan (`spare_ports`,
 `with_ports`).
 
-KV events (`kv_events=True`, launch's default where the installed SGLang has
+KV events (`WorkerTemplate.kv_events`: launch turns them on where the installed SGLang has
 `--kv-events-config`): every worker publishes its cache events at P_i + 2 with replay at P_i + 3
 (`kv_events_config`), topic "kv", and gets `--page-size 16` unless the user gave a page size.
 
@@ -47,7 +51,6 @@ from types import MappingProxyType
 from sglang_dp.launcher.gpus import format_gpu_list
 
 WORKER_HOST = "127.0.0.1"
-DEFAULT_BASE_PORT = 31000  # above sglang 0.5's random 22000–29999 and the usual router port 30000
 MAX_PORT = 65535
 NCCL_PORT_OFFSET = 1
 STRIDE_WITH_NCCL_PORT = 10
@@ -181,31 +184,6 @@ def api_key_from_args(argv: Sequence[str]) -> str | None:
     return flag_value(argv, "--api-key")
 
 
-def worker_argv(
-    *,
-    python: str,
-    simulate: bool,
-    model_path: str,
-    host: str,
-    port: int,
-    tp: int,
-    nccl_port: int | None,
-    worker_args: Sequence[str],
-    kv_events: bool = False,
-) -> tuple[str, ...]:
-    """One worker's command line (see the module docstring)."""
-    module = SIM_MODULE if simulate else REAL_MODULE
-    argv = [python, "-m", module, "--model-path", model_path, "--host", host]
-    argv += ["--port", str(port), "--tp-size", str(tp)]
-    if nccl_port is not None:
-        argv += ["--nccl-port", str(nccl_port)]
-    if kv_events:
-        argv += [KV_EVENTS_FLAG, kv_events_config(port)]
-        if flag_value(worker_args, PAGE_SIZE_FLAG) is None:
-            argv += [PAGE_SIZE_FLAG, str(KV_EVENTS_PAGE_SIZE)]
-    return (*argv, *worker_args)
-
-
 def kv_events_config(port: int) -> str:
     """The `--kv-events-config` of the worker whose HTTP port is `port` (see the module
     docstring): SGLang binds a `*` endpoint (any other host would make it connect instead)."""
@@ -238,56 +216,79 @@ def worker_env(
     return MappingProxyType(env)
 
 
+@dataclass(frozen=True)
+class WorkerTemplate:
+    """What every worker of a launch shares (see the module docstring)."""
+
+    model_path: str
+    tp: int
+    worker_args: tuple[str, ...]
+    simulate: bool
+    python: str
+    environ: Mapping[str, str]  # the launcher's: each child's environment starts from it
+    host: str = WORKER_HOST
+    kv_events: bool = False  # publish KV events (the installed SGLang has --kv-events-config)
+
+
+def plan_worker(
+    template: WorkerTemplate,
+    index: int,
+    gpus: tuple[int, ...],
+    port: int,
+    nccl_port: int | None,
+    log_path: Path,
+) -> WorkerSpec:
+    """Worker `index` on its GPUs and ports: its argv and environment."""
+    return WorkerSpec(
+        index=index,
+        gpus=gpus,
+        port=port,
+        nccl_port=nccl_port,
+        argv=_worker_argv(template, port, nccl_port),
+        env=worker_env(template.environ, gpus, template.simulate),
+        log_path=log_path,
+        simulated=template.simulate,
+        host=template.host,
+    )
+
+
+def _worker_argv(template: WorkerTemplate, port: int, nccl_port: int | None) -> tuple[str, ...]:
+    module = SIM_MODULE if template.simulate else REAL_MODULE
+    argv = [template.python, "-m", module, "--model-path", template.model_path]
+    argv += ["--host", template.host, "--port", str(port), "--tp-size", str(template.tp)]
+    if nccl_port is not None:
+        argv += ["--nccl-port", str(nccl_port)]
+    if template.kv_events:
+        argv += [KV_EVENTS_FLAG, kv_events_config(port)]
+        if flag_value(template.worker_args, PAGE_SIZE_FLAG) is None:
+            argv += [PAGE_SIZE_FLAG, str(KV_EVENTS_PAGE_SIZE)]
+    return (*argv, *template.worker_args)
+
+
 def plan_workers(
+    template: WorkerTemplate,
     *,
-    model_path: str,
     dp: int,
-    tp: int,
     gpus: list[tuple[int, ...]] | None,
     base_port: int,
     log_dir: Path,
-    worker_args: Sequence[str],
-    simulate: bool,
-    python: str,
     accepts_nccl_port: bool,
-    environ: Mapping[str, str],
-    host: str = WORKER_HOST,
     reserved_ports: Collection[int] = (),
-    kv_events: bool = False,
 ) -> list[WorkerSpec]:
     """One WorkerSpec per worker; ValueError on an impossible plan (message says why)."""
-    if dp < 1 or tp < 1:
-        raise ValueError(f"dp and tp must be at least 1 (got dp={dp}, tp={tp})")
-    check_worker_args(worker_args)
-    assigned = _worker_gpus(gpus, dp, tp, simulate)
+    if dp < 1 or template.tp < 1:
+        raise ValueError(f"dp and tp must be at least 1 (got dp={dp}, tp={template.tp})")
+    check_worker_args(template.worker_args)
+    assigned = _worker_gpus(gpus, dp, template.tp, template.simulate)
     layout = PortLayout(base_port, accepts_nccl_port)
     layout.check(dp, reserved_ports)
-    specs = []
-    for i in range(dp):
-        argv = worker_argv(
-            python=python,
-            simulate=simulate,
-            model_path=model_path,
-            host=host,
-            port=layout.http_port(i),
-            tp=tp,
-            nccl_port=layout.nccl_port(i),
-            worker_args=worker_args,
-            kv_events=kv_events,
+    return [
+        plan_worker(
+            template, i, assigned[i], layout.http_port(i), layout.nccl_port(i),
+            log_dir / f"worker-{i}.log",
         )
-        spec = WorkerSpec(
-            index=i,
-            gpus=assigned[i],
-            port=layout.http_port(i),
-            nccl_port=layout.nccl_port(i),
-            argv=argv,
-            env=worker_env(environ, assigned[i], simulate),
-            log_path=log_dir / f"worker-{i}.log",
-            simulated=simulate,
-            host=host,
-        )
-        specs.append(spec)
-    return specs
+        for i in range(dp)
+    ]  # fmt: skip
 
 
 def _worker_gpus(

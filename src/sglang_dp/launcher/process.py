@@ -1,4 +1,4 @@
-"""Processes the launcher owns whole, and the checks made before any is started (shell).
+"""Processes the launcher owns whole, with their trees: started, awaited, stopped (shell).
 
 `OwnedProcess.start(argv, env, log_path)` starts `argv` through the per-worker shim
 (launcher/shim.py, which see): the shim runs in its own session (its pid is the group id), is the
@@ -21,19 +21,19 @@ by SIGKILL) and then takes the whole tree with it, copies the command's output t
 - A program that cannot be found or executed is an OSError from spawn(); a spawn that is
   cancelled leaves no process.
 
-`WorkerHandle` is the surface the supervisor uses (pid, returncode, wait, log_tail, terminate);
-`WorkerProcess` is an OwnedProcess that runs a `WorkerSpec`, and `spawn_worker` the default
-`Spawner` of the supervisor (another, e.g. one that starts workers on Ray actors, may be given).
+`WorkerHandle` is the surface the supervisor uses (spec, pid, returncode, pids_path, wait,
+log_tail, terminate); `WorkerProcess` is an OwnedProcess that runs a `WorkerSpec`, and
+`spawn_worker` the default `Spawner` of the supervisor (another, e.g. one that starts workers on
+Ray actors, may be given).
 
 `become_subreaper()` makes the launcher itself the subreaper of everything below it, and `Reaper`
 reaps the orphans that then re-parent to it (only a shim killed by force leaves any), so none
 lingers as a zombie where the launcher is PID 1.
 
-Pre-flight checks, each costing one Python start of the target interpreter:
-`sglang_importable(python)`, `sglang_accepts_nccl_port(python)` (reads sglang's server_args.py
-without importing sglang, which takes seconds; falls back to `launch_server --help`; call once
-per launch), `busy_ports(ports)` (a port is busy when a socket with SO_REUSEADDR, as servers
-use, cannot bind it).
+`stop_group(proc)`: the same TERM-then-KILL of a group for synchronous callers (tests, benchmarks)
+of a child they started with start_new_session.
+
+Ports free on this machine are `ports.py`'s business, what sglang offers `preflight.py`'s.
 """
 
 from __future__ import annotations
@@ -45,21 +45,23 @@ import datetime
 import errno
 import json
 import os
-import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from sglang_dp.launcher import shim
-from sglang_dp.launcher.plan import WORKER_HOST, WorkerSpec, with_ports
+from sglang_dp.launcher.plan import WorkerSpec
+
+# bench/compare.py imports these from here still (its imports belong to another change)
+from sglang_dp.launcher.ports import free_port as free_port  # noqa: PLC0414
+from sglang_dp.launcher.ports import free_port_band as free_port_band  # noqa: PLC0414
 
 PR_SET_CHILD_SUBREAPER = shim.PR_SET_CHILD_SUBREAPER
 SHIM_PATH = Path(shim.__file__)
@@ -68,23 +70,6 @@ ORPHAN_GRACE_S = 1.0  # launcher gone: the tree gets SIGTERM, then SIGKILL this 
 REAP_INTERVAL_S = 1.0
 LEFTOVER_WAIT_S = 5.0
 TAIL_READ_BYTES = 64 * 1024  # the last lines of a log are in its last 64 KiB
-CHECK_TIMEOUT_S = 60.0  # a cold Python start on a busy node's network filesystem is slow
-HELP_TIMEOUT_S = 300.0  # `launch_server --help` imports torch
-
-# Exit status of the server_args.py probe (see _FLAG_PROBE: argv[1] is the flag)
-_PROBE_YES, _PROBE_NO = 0, 1
-_FLAG_PROBE = """
-import importlib.util, pathlib, sys
-spec = importlib.util.find_spec("sglang")
-for root in (spec.submodule_search_locations or []) if spec else []:
-    source = pathlib.Path(root, "srt", "server_args.py")
-    if source.is_file():
-        sys.exit(0 if f'"{sys.argv[1]}"' in source.read_text(errors="replace") else 1)
-sys.exit(2)
-"""
-_IMPORTABLE_PROBE = (
-    "import importlib.util, sys; sys.exit(importlib.util.find_spec('sglang') is None)"
-)
 
 
 @dataclass(frozen=True)
@@ -106,6 +91,9 @@ class WorkerHandle(Protocol):
 
     @property
     def returncode(self) -> int | None: ...
+
+    @property
+    def pids_path(self) -> Path | None: ...  # its shim's record here (None: on another node)
 
     async def wait(self) -> int: ...
 
@@ -213,15 +201,8 @@ class WorkerProcess(OwnedProcess):
     spec: WorkerSpec
 
     @classmethod
-    async def spawn(
-        cls,
-        spec: WorkerSpec,
-        port_override: int | None = None,
-        rotation: LogRotation = LogRotation(),
-    ) -> WorkerProcess:
-        """Start the worker (on `port_override` instead of `spec.port` if given)."""
-        if port_override is not None:
-            spec = with_ports(spec, port_override, spec.nccl_port)
+    async def spawn(cls, spec: WorkerSpec, rotation: LogRotation = LogRotation()) -> WorkerProcess:
+        """Start the worker its spec describes."""
         worker = await cls.start(spec.argv, spec.env, spec.log_path, _header(spec), rotation)
         worker.spec = spec
         return worker
@@ -414,49 +395,6 @@ def read_tail(path: Path, start: int, lines: int) -> list[str]:
     return text.splitlines()[-lines:] if lines > 0 else []
 
 
-def sglang_importable(python: str) -> bool:
-    """Whether `python` can import sglang (found without importing it: that takes seconds)."""
-    done = _run_quietly([python, "-c", _IMPORTABLE_PROBE], CHECK_TIMEOUT_S)
-    return done is not None and done.returncode == 0
-
-
-def sglang_accepts_nccl_port(python: str) -> bool:
-    """Whether the sglang that `python` imports has `--nccl-port` (0.5+); False if unknown."""
-    return sglang_accepts_flag(python, "--nccl-port")
-
-
-def sglang_accepts_flag(python: str, flag: str) -> bool:
-    """Whether the sglang that `python` imports has `flag` (`--nccl-port`,
-    `--kv-events-config`); False if unknown."""
-    probe = _run_quietly([python, "-c", _FLAG_PROBE, flag], CHECK_TIMEOUT_S)
-    if probe is not None and probe.returncode in (_PROBE_YES, _PROBE_NO):
-        return probe.returncode == _PROBE_YES
-    # server_args.py moved: ask the server itself
-    done = _run_quietly([python, "-m", "sglang.launch_server", "--help"], HELP_TIMEOUT_S)
-    return done is not None and flag in done.stdout
-
-
-def _run_quietly(argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
-    """Run a short command to completion, output captured; None if it cannot start or hangs."""
-    try:
-        return subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-EPHEMERAL_START = 32768  # Linux's default ip_local_port_range starts here
-
-
-def free_port(host: str = WORKER_HOST) -> int:
-    """A port nobody listens on right now (from the ephemeral range: for a single server)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
     """TERM a child's process group, KILL it after `grace` s (by group id, never by name).
 
@@ -472,50 +410,3 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-
-
-def free_port_band(size: int, rng: random.Random | None = None, host: str = WORKER_HOST) -> int:
-    """The first of `size` consecutive free ports, below the ephemeral range.
-
-    Worker port bands avoid the ephemeral range: on a busy machine outgoing connections take
-    random local ports there, and a band of tens of ports would often collide with one. With
-    `rng`, bases are tried at random (tests running side by side), else scanned from 21000.
-    """
-    low, high = 21000, EPHEMERAL_START - size
-    bases = (rng.randrange(low, high) for _ in range(500)) if rng else range(low, high, size)
-    for base in bases:
-        if not busy_ports(range(base, base + size), host):
-            return base
-    raise RuntimeError(f"no {size} consecutive free ports below {EPHEMERAL_START}")
-
-
-def busy_ports(ports: Iterable[int], host: str = WORKER_HOST) -> list[int]:
-    """The ports among `ports` that a server could not bind on `host` right now."""
-    return [port for port in ports if not _can_bind(host, port)]
-
-
-def is_local_address(host: str) -> bool:
-    """Whether `host` is an address of this machine (its ports can be checked from here)."""
-    return not _bind_error_is(host, errno.EADDRNOTAVAIL)
-
-
-def _bind_error_is(host: str, code: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError as exc:
-            return exc.errno == code
-    return False
-
-
-def _can_bind(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        # As servers do: a port whose old connections linger in TIME_WAIT is free to them.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True

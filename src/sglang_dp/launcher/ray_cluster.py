@@ -7,6 +7,9 @@
     spawner … Ctrl-C → the workers' groups stopped through their actors, the actors killed →
     placement group removed → ray.shutdown() (which also stops a local instance we started)
 
+`run.run_launch` calls `run_ray_launch(config, console, serve)`; this driver hands its specs and
+spawner to `serve` (run.py's), so nothing here imports run.py.
+
 Addresses (`--ray`):
 - no ADDRESS (`local`): a new local Ray instance with every CPU and, for --simulate, dp × tp
   logical GPUs (no GPU is needed to simulate). While `--worker-host` is a loopback address (the
@@ -28,6 +31,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,10 +39,11 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from sglang_dp.launcher.cluster import LaunchError
+from sglang_dp.launcher.cluster import LaunchError, worker_template
 from sglang_dp.launcher.config import RAY_LOCAL, LaunchConfig
-from sglang_dp.launcher.plan import WorkerSpec, plan_workers
-from sglang_dp.launcher.process import LogRotation, busy_ports
+from sglang_dp.launcher.plan import WorkerSpec, WorkerTemplate, plan_workers
+from sglang_dp.launcher.ports import busy_ports
+from sglang_dp.launcher.process import LogRotation, Spawner
 from sglang_dp.launcher.ray_plan import (
     RAY_STRATEGIES,
     NodeResources,
@@ -93,44 +98,40 @@ def address_is_loopback(config: LaunchConfig) -> bool:
     return is_loopback(split_address(config.ray or "")[0])
 
 
+def driver_template(config: LaunchConfig) -> WorkerTemplate:
+    """The workers as this driver knows them: each actor makes the template its node's own
+    (Python, environment, address, KV events; ray_worker's docstring)."""
+    return worker_template(config, sys.executable, {}, config.kv_events)
+
+
 def template_specs(config: LaunchConfig, log_dir: Path) -> list[WorkerSpec]:
     """The plan as far as the driver knows it (each actor redoes argv, env, port on its node);
     a LaunchError for a bad plan (e.g. a flag after `--` that the launcher owns)."""
     virtual = [tuple(range(i * config.tp, (i + 1) * config.tp)) for i in range(config.dp)]
     try:
         return plan_workers(
-            model_path=config.model,
+            driver_template(config),
             dp=config.dp,
-            tp=config.tp,
             gpus=virtual,
             base_port=config.base_port,
             log_dir=log_dir,
-            worker_args=config.all_worker_args,
-            simulate=config.simulate,
-            python=sys.executable,
             accepts_nccl_port=True,
-            environ={},
-            host=config.worker_host,
             reserved_ports=[config.router.port],
-            kv_events=config.kv_events,
         )
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
 
 
 def requests_for(specs: list[WorkerSpec], config: LaunchConfig) -> dict[int, WorkerRequest]:
+    template = driver_template(config)
     return {
         spec.index: WorkerRequest(
             index=spec.index,
             dp=config.dp,
-            tp=config.tp,
-            model_path=config.model,
-            simulate=config.simulate,
-            worker_args=config.all_worker_args,
+            template=template,
             base_port=config.base_port,
             log_path=str(spec.log_path),
             log_rotation=LogRotation(config.log_rotation_bytes, config.log_keep),
-            kv_events=config.kv_events,
         )
         for spec in specs
     }
@@ -239,12 +240,13 @@ class RaySession:
         self.ray.shutdown()
 
 
-def run_ray_launch(config: LaunchConfig, console: Console) -> int:
-    """`launch --ray`: the process exit code (see the module docstring)."""
-    import uvloop
-
+def run_ray_launch(
+    config: LaunchConfig, console: Console, serve: Callable[[list[WorkerSpec], Spawner], int]
+) -> int:
+    """`launch --ray`: the process exit code (see the module docstring). `serve(specs, spawner)`
+    runs the launch as locally (run.py's), with the actors as its spawner, while this driver
+    holds the placement group."""
     from sglang_dp.launcher.ray_worker import RayWorkers
-    from sglang_dp.launcher.run import Launch, setup_logging
 
     try:
         specs = template_specs(config, Path(config.log_dir).resolve())
@@ -260,8 +262,7 @@ def run_ray_launch(config: LaunchConfig, console: Console) -> int:
         workers = RayWorkers(
             placement_group, requests_for(specs, config), config.startup_timeout_secs
         )
-        setup_logging(config)
-        return uvloop.run(Launch(config, specs, console, spawner=workers.spawn).run())
+        return serve(specs, workers.spawn)
     except LaunchError as exc:
         _show_error(console, exc)
         return 2

@@ -11,7 +11,7 @@
                               KILL, exactly as locally), then the actor is killed (ray.kill)
 
 `RayWorkerProcess` has the public surface of `process.WorkerProcess` (spec, pid, returncode,
-wait(), log_tail(), terminate(grace), and `pids_path` when the worker runs on this machine), so
+pids_path (None unless the worker runs on this machine), wait(), log_tail(), terminate(grace)), so
 the supervisor runs Ray workers as it runs local ones: readiness, health, restarts with backoff,
 and CPU and memory for those on this machine. One actor lives for one run of its worker: when
 the worker exits, its last log lines are fetched and the actor is killed, which frees the bundle
@@ -22,17 +22,19 @@ the actor (PR_SET_PDEATHSIG, from the actor's event-loop thread, which lives as 
 and logs to `log_dir/worker-<i>.log` on its node. So a driver killed with SIGKILL takes the
 actors with it (Ray's ownership) and they take their workers (the same rule as locally).
 
-On its node the actor builds the worker's command with that node's Python, probes whether its
-sglang takes --nccl-port, takes CUDA_VISIBLE_DEVICES from the GPUs Ray assigned to it, listens on
-the node's address as registered with Ray (`ray.nodes()`; not `ray.util.get_node_ip_address()`,
-which answers the machine's interface address even for a loopback node) and takes the first free
-port band of `ray_plan.candidate_ports`.
+On its node the actor plans the worker with `plan.plan_worker`, as a local launch does, from the
+driver's `WorkerTemplate` made the node's own: that node's Python (is sglang there? does it take
+--nccl-port and --kv-events-config?), its environment, CUDA_VISIBLE_DEVICES from the GPUs Ray
+assigned to the actor, the node's address as registered with Ray (`ray.nodes()`; not
+`ray.util.get_node_ip_address()`, which answers the machine's interface address even for a
+loopback node) to listen on, and the first free port band of `ray_plan.candidate_ports`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -47,20 +49,16 @@ from sglang_dp.launcher.plan import (
     NCCL_PORT_OFFSET,
     PortLayout,
     WorkerSpec,
-    worker_argv,
-    worker_env,
+    WorkerTemplate,
+    plan_worker,
 )
-from sglang_dp.launcher.process import (
-    KILL_WAIT_S,
-    LogRotation,
-    WorkerProcess,
-    busy_ports,
-    is_local_address,
-    pids_path_of,
+from sglang_dp.launcher.ports import busy_ports, is_local_address
+from sglang_dp.launcher.preflight import (
     sglang_accepts_flag,
     sglang_accepts_nccl_port,
     sglang_importable,
 )
+from sglang_dp.launcher.process import KILL_WAIT_S, LogRotation, WorkerProcess, pids_path_of
 from sglang_dp.launcher.ray_plan import CPUS_PER_WORKER, candidate_ports
 
 TAIL_LINES = 20
@@ -74,14 +72,10 @@ class WorkerRequest:
 
     index: int
     dp: int
-    tp: int
-    model_path: str
-    simulate: bool
-    worker_args: tuple[str, ...]
+    template: WorkerTemplate  # the driver's: python, environ, host and kv_events are the node's
     base_port: int
     log_path: str  # absolute: the actor's working directory is Ray's
     log_rotation: LogRotation
-    kv_events: bool = False  # publish KV events, if the node's SGLang can
 
 
 @dataclass(frozen=True)
@@ -111,41 +105,24 @@ class WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         host = node_address(node_id)
         gpus = tuple(int(g) for g in ray.get_gpu_ids())
-        python = sys.executable
-        if not request.simulate and not await asyncio.to_thread(sglang_importable, python):
+        template, python = request.template, sys.executable
+        if not template.simulate and not await asyncio.to_thread(sglang_importable, python):
             raise RuntimeError(f"sglang is not importable by {python} on node {host}")
-        accepts = request.simulate or await asyncio.to_thread(sglang_accepts_nccl_port, python)
+        accepts = template.simulate or await asyncio.to_thread(sglang_accepts_nccl_port, python)
         layout = PortLayout(request.base_port, accepts)
         port = free_band(request, layout, host)
+        kv_events = template.kv_events and (
+            template.simulate
+            or await asyncio.to_thread(sglang_accepts_flag, python, KV_EVENTS_FLAG)
+        )
+        here = dataclasses.replace(
+            template, python=python, environ=os.environ, host=host, kv_events=kv_events
+        )
         nccl_port = port + NCCL_PORT_OFFSET if accepts else None
-        kv_events = request.kv_events and (
-            request.simulate or await asyncio.to_thread(sglang_accepts_flag, python, KV_EVENTS_FLAG)
-        )
-        argv = worker_argv(
-            python=python,
-            simulate=request.simulate,
-            model_path=request.model_path,
-            host=host,
-            port=port,
-            tp=request.tp,
-            nccl_port=nccl_port,
-            worker_args=request.worker_args,
-            kv_events=kv_events,
-        )
-        spec = WorkerSpec(
-            index=request.index,
-            gpus=gpus,
-            port=port,
-            nccl_port=nccl_port,
-            argv=argv,
-            env=worker_env(os.environ, gpus, request.simulate),
-            log_path=Path(request.log_path),
-            simulated=request.simulate,
-            host=host,
-        )
+        spec = plan_worker(here, request.index, gpus, port, nccl_port, Path(request.log_path))
         self._proc = await WorkerProcess.spawn(spec, rotation=request.log_rotation)
         return Started(
-            request.index, host, port, nccl_port, node_id, gpus, self._proc.pid, argv,
+            request.index, host, port, nccl_port, node_id, gpus, self._proc.pid, spec.argv,
             request.log_path,
         )  # fmt: skip
 
@@ -284,7 +261,7 @@ class RayWorkers:
         request = self._requests[spec.index]
         actor: Any = self._actor_class.options(
             num_cpus=CPUS_PER_WORKER,
-            num_gpus=request.tp,
+            num_gpus=request.template.tp,
             max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 self._pg, placement_group_bundle_index=spec.index

@@ -224,13 +224,13 @@ def setup_logging(config: LaunchConfig) -> None:
 
 def run_launch(config: LaunchConfig) -> int:
     """The `launch` command: returns the process exit code."""
-    import uvloop
-
     console = Console()
     if config.ray is not None:
         from sglang_dp.launcher.ray_cluster import run_ray_launch
 
-        return run_ray_launch(config, console)
+        return run_ray_launch(
+            config, console, lambda specs, spawner: serve(config, specs, console, spawner)
+        )
     become_subreaper()
     try:
         for line in clear_leftovers(config):
@@ -239,5 +239,14 @@ def run_launch(config: LaunchConfig) -> int:
     except LaunchError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         return 2
+    return serve(config, specs, console)
+
+
+def serve(
+    config: LaunchConfig, specs: list[WorkerSpec], console: Console, spawner: Spawner | None = None
+) -> int:
+    """Run the launch of `specs` (spawned by `spawner`, else locally) until it is stopped."""
+    import uvloop
+
     setup_logging(config)
-    return uvloop.run(Launch(config, specs, console).run())
+    return uvloop.run(Launch(config, specs, console, spawner=spawner).run())

@@ -48,11 +48,11 @@ One task per worker runs its life cycle; the caller sees states, events and two 
 - `stop(grace)`: on_down for every worker that is up, cancel the life-cycle tasks, then
   SIGTERM every process group at once, wait up to `grace`, SIGKILL what remains. Idempotent; a
   second call with a shorter grace escalates sooner.
-- CPU and memory: of each worker's whole process tree (psutil), sampled when `snapshot()` is
-  called, at most once a second; tree membership is re-read every 5 s from the record its shim
-  keeps (no scan of /proc on the loop).
-  Memory is the sum of RSS, so pages shared between a worker's processes count more than once.
+- CPU and memory: of each worker's whole process tree (launcher/usage.py), sampled when
+  `snapshot()` is called, at most once a second, for a worker whose handle has a `pids_path`.
 - Times (`started_at`, `ready_at`, the startup timeout) come from the injected `clock`.
+- Every setting named above is a field of `SupervisorSettings` (with the defaults given here;
+  `startup_timeout` and `max_restarts` have none: the launch's options decide them).
 - `spawner` (default `WorkerProcess.spawn`) starts one run of a worker from its spec and returns
   a `WorkerHandle`; the handle's `spec` (where it really listens) replaces the worker's. With
   `keeps_urls=False` (a spawner that chooses the url itself, as on Ray) on_down always says
@@ -77,17 +77,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
-
 from sglang_dp.launcher.plan import WorkerSpec, api_key_from_args, spare_ports, with_ports
-from sglang_dp.launcher.process import (
-    Spawner,
-    WorkerHandle,
-    busy_ports,
-    is_local_address,
-    read_record,
-    spawn_worker,
-)
+from sglang_dp.launcher.ports import busy_ports, is_local_address
+from sglang_dp.launcher.process import Spawner, WorkerHandle, spawn_worker
+from sglang_dp.launcher.usage import TreeUsage
 from sglang_dp.router.health import WorkerHealth, WorkerMonitor, probe
 
 if TYPE_CHECKING:
@@ -101,7 +94,6 @@ HUNG = "failing health checks for"
 HUNG_KILL_GRACE_S = 1.0  # a worker unresponsive for long gets little time to obey SIGTERM
 PORTS_FREE_WAIT_S = 5.0  # after a worker's tree is gone, how long its ports may stay taken
 PORTS_POLL_S = 0.1
-TREE_RESCAN_S = 5.0
 
 # probe results
 DOWN, LOADING, READY = "down", "loading", "ready"
@@ -168,10 +160,7 @@ class _Worker:
     ever_ready: bool = False
     up: bool = False  # on_up called, on_down not yet
     last_error: str = ""
-    cpu_percent: float = 0.0
-    rss_bytes: int = 0
-    tree: dict[int, psutil.Process] = field(default_factory=dict)
-    tree_read_at: float = float("-inf")
+    usage: TreeUsage = field(default_factory=TreeUsage)
     retry_at: float | None = None
 
     @property
@@ -190,62 +179,57 @@ class _Ended:
     hung: bool = False  # stopped for staying unhealthy: restarted without a backoff
 
 
+@dataclass(frozen=True)
+class SupervisorSettings:
+    """The supervisor's settings, times in seconds (the module docstring says what each does)."""
+
+    startup_timeout: float
+    max_restarts: int
+    unhealthy_restart: float = 0.0  # 0: never
+    retry_failed: float = 0.0  # 0: never
+    health_interval: float = 0.5  # reading the health checker's view
+    check_interval: float = 5.0  # the supervisor's own checker's, when no router's is given
+    startup_poll_interval: float = 0.1
+    probe_timeout: float = 5.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    stable_after: float = 60.0
+    kill_grace: float = 5.0  # for a worker that timed out at start-up
+    keeps_urls: bool = True  # False: the spawner picks each run's url (Ray's)
+    ports_free_wait: float = PORTS_FREE_WAIT_S
+
+
 class Supervisor:
     """Runs a fixed set of workers (see the module docstring)."""
 
     def __init__(
         self,
         specs: list[WorkerSpec],
+        settings: SupervisorSettings,
         *,
-        startup_timeout: float,
-        max_restarts: int,
         on_event: Callable[[str], None],
         on_up: Callable[[str], None],
         on_down: Callable[[str, bool], None],
-        clock: Callable[[], float] = time.monotonic,
-        health_interval: float = 0.5,
-        check_interval: float = 5.0,
-        health: HealthReader | None = None,
-        unhealthy_restart: float = 0.0,
-        retry_failed: float = 0.0,
-        startup_poll_interval: float = 0.1,
-        probe_timeout: float = 5.0,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
-        stable_after: float = 60.0,
-        kill_grace: float = 5.0,
         spawner: Spawner | None = None,
-        keeps_urls: bool = True,
-        ports_free_wait: float = PORTS_FREE_WAIT_S,
+        health: HealthReader | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._workers = [_Worker(spec) for spec in specs]
+        self._settings = settings
         self._spawner = spawner or spawn_worker()
-        self._ports_free_wait = ports_free_wait
-        self._startup_timeout = startup_timeout
-        self._max_restarts = max_restarts
         self._on_event = on_event
         self._on_up = on_up
         self._on_down = on_down
         self._clock = clock
-        self._health_interval = health_interval
-        self._unhealthy_restart = unhealthy_restart
-        self._retry_failed = retry_failed
         self._own_monitor: WorkerMonitor | None = None
         if health is None:
             self._own_monitor = WorkerMonitor(
                 None,
-                interval=check_interval,
-                timeout=probe_timeout,
+                interval=settings.check_interval,
+                timeout=settings.probe_timeout,
                 api_key=api_key_from_args(specs[0].argv) if specs else None,
             )
         self._health: HealthReader = health or self._own_monitor  # type: ignore[assignment]
-        self._startup_poll = startup_poll_interval
-        self._probe_timeout = probe_timeout
-        self._backoff_base = backoff_base
-        self._backoff_cap = backoff_cap
-        self._stable_after = stable_after
-        self._kill_grace = kill_grace  # for a worker that timed out at start-up
-        self._urls_kept = keeps_urls
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()  # any state change: wakes wait_ready and supervise
@@ -268,7 +252,7 @@ class Supervisor:
         import aiohttp
 
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self._probe_timeout)
+            timeout=aiohttp.ClientTimeout(total=self._settings.probe_timeout)
         )
         if self._own_monitor is not None:
             await self._own_monitor.start()
@@ -321,7 +305,7 @@ class Supervisor:
             self._raise_if_crashed()
             if self._stopping:
                 return
-            if self._all_failed() and not self._retry_failed:
+            if self._all_failed() and not self._settings.retry_failed:
                 raise AllWorkersFailed(f"all {len(self._workers)} workers have failed")
             await self._changed.wait()
 
@@ -362,7 +346,11 @@ class Supervisor:
             ended = await self._nothing_left(w, ended)
             if await self._restart_decided(w, ended):
                 await self._backoff(w, ended)
-            elif self._retry_failed and (w.ever_ready or self._partial) and not self._stopping:
+            elif (
+                self._settings.retry_failed
+                and (w.ever_ready or self._partial)
+                and not self._stopping
+            ):
                 await self._retry_later(w)
             else:
                 return
@@ -395,7 +383,9 @@ class Supervisor:
         """Make sure nothing of the run is left and its ports are free before anything else:
         a port still taken after that is another program's, so the worker moves."""
         if w.proc is not None:
-            await w.proc.terminate(self._kill_grace)  # at once: it has exited; kills leftovers
+            await w.proc.terminate(
+                self._settings.kill_grace
+            )  # at once: it has exited; kills leftovers
         if ended.port_in_use or await self._ports_freed(w.spec):
             return ended
         return dataclasses.replace(ended, port_in_use=True)
@@ -404,7 +394,7 @@ class Supervisor:
         ports = [p for p in (spec.port, spec.nccl_port) if p]
         if not ports or not is_local_address(spec.host):
             return True  # another node's ports (a remote spawner's): its own business
-        deadline = self._clock() + self._ports_free_wait
+        deadline = self._clock() + self._settings.ports_free_wait
         while busy_ports(ports, spec.host):
             if self._clock() >= deadline:
                 return False
@@ -416,33 +406,33 @@ class Supervisor:
         w.spec = w.proc.spec
         w.exited = asyncio.ensure_future(w.proc.wait())
         w.started_at, w.ready_at = self._clock(), None
-        w.tree, w.tree_read_at = {}, float("-inf")
+        w.usage.forget_tree()
         self._set_state(w, "starting")
 
     async def _until_ready(self, w: _Worker) -> str | None:
         """None once the worker is ready, else why it never will be (it is gone then)."""
         assert w.proc is not None and w.exited is not None
         while not w.exited.done():
-            if self._clock() - w.started_at > self._startup_timeout:
-                await w.proc.terminate(self._kill_grace)
-                return f"not ready after {self._startup_timeout:g} s (still {w.state})"
+            if self._clock() - w.started_at > self._settings.startup_timeout:
+                await w.proc.terminate(self._settings.kill_grace)
+                return f"not ready after {self._settings.startup_timeout:g} s (still {w.state})"
             probed = await self._probe_while_alive(w)
             if probed is None:
                 break
             if probed[0] == READY:
                 return None
             self._set_state(w, "loading" if probed[0] == LOADING else "starting")
-            await asyncio.wait([w.exited], timeout=self._startup_poll)
+            await asyncio.wait([w.exited], timeout=self._settings.startup_poll_interval)
         return f"{_describe_exit(w.exited.result())} while {w.state}"
 
     async def _watch(self, w: _Worker) -> str:
         """Follow a ready worker's health (the monitor's) until its process exits, or until it
         has been unhealthy for `unhealthy_restart` s (it is stopped then); why it ended."""
         assert w.exited is not None and w.proc is not None and w.ready_at is not None
-        wait = self._health_interval
+        wait = self._settings.health_interval
         while True:
             await asyncio.wait([w.exited], timeout=wait)
-            wait = self._health_interval
+            wait = self._settings.health_interval
             if w.exited.done():
                 return _describe_exit(w.exited.result())
             view = self._health.health_of(w.spec.url)
@@ -457,13 +447,13 @@ class Supervisor:
                     self._set_state(w, "unhealthy")
                     self._event(w, f"unhealthy: {view.last_error}")
                 for_s = self._clock() - max(view.failing_since or view.since, w.ready_at)
-                if self._unhealthy_restart and for_s >= self._unhealthy_restart:
+                if self._settings.unhealthy_restart and for_s >= self._settings.unhealthy_restart:
                     reason = f"{HUNG} {for_s:.0f} s ({view.last_error})"
                     self._event(w, f"{reason}: stopping it to restart it")
-                    await w.proc.terminate(min(self._kill_grace, HUNG_KILL_GRACE_S))
+                    await w.proc.terminate(min(self._settings.kill_grace, HUNG_KILL_GRACE_S))
                     return reason
-                if self._unhealthy_restart:  # look again when its time is up, not later
-                    wait = min(wait, max(0.01, self._unhealthy_restart - for_s))
+                if self._settings.unhealthy_restart:  # look again when its time is up, not later
+                    wait = min(wait, max(0.01, self._settings.unhealthy_restart - for_s))
 
     def _became_ready(self, w: _Worker) -> None:
         w.ready_at = self._clock()
@@ -476,26 +466,26 @@ class Supervisor:
 
     async def _restart_decided(self, w: _Worker, ended: _Ended) -> bool:
         """Report the exit; True if the worker is to be restarted."""
-        if w.ready_at is not None and self._clock() - w.ready_at >= self._stable_after:
+        if w.ready_at is not None and self._clock() - w.ready_at >= self._settings.stable_after:
             w.streak = 0  # it ran stably: the restart budget and the backoff start over
         if not w.ever_ready and not ended.port_in_use:
             await self._policy_known.wait()  # restart a failed first start only if partial
             if not self._partial:
                 self._fail(w, ended, ended.reason)
                 return False
-        again = w.streak < self._max_restarts and not self._stopping
-        self._down(w, restarted=again and not ended.port_in_use and self._urls_kept)
+        again = w.streak < self._settings.max_restarts and not self._stopping
+        self._down(w, restarted=again and not ended.port_in_use and self._settings.keeps_urls)
         if not again:
             self._fail(w, ended, f"{ended.reason}; gave up after {w.streak} restarts in a row")
         return again
 
     async def _retry_later(self, w: _Worker) -> None:
         """A failed worker waits `retry_failed` s, then is tried once more."""
-        w.retry_at = self._clock() + self._retry_failed
-        self._event(w, f"trying it again in {self._retry_failed:g} s")
+        w.retry_at = self._clock() + self._settings.retry_failed
+        self._event(w, f"trying it again in {self._settings.retry_failed:g} s")
         self._notify()
         try:
-            await asyncio.sleep(self._retry_failed)
+            await asyncio.sleep(self._settings.retry_failed)
         finally:
             w.retry_at = None
 
@@ -507,12 +497,16 @@ class Supervisor:
 
     async def _backoff(self, w: _Worker, ended: _Ended) -> None:
         # A hung worker was given `unhealthy_restart` s already: no crash loop to slow down.
-        delay = 0.0 if ended.hung else min(self._backoff_base * 2**w.streak, self._backoff_cap)
+        delay = (
+            0.0
+            if ended.hung
+            else min(self._settings.backoff_base * 2**w.streak, self._settings.backoff_cap)
+        )
         self._set_state(w, "restarting")
         self._event(
             w,
             f"{ended.reason}; restarting in {delay:.3g} s "
-            f"(restart {w.streak + 1} of {self._max_restarts})",
+            f"(restart {w.streak + 1} of {self._settings.max_restarts})",
         )
         await asyncio.sleep(delay)
 
@@ -612,8 +606,8 @@ def _status(w: _Worker) -> WorkerStatus:
         started_at=w.started_at,
         ready_at=w.ready_at,
         last_error=w.last_error,
-        cpu_percent=w.cpu_percent if running else 0.0,
-        rss_bytes=w.rss_bytes if running else 0,
+        cpu_percent=w.usage.cpu_percent if running else 0.0,
+        rss_bytes=w.usage.rss_bytes if running else 0,
         simulated=w.spec.simulated,
         log_path=w.spec.log_path,
         retry_at=w.retry_at,
@@ -622,41 +616,8 @@ def _status(w: _Worker) -> WorkerStatus:
 
 
 def _sample_usage(w: _Worker, now: float) -> None:
-    """CPU % and RSS of the worker's process tree (psutil.Process objects kept for cpu %).
-
-    The tree is the one its shim records (no scan of /proc here); a worker without such a record
-    (started elsewhere, by another spawner) is not sampled."""
-    pids_path = getattr(w.proc, "pids_path", None)
-    if w.proc is None or w.proc.returncode is not None or not isinstance(pids_path, Path):
+    """CPU and memory of a running worker whose tree its shim records on this machine; a worker
+    without such a record (another node's) is not sampled."""
+    if w.proc is None or w.proc.returncode is not None or w.proc.pids_path is None:
         return
-    if now - w.tree_read_at >= TREE_RESCAN_S:
-        w.tree = _read_tree(pids_path, w.tree)
-        if w.tree:
-            w.tree_read_at = now
-        else:  # no record yet (its shim has just started): the shim alone, and look again soon
-            w.tree = _read_tree_of(w.proc.pid)
-    cpu, rss = 0.0, 0
-    for pid, proc in list(w.tree.items()):
-        try:
-            with proc.oneshot():
-                cpu += proc.cpu_percent(None)  # since the last call: 0.0 the first time
-                rss += proc.memory_info().rss
-        except psutil.Error:
-            del w.tree[pid]
-    w.cpu_percent, w.rss_bytes = cpu, rss
-
-
-def _read_tree_of(pid: int) -> dict[int, psutil.Process]:
-    try:
-        return {pid: psutil.Process(pid)}
-    except psutil.Error:
-        return {}
-
-
-def _read_tree(pids_path: Path, known: dict[int, psutil.Process]) -> dict[int, psutil.Process]:
-    """The processes the shim recorded, reusing known Process objects (they hold cpu times)."""
-    tree: dict[int, psutil.Process] = {}
-    for pid, _ in read_record(pids_path).get("processes", []):
-        with contextlib.suppress(psutil.Error):
-            tree[pid] = known.get(pid) or psutil.Process(pid)
-    return tree
+    w.usage.sample(w.proc.pids_path, w.proc.pid, now)
