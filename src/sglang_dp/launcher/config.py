@@ -15,8 +15,8 @@ from sglang_dp.launcher.plan import flag_value
 from sglang_dp.launcher.ray_plan import PLACEMENTS
 from sglang_dp.options import nested, option
 from sglang_dp.router.config import RouterConfig
+from sglang_dp.sim.config import SIMULATED_MODEL
 
-SIMULATED_MODEL = "sglang-dp/sim-llama3-8b"
 EXCLUDED_FLAGS = ("worker_urls", *DISCOVERY_FLAGS)  # launch starts its workers: none to discover
 RAY_LOCAL = "local"  # --ray without an address (ray.init's own name for a new local instance)
 
