@@ -47,6 +47,7 @@ import psutil
 import uvloop
 
 from sglang_dp.router.upstream import UpstreamError, UpstreamPool
+from sglang_dp.sim.faults import INSTANT, MATRIX
 from support import (
     get_json,
     healthy_workers,
@@ -55,18 +56,6 @@ from support import (
 )
 
 RESULTS = Path(__file__).with_name("results_faults.json")
-INSTANT = ("--instant",)
-STALL = ("--stall-after-tokens", "2", "--stall-secs", "3")
-FAULTS: dict[str, tuple[str, ...]] = {  # the workers' arguments
-    "fail": (*INSTANT, "--fail-rate", "1"),
-    "hang": (*INSTANT, "--hang-rate", "1"),
-    "garble": (*INSTANT, "--garble-rate", "1"),
-    "close_after_head": (*INSTANT, "--close-after-head", "1"),
-    "truncate": (*INSTANT, "--truncate-rate", "1"),
-    "reset": (*INSTANT, "--reset-rate", "1"),
-    "stall": (*INSTANT, *STALL),
-    "stall_timed": ("--time-scale", "100", *STALL),
-}
 SERVERS = ("lean", "uvicorn")
 IDLE_S = 5.5  # past uvicorn's keep-alive timeout (5 s, SGLang's setting)
 SLOW_READER_TOKENS = 200_000
@@ -126,7 +115,7 @@ def fault_matrix(stack: ExitStack, server: str) -> dict[str, Any]:
     waits: dict[str, float] = {}
     outcomes: dict[str, list[str]] = {}
     routers: list[str] = []
-    for fault, args in FAULTS.items():
+    for fault, args in MATRIX.items():
         bad = start_worker(stack, *args, *on)
         for setup, workers, retries in (("alone", [bad], "0"), ("retried", [bad, good], "2")):
             url, _ = start_router(

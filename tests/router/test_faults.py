@@ -34,22 +34,10 @@ from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.engine import EngineConfig
 from sglang_dp.router.policies import PolicyConfig
 from sglang_dp.router.server import RouterServer
+from sglang_dp.sim.faults import INSTANT, MATRIX
 from tests.processes import Worker, free_port, sim_worker, wait_for
 
 CLIENT_TIMEOUT_S = 6.0  # request timeout 1 s: an answer later than this is a hang
-INSTANT = ("--instant",)
-TIMED = ("--time-scale", "100")  # the scheduler's timers run: the stall is a real one
-STALL = ("--stall-after-tokens", "2", "--stall-secs", "3")
-FAULTS: dict[str, tuple[str, ...]] = {  # the workers' arguments
-    "fail": (*INSTANT, "--fail-rate", "1"),
-    "hang": (*INSTANT, "--hang-rate", "1"),
-    "garble": (*INSTANT, "--garble-rate", "1"),
-    "close_after_head": (*INSTANT, "--close-after-head", "1"),
-    "truncate": (*INSTANT, "--truncate-rate", "1"),
-    "reset": (*INSTANT, "--reset-rate", "1"),
-    "stall": (*INSTANT, *STALL),
-    "stall_timed": (*TIMED, *STALL),
-}
 WORKERS = {"good": INSTANT, "slow": ("--max-total-tokens", "20000")}  # (slow: real time)
 # The workers serve with the lean httpserver, and with uvicorn + Starlette (SGLang's stack) for
 # the faults whose bytes depend on the server's framing (a hang, and a stall the scheduler does
@@ -59,7 +47,7 @@ ON_UVICORN = ("fail", "garble", "close_after_head", "truncate", "reset", "stall_
 CASES = [
     pytest.param(server, fault, id=f"{server}-{fault}")
     for server in SERVERS
-    for fault in FAULTS
+    for fault in MATRIX
     if server == "lean" or fault in ON_UVICORN
 ]
 # a stall ends in the router's timeout on any worker: beside a good one, once is enough
@@ -202,7 +190,7 @@ class Matrix:
     def worker(self, server: str, fault: str) -> Worker:
         key = (server, fault)
         if key not in self._workers:
-            args = FAULTS.get(fault, WORKERS.get(fault, ()))
+            args = MATRIX.get(fault, WORKERS.get(fault, ()))
             worker = sim_worker(*args, "--http-server", server)
             self._workers[key] = self._stack.enter_context(worker)
         return self._workers[key]

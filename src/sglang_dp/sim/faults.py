@@ -17,6 +17,9 @@ Acting (`Faults.inject`, through the server's `Responder`, either HTTP server):
 
 Stalls (`--stall-after-tokens`, `--stall-secs`) are not drawn here: they delay an answer that
 goes on, and `server.SimWorker` applies them as it writes.
+
+`MATRIX` names one worker per way of going wrong, as the flags that make every request do so:
+the fault matrix the router's tests and `benchmarks/bench_faults.py` run against.
 """
 
 from __future__ import annotations
@@ -109,3 +112,17 @@ def _answer(stream: bool, mark: str) -> tuple[bytes, bytes]:
     """The body (and content type) a broken answer begins: one SSE event or a JSON answer."""
     answer = {"text": "", "meta_info": {mark: True}}
     return (sse(answer), SSE) if stream else (orjson.dumps(answer), JSON)
+
+
+INSTANT = ("--instant",)  # no simulated time: a fault shows at once
+STALL = ("--stall-after-tokens", "2", "--stall-secs", "3")
+MATRIX: dict[str, tuple[str, ...]] = {  # fault -> the worker's flags
+    "fail": (*INSTANT, "--fail-rate", "1"),
+    "hang": (*INSTANT, "--hang-rate", "1"),
+    "garble": (*INSTANT, "--garble-rate", "1"),
+    "close_after_head": (*INSTANT, "--close-after-head", "1"),
+    "truncate": (*INSTANT, "--truncate-rate", "1"),
+    "reset": (*INSTANT, "--reset-rate", "1"),
+    "stall": (*INSTANT, *STALL),
+    "stall_timed": ("--time-scale", "100", *STALL),  # the scheduler's timers run: a real stall
+}
