@@ -111,11 +111,15 @@ def test_a_worker_publishing_at_another_block_size_is_not_followed() -> None:
         view.server_info("http://a:1", info(16))
         view.server_info("http://b:1", info(32))
         view.server_info("http://c:1", {"version": "0.4.0"})  # an older SGLang: no events
+        ranked = info(16)
+        ranked["kv_events"]["dp_size"] = 2  # type: ignore[index]
+        view.server_info("http://d:1", ranked)
         workers = view.status()["workers"]
         assert view.status()["block_size"] == 16 and workers["http://a:1"]["endpoint"]
         assert "blocks of 32 tokens" in workers["http://b:1"]["reason"]
         assert "does not publish" in workers["http://c:1"]["reason"]
-        assert len([line for line in said if "routed on the approximate tree" in line]) == 2
+        assert "2 attention-DP ranks" in workers["http://d:1"]["reason"]
+        assert len([line for line in said if "routed on the approximate tree" in line]) == 3
         view.server_info("http://b:1", info(32))  # said once
         assert len([line for line in said if "32 tokens" in line]) == 1
         await view.close()

@@ -20,7 +20,9 @@ and the reason is said once.
 
 The index (`KvIndex`) is made at the block size of the first worker that publishes; a worker
 publishing at another block size is not subscribed (its hashes could never match) and is
-reported. Its memory bound: `MAX_BLOCKS_PER_TOKEN_OF_KV` × the worker's KV capacity in blocks
+reported, as is one with attention data parallelism inside (a publisher per rank, port base +
+rank: following rank 0 alone would take a part of its cache for the whole; not supported yet).
+Its memory bound: `MAX_BLOCKS_PER_TOKEN_OF_KV` × the worker's KV capacity in blocks
 (`max_total_num_tokens`) when known, else `KvIndex`'s default.
 
 Every `TICK_S` (1 s) each subscribed stream is checked for silence (`kv_watch.StreamWatch`): a
@@ -95,6 +97,10 @@ class KvView:
         source = source_from_server_info(url, url, info)
         if source is None:
             self._not_follow(url, "does not publish KV events (SGLang without --kv-events-config)")
+            return
+        ranks = _publisher_ranks(info)
+        if ranks > 1:  # one publisher per attention-DP rank: rank 0 alone is part of the cache
+            self._not_follow(url, f"publishes on {ranks} attention-DP ranks (not supported yet)")
             return
         if not self._token_keys:
             self._not_follow(url, "routing on characters: KV events need token keys")
@@ -190,3 +196,10 @@ class KvView:
                 with contextlib.suppress(KeyError):
                     index.forget(url, SILENT)
                 self._record(f"{url}: KV events {SILENT}: routed on the tree until they are whole")
+
+
+def _publisher_ranks(info: Mapping[str, Any]) -> int:
+    """How many publishers the worker runs (SGLang: one per attention data-parallel rank)."""
+    kv = info.get("kv_events")
+    ranks = kv.get("dp_size") if isinstance(kv, Mapping) else None
+    return ranks if isinstance(ranks, int) and ranks > 0 else 1
