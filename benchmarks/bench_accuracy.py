@@ -261,7 +261,9 @@ def chat_token_key_us() -> dict[str, float]:
 
     from transformers import AutoTokenizer
 
-    from sglang_dp.router.keys import CHAT, HFEncoder, route_request
+    from sglang_dp.router.keys import route_request
+    from sglang_dp.sglang_api import CHAT
+    from sglang_dp.tokenizer import HFEncoder
 
     rng = random.Random(3)
     with tempfile.TemporaryDirectory() as folder:

@@ -16,7 +16,8 @@ from sglang_dp.router.answers import (
     output_text,
     token_counts,
 )
-from sglang_dp.router.keys import CHAT, COMPLETIONS, GENERATE, KIND_CHAT, KIND_IDS, route_request
+from sglang_dp.router.keys import KIND_CHAT, KIND_IDS, route_request
+from sglang_dp.sglang_api import CHAT, COMPLETIONS, GENERATE
 
 NATIVE = {
     "text": "hi",

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from sglang_dp.router import server as server_module
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.encoding import EncodingPool, default_threads
-from sglang_dp.router.keys import HFEncoder
-from sglang_dp.router.server import RouterServer, load_encoder
+from sglang_dp.router.server import RouterServer
+from sglang_dp.tokenizer import HFEncoder, load_encoder
 from tests.processes import Worker, free_port, make_chat_tokenizer, run_on, sim_worker
 
 FRAGMENTS = ["<|start|>", "<|end|>", "<s>", "hello", " world", "\n", "  ", "Paris.", "é", "\t"]

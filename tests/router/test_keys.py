@@ -11,19 +11,17 @@ import orjson
 import pytest
 
 from sglang_dp.router.keys import (
-    CHAT,
-    COMPLETIONS,
-    GENERATE,
     KIND_CHAT,
     KIND_IDS,
     KIND_TEXT,
-    HFEncoder,
     InvalidRequest,
     Routed,
     extend_key,
     route_request,
     without_last_token,
 )
+from sglang_dp.sglang_api import CHAT, COMPLETIONS, GENERATE
+from sglang_dp.tokenizer import HFEncoder
 from tests.processes import make_chat_tokenizer
 
 

@@ -6,17 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from sglang_dp.bench.workloads import Codec
+from sglang_dp.tokenizer import load_hf
 
 
 class HFCodec:
-    """A local Hugging Face tokenizer (transformers imported only here; nothing downloaded)."""
+    """A local Hugging Face tokenizer (`sglang_dp.tokenizer.load_hf`: nothing downloaded)."""
 
     def __init__(self, path: str) -> None:
         if not Path(path).is_dir():
             raise OSError(f"--tokenizer-path {path}: not a folder (a local tokenizer is needed)")
-        from transformers import AutoTokenizer
-
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._tokenizer = load_hf(path)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))

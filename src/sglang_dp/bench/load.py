@@ -25,9 +25,10 @@ import orjson
 
 from sglang_dp.bench.clients import Client, Failure
 from sglang_dp.bench.config import BenchConfig
-from sglang_dp.bench.protocol import PATHS, ReplyParser, request_body
+from sglang_dp.bench.protocol import ReplyParser, request_body
 from sglang_dp.bench.report import RequestRecord
 from sglang_dp.bench.workloads import Script, planned_requests, prompt_text
+from sglang_dp.sglang_api import API_PATHS
 
 Clock = Callable[[], float]
 
@@ -163,7 +164,7 @@ class Load:
         self.records.append(record)
         sink = _Reply(record, self.clock, config.stream)
         try:
-            await self.client.post(PATHS[config.api], orjson.dumps(body), sink)
+            await self.client.post(API_PATHS[config.api], orjson.dumps(body), sink)
             sink.finish()
         except Failure as exc:
             record.reply.fail(exc.reason, exc.detail)

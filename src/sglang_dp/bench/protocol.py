@@ -27,8 +27,7 @@ from typing import Any
 import orjson
 
 from sglang_dp.bench.workloads import Message, Script, messages_for, prompt_text
-
-PATHS = {"generate": "/generate", "completions": "/v1/completions", "chat": "/v1/chat/completions"}
+from sglang_dp.sglang_api import event_data, meta_counts, usage_counts
 
 
 def request_body(
@@ -93,12 +92,7 @@ class ReplyParser:
         """Bytes of an event stream, as they arrived at `now`."""
         self._buffer += data
         *events, self._buffer = self._buffer.replace(b"\r\n", b"\n").split(b"\n\n")
-        payloads = [
-            line[5:].strip()
-            for event in events
-            for line in event.split(b"\n")
-            if line.startswith(b"data:")
-        ]
+        payloads = [data for data in map(event_data, events) if data]
         if payloads and payloads[-1] == b"[DONE]":
             self.done = True
             payloads.pop()
@@ -174,9 +168,7 @@ class ReplyParser:
                 self._cumulative = text
         else:
             self._piece(text, None)
-        self.prompt_tokens = _int(meta.get("prompt_tokens"), self.prompt_tokens)
-        self.cached_tokens = _int(meta.get("cached_tokens"), self.cached_tokens)
-        self.completion_tokens = _int(meta.get("completion_tokens"), self.completion_tokens)
+        self._counts(meta_counts(meta))
 
     def _choice(self, obj: dict[str, Any], required: bool = True) -> dict[str, Any] | None:
         choices = obj.get("choices")
@@ -195,13 +187,15 @@ class ReplyParser:
                 self.text_times.append(now)
 
     def _usage(self, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return  # streamed chunks carry "usage": null until the last one
-        self.prompt_tokens = _int(usage.get("prompt_tokens"), self.prompt_tokens)
-        self.completion_tokens = _int(usage.get("completion_tokens"), self.completion_tokens)
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict):
-            self.cached_tokens = _int(details.get("cached_tokens"), self.cached_tokens)
+        # Streamed chunks carry "usage": null until the last one: nothing reported, nothing kept.
+        self._counts(usage_counts(usage))
+
+    def _counts(self, counts: tuple[int | None, int | None, int | None]) -> None:
+        """Keep the token counts an answer reports (a count it leaves out keeps its value)."""
+        prompt, cached, completion = counts
+        self.prompt_tokens = self.prompt_tokens if prompt is None else prompt
+        self.cached_tokens = self.cached_tokens if cached is None else cached
+        self.completion_tokens = self.completion_tokens if completion is None else completion
 
     def fail(self, reason: str, detail: str = "") -> None:
         """Mark the request failed (the first reason wins)."""
@@ -212,7 +206,3 @@ class ReplyParser:
 def _content(choice: dict[str, Any]) -> Any:
     message = choice.get("message")
     return message.get("content") if isinstance(message, dict) else None
-
-
-def _int(value: Any, default: int | None) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default

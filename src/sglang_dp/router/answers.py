@@ -27,11 +27,11 @@ from typing import Any
 import orjson
 
 from sglang_dp.router.engine import Outcome
-from sglang_dp.router.keys import CHAT, GENERATE, Encoder, Routed, extend_key
+from sglang_dp.router.keys import Encoder, Routed, extend_key
+from sglang_dp.sglang_api import CHAT, EVENT_END, GENERATE, event_data, meta_counts, usage_counts
 
 MAX_PENDING = 1 << 20  # one SSE event is far smaller; past this the partial event is dropped
 MAX_OUTPUT = 1 << 20  # characters of streamed output collected (a prefix of it is inserted)
-EVENT_END = b"\n\n"
 
 
 class StreamTap:
@@ -86,7 +86,7 @@ class StreamTap:
         kept: list[bytes] = []
         dropped = False
         for event in complete.split(EVENT_END)[:-1]:
-            data = _event_data(event)
+            data = event_data(event)
             reply = _json_object(data) if data.startswith(b"{") else None
             if reply is not None:
                 self._last, self._last_reply = data, reply
@@ -115,14 +115,6 @@ class StreamTap:
             self._output_chars += len(piece)
 
 
-def _event_data(event: bytes) -> bytes:
-    """The data of one SSE event (a single `data:` line, as SGLang writes them), stripped."""
-    line = event.strip()
-    if line.startswith(b"data:"):
-        return line[5:].strip()
-    return b""
-
-
 def _json_object(data: bytes) -> dict[str, Any] | None:
     try:
         value = orjson.loads(data)
@@ -134,30 +126,21 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
 def last_data_event(events: bytes) -> bytes:
     """The data of the last `data: {...}` event in `events` (`[DONE]` and comments skipped)."""
     for event in reversed(events.split(EVENT_END)):
-        data = _event_data(event)
+        data = event_data(event)
         if data.startswith(b"{"):
             return data
     return b""
 
 
 def token_counts(reply: dict[str, Any]) -> tuple[int, int, int] | None:
-    """(prompt, cached, completion) tokens from `meta_info` or OpenAI `usage`, if reported."""
-    meta = reply.get("meta_info")
-    if isinstance(meta, dict) and isinstance(meta.get("cached_tokens"), int):
-        return (
-            int(meta.get("prompt_tokens", 0)),
-            meta["cached_tokens"],
-            int(meta.get("completion_tokens", 0)),
-        )
-    usage = reply.get("usage")
-    if isinstance(usage, dict):
-        details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-            return (
-                int(usage.get("prompt_tokens", 0)),
-                details["cached_tokens"],
-                int(usage.get("completion_tokens", 0)),
-            )
+    """(prompt, cached, completion) tokens from `meta_info` or OpenAI `usage`, if reported
+    (the cached count is required: without it there is nothing to correct from)."""
+    for prompt, cached, completion in (
+        meta_counts(reply.get("meta_info")),
+        usage_counts(reply.get("usage")),
+    ):
+        if cached is not None:
+            return prompt or 0, cached, completion or 0
     return None
 
 

@@ -32,8 +32,6 @@ Bad input raises `InvalidRequest` with a message naming the field and the proble
 
 from __future__ import annotations
 
-import re
-import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,11 +40,14 @@ from typing import Any, Protocol
 import orjson
 
 from sglang_dp.router.tree import Key
-
-GENERATE = "/generate"
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
-INFERENCE_PATHS = (GENERATE, COMPLETIONS, CHAT)
+from sglang_dp.sglang_api import (
+    CHAT,
+    COMPLETIONS,
+    GENERATE,
+    ChatError,
+    chat_prompt,
+)
+from sglang_dp.sglang_api import json_kind as _kind
 
 # Kinds of key: what one key element stands for differs between them.
 KIND_CHAT = 0  # a rendered conversation
@@ -55,11 +56,11 @@ KIND_IDS = 2  # token ids given by the client
 KINDS = ("chat", "text", "ids")
 
 MAX_TOKEN_ID = 2**32 - 1  # token keys are stored as array('I')
-ASSISTANT_HEADER = "<|assistant|>\n"
 
 
 class Encoder(Protocol):
-    """A tokenizer as token-level routing needs it (`HFEncoder` wraps a Hugging Face one)."""
+    """A tokenizer as token-level routing needs it (`sglang_dp.tokenizer.HFEncoder` wraps a
+    Hugging Face one)."""
 
     def encode(self, text: str, special: bool) -> Sequence[int]:
         """Token ids of `text`; `special`: with the special tokens SGLang adds (BOS)."""
@@ -67,148 +68,8 @@ class Encoder(Protocol):
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
         """The conversation through the model's chat template with the generation prompt, or
-        None if the tokenizer has no template."""
+        None if the tokenizer has no template; `ChatError` if the template rejects it."""
         ...
-
-
-class HFEncoder:
-    """An `Encoder` over a Hugging Face tokenizer (loaded by the shell from a local folder).
-
-    It remembers what it encoded: a tokenizer encodes the text between its added tokens
-    (`<|start_header_id|>`, `<|eot_id|>`, ...) piece by piece, so a conversation rendered
-    through a chat template is encoded message by message, and the pieces a new turn shares
-    with the last one (the system prompt, the history; the prompt again when its key is
-    extended by the answer) come from a memo. The memo holds pieces of at least `MIN_PIECE`
-    characters, `MEMO_CHARS` characters of them at most (their ids as `array('I')`: about
-    2 bytes per character of ASCII text in all), and forgets the least recently used first, so
-    a system prompt every request shares is never the one evicted. The pieces it lacks are
-    encoded in one call of the Rust tokenizer, which releases the GIL while it works. The
-    first `SELF_CHECKS` encodings are also made whole and compared: on any difference (a
-    tokenizer whose added tokens strip the spaces around them) it encodes whole from then on.
-
-    Thread-safe: the router's encoding pool (`router/encoding.py`) calls it from several
-    threads. The memo and the count of checks left change under one lock (never two threads
-    evicting the same piece); giving up on pieces is one attribute write, each call reads it
-    once; every encoding made while checks are left is checked (a check is never skipped
-    because another thread took the last one).
-    """
-
-    MEMO_CHARS = 1 << 24
-    MIN_PIECE = 64  # shorter pieces are encoded again: cheaper than remembering them
-    SELF_CHECKS = 16
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self._templated = bool(getattr(tokenizer, "chat_template", None))
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            # A fast tokenizer that truncates or pads is reconfigured on every `encode`, and two
-            # threads reconfiguring it at once collide ("Already borrowed"): ours never does.
-            if backend.truncation is not None:
-                backend.no_truncation()
-            if backend.padding is not None:
-                backend.no_padding()
-        self._backend = backend
-        added: dict[str, int] = dict(tokenizer.get_added_vocab())
-        self._added = added
-        names = sorted(added, key=len, reverse=True)
-        self._splitter = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-        bare = list(tokenizer.encode("x", add_special_tokens=False))
-        framed = list(tokenizer.encode("x", add_special_tokens=True))
-        at = _find(framed, bare)
-        self._frame = (
-            (array("I", framed[:at]), array("I", framed[at + len(bare) :])) if at >= 0 else None
-        )
-        self._memo: dict[str, array[int]] = {}  # piece -> its ids, least recently used first
-        self._memo_chars = 0
-        self._lock = threading.Lock()
-        self._checks = self.SELF_CHECKS
-        self.encoded_chars = 0  # characters given to the tokenizer so far (memo misses)
-
-    def encode(self, text: str, special: bool) -> Sequence[int]:
-        splitter, frame = self._splitter, self._frame
-        if splitter is None or frame is None:
-            return self._whole(text, special)
-        ids = self._by_pieces(splitter, text)
-        if special:
-            head, tail = frame
-            ids = head + ids + tail
-        if self._splitter is not splitter:  # another thread's check gave up on pieces meanwhile
-            return self._whole(text, special)
-        if self._checks > 0:
-            whole = self._whole(text, special)
-            with self._lock:
-                if ids != array("I", whole):
-                    self._splitter = None  # this tokenizer does not split that way
-                    self._checks = 0
-                    return whole
-                self._checks = max(0, self._checks - 1)
-        return ids
-
-    def _whole(self, text: str, special: bool) -> list[int]:
-        ids: list[int] = self._tok.encode(text, add_special_tokens=special)
-        return ids
-
-    def _by_pieces(self, splitter: re.Pattern[str], text: str) -> array[int]:
-        parts: list[Sequence[int] | str] = []
-        missing: list[str] = []
-        added, memo = self._added, self._memo
-        with self._lock:
-            for piece in splitter.split(text):
-                if not piece:
-                    continue
-                token = added.get(piece)
-                if token is not None:
-                    parts.append((token,))
-                    continue
-                found = memo.pop(piece, None)
-                if found is None:
-                    missing.append(piece)
-                    parts.append(piece)
-                else:
-                    memo[piece] = found  # now the most recently used
-                    parts.append(found)
-        if missing:
-            encoded = self._encode_pieces(missing)
-            self._remember(missing, encoded)
-            fresh = iter(encoded)
-            parts = [next(fresh) if isinstance(p, str) else p for p in parts]
-        ids = array("I")
-        for part in parts:
-            assert not isinstance(part, str)
-            ids.extend(part)
-        return ids
-
-    def _encode_pieces(self, pieces: list[str]) -> list[array[int]]:
-        """The ids of each piece without special tokens, in one call of a fast tokenizer."""
-        if self._backend is not None:
-            batch = self._backend.encode_batch(pieces, add_special_tokens=False)
-            return [array("I", encoding.ids) for encoding in batch]
-        return [array("I", self._whole(piece, False)) for piece in pieces]
-
-    def _remember(self, pieces: list[str], encoded: list[array[int]]) -> None:
-        memo = self._memo
-        with self._lock:
-            self.encoded_chars += sum(map(len, pieces))
-            for piece, ids in zip(pieces, encoded, strict=True):
-                if self.MIN_PIECE <= len(piece) <= self.MEMO_CHARS and piece not in memo:
-                    memo[piece] = ids
-                    self._memo_chars += len(piece)
-            while self._memo_chars > self.MEMO_CHARS:
-                oldest = next(iter(memo))
-                self._memo_chars -= len(oldest)
-                del memo[oldest]
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
-        if not self._templated:
-            return None
-        try:
-            text = self._tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # a template may reject a conversation (roles out of order)
-            raise InvalidRequest(f"the chat template rejects these messages: {exc}") from None
-        return str(text)
 
 
 class InvalidRequest(ValueError):
@@ -267,28 +128,22 @@ def route_request(path: str, raw: bytes, encode: Encoder | None = None) -> Route
     return Routed(path, body, key, stream, batch, kind, forward, strip, source)
 
 
-def chat_message(role: str, content: str) -> str:
-    return f"<|{role}|>\n{content}\n"
-
-
 def chat_text(body: dict[str, Any], encode: Encoder | None = None) -> str:
     """The conversation as the worker renders it (see the module docstring)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("'messages' must be a non-empty list of messages")
-    parts = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object, not {_kind(message)}")
-        role = message.get("role")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequest(f"messages[{i}].role must be a non-empty string")
-        parts.append(chat_message(role, _content_text(message.get("content"), i)))
+    try:
+        builtin = chat_prompt(
+            body.get("messages")
+        )  # validates the messages whichever template renders
+    except ChatError as exc:
+        raise InvalidRequest(str(exc)) from None
     if encode is not None:
-        rendered = encode.render_chat(messages)
+        try:
+            rendered = encode.render_chat(body["messages"])  # a list of objects by now
+        except ChatError as exc:
+            raise InvalidRequest(str(exc)) from None
         if rendered is not None:
             return rendered
-    return "".join(parts) + ASSISTANT_HEADER
+    return builtin
 
 
 def extend_key(
@@ -338,24 +193,6 @@ def _with_usage(body: dict[str, Any]) -> bytes:
     rewritten = dict(body)
     rewritten["stream_options"] = {**(options or {}), "include_usage": True}
     return orjson.dumps(rewritten)
-
-
-def _content_text(content: Any, index: int) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict):
-                raise InvalidRequest(f"messages[{index}].content parts must be objects")
-            if part.get("type") == "text":
-                texts.append(str(part.get("text", "")))
-            else:  # images etc.: their reference still distinguishes prompts
-                texts.append(orjson.dumps(part).decode())
-        return "".join(texts)
-    raise InvalidRequest(
-        f"messages[{index}].content must be a string or a list of parts, not {_kind(content)}"
-    )
 
 
 def _prompt(body: dict[str, Any], field: str) -> tuple[str | list[int], bool]:
@@ -410,13 +247,6 @@ def _concat_ids(key: Key, ids: list[int]) -> Key:
     return extended
 
 
-def _find(haystack: list[int], needle: list[int]) -> int:
-    for at in range(len(haystack) - len(needle) + 1):
-        if haystack[at : at + len(needle)] == needle:
-            return at
-    return -1
-
-
 def _is_ids(values: list[Any]) -> bool:
     """Token ids: non-empty, all integers in array('I')'s range."""
     if not values or not all(type(v) is int for v in values):
@@ -424,10 +254,3 @@ def _is_ids(values: list[Any]) -> bool:
     if min(values) < 0 or max(values) > MAX_TOKEN_ID:
         raise InvalidRequest(f"token ids must be integers from 0 to {MAX_TOKEN_ID}")
     return True
-
-
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), f"a {type(value).__name__}")

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sglang_dp.httpserver import (
@@ -36,12 +36,14 @@ from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.encoding import EncodingPool, default_threads
 from sglang_dp.router.engine import RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
-from sglang_dp.router.keys import INFERENCE_PATHS, Encoder, HFEncoder
+from sglang_dp.router.keys import Encoder
 from sglang_dp.router.kv_view import KvView
 from sglang_dp.router.metrics import RouterMetrics
 from sglang_dp.router.proxy import Proxy
 from sglang_dp.router.stats import watch_imbalance
 from sglang_dp.router.upstream import UpstreamPool
+from sglang_dp.sglang_api import INFERENCE_PATHS
+from sglang_dp.tokenizer import load_encoder
 
 if TYPE_CHECKING:
     import aiohttp
@@ -52,36 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sglang_dp.router")
 
 FILES_RESERVED = 64  # file descriptors kept for the router's own use (logs, health checks, ...)
-
-
-def load_encoder(tokenizer_path: str) -> Encoder:
-    """Token-level routing: a local Hugging Face tokenizer (never downloaded)."""
-    import gc
-
-    from transformers import AutoTokenizer
-
-    encoder = HFEncoder(AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True))
-    # transformers and the tokenizer bring ~60,000 objects that live as long as the router:
-    # out of the collector's way, or every full collection walks them (16 ms measured)
-    gc.freeze()
-    return encoder
-
-
-class WordEncoder:
-    """The simulated workers' built-in word tokenizer as an `Encoder` (`--routing-key words`):
-    the router keys prompts on the very token ids the workers cache and publish. The simulator
-    adds no special tokens and renders chats with the built-in template, as `keys` does."""
-
-    def __init__(self) -> None:
-        from sglang_dp.sim.tokenizer import WordTokenizer
-
-        self._tokenizer = WordTokenizer()
-
-    def encode(self, text: str, special: bool) -> Sequence[int]:
-        return self._tokenizer.encode(text)
-
-    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
-        return None
 
 
 class RouterServer:
@@ -118,13 +90,15 @@ class RouterServer:
         self.pool = UpstreamPool()
         encode: Encoder | None = None
         if config.routing_key == "words":
+            from sglang_dp.sim.tokenizer import WordEncoder
+
             encode = WordEncoder()
         elif config.tokenizer_path:
             encode = load_encoder(config.tokenizer_path)
         threads = config.tokenizer_threads
         threads = default_threads() if threads is None else threads
         # the word tokenizer is pure Python: a thread would hold the GIL the loop needs
-        pooled = encode is not None and not isinstance(encode, WordEncoder) and threads > 0
+        pooled = encode is not None and config.routing_key != "words" and threads > 0
         self.encoding = EncodingPool(threads) if pooled else None
         self._session: aiohttp.ClientSession | None = None
         self.state = RouterState(

@@ -5,13 +5,14 @@
   {...}}`, a list for list inputs; streamed events carry the CUMULATIVE text and ids (SGLang's
   default, without --incremental-streaming-output).
 - `/v1/completions`, `/v1/chat/completions`: OpenAI shapes; streamed chunks carry deltas.
-  Chat prompts use a built-in template, one `<|role|>\\ncontent\\n` block per message and an
-  `<|assistant|>\\n` header, so a conversation's prompt is a prefix of its next turn's (multi-turn
-  cache hits work as with a real chat template); a `--tokenizer-path` tokenizer that has a chat
-  template renders them instead (`Tokenizer.encode_chat`, given `ApiRequest.messages`).
+  Chat prompts use the built-in template of `sglang_dp.sglang_api` (the one the router keys
+  chats with: one `<|role|>\\ncontent\\n` block per message and an `<|assistant|>\\n` header,
+  so a conversation's prompt is a prefix of its next turn's; non-text content parts as their
+  JSON); a `--tokenizer-path` tokenizer that has a chat template renders them instead
+  (`Tokenizer.encode_chat`, given `ApiRequest.messages`).
 
 Anything malformed raises `BadRequest` (the shell answers 400 with a JSON error, `error_body`:
-SGLang's shape); nothing here can raise anything else on user input. `sse` frames one event.
+SGLang's shape); nothing here can raise anything else on user input.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
+from sglang_dp.sglang_api import ChatError, chat_prompt
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's sampling-params default
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's max_tokens default for completions
@@ -232,34 +235,12 @@ def parse_completion(body: Any) -> ApiRequest:
     return req
 
 
-def _message(message: Any) -> str:
-    """One message through the template."""
-    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise BadRequest("each message must be an object with a string role")
-    return f"<|{message['role']}|>\n{_content(message.get('content'))}\n"
-
-
-def _content(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise BadRequest("only text content parts are supported")
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise BadRequest("a text content part needs a string text")
-            parts.append(text)
-        return "".join(parts)
-    raise BadRequest("message content must be a string or a list of parts")
-
-
-def render_chat(messages: list[dict[str, Any]]) -> str:
-    """The built-in chat template (see module docstring)."""
-    return "".join(map(_message, messages)) + "<|assistant|>\n"
+def render_chat(messages: Any) -> str:
+    """The built-in chat template (`sglang_api.chat_prompt`: the router keys chats with it)."""
+    try:
+        return chat_prompt(messages)
+    except ChatError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def parse_chat(body: Any) -> ApiRequest:
@@ -267,8 +248,6 @@ def parse_chat(body: Any) -> ApiRequest:
     body = _object(body)
     req = _openai_common(body, "chat", DEFAULT_CHAT_TOKENS)
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list")
     req.inputs[0].text = render_chat(messages)
     req.messages = messages
     return req
@@ -406,8 +385,3 @@ def error_body(message: str, kind: str = "BadRequestError", code: int = 400) -> 
             "code": code,
         }
     )
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event."""
-    return b"data: " + orjson.dumps(obj) + b"\n\n"

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 import orjson
 
 from sglang_dp.httpserver import JSON, SSE
-from sglang_dp.sim.api import error_body, sse
+from sglang_dp.sglang_api import sse
+from sglang_dp.sim.api import error_body
 from sglang_dp.sim.config import SimConfig
 
 if TYPE_CHECKING:

@@ -40,8 +40,9 @@ import orjson
 from sglang_dp import __version__
 from sglang_dp.httpserver import JSON, SSE, TEXT, HttpRequest
 from sglang_dp.kv_wire import EventBatch, KvEventsConfig
+from sglang_dp.sglang_api import CHAT, COMPLETIONS, GENERATE, sse
 from sglang_dp.sim import api
-from sglang_dp.sim.api import error_body, sse
+from sglang_dp.sim.api import error_body
 from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
 from sglang_dp.sim.faults import Faults
@@ -208,9 +209,9 @@ class SimWorker:
             "/flush_cache": {get: self._flush, post: self._flush},
             "/debug/kv_blocks": {get: self._kv_blocks},
             "/abort_request": {post: self._abort},
-            "/generate": {post: self._generation(api.parse_generate)},
-            "/v1/completions": {post: self._generation(api.parse_completion)},
-            "/v1/chat/completions": {post: self._generation(api.parse_chat)},
+            GENERATE: {post: self._generation(api.parse_generate)},
+            COMPLETIONS: {post: self._generation(api.parse_completion)},
+            CHAT: {post: self._generation(api.parse_chat)},
         }
 
     # ------------------------------------------------------------------ time

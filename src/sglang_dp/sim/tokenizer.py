@@ -5,8 +5,10 @@ Two tokenizers with one interface (`Tokenizer`):
 - `WordTokenizer` (default): one token per word or punctuation mark (regex `\\w+|[^\\w\\s]`); a
   word's id is a stable CRC-32 of the word, memoised in a dict, so encoding is one regex scan
   plus one C-level `map` over a dict — cheap enough for 2,000-token prompts at router load.
-- `HFTokenizer`: `transformers.AutoTokenizer` loaded from a local folder (`--tokenizer-path`).
-  transformers is imported only here, only then.
+- `HFTokenizer`: a Hugging Face tokenizer loaded from a local folder (`--tokenizer-path`),
+  encoding through `sglang_dp.tokenizer` as the router does (transformers imported only then).
+
+`WordEncoder` is the word tokenizer as the router's `Encoder` (`--routing-key words`).
 
 `OutputText` builds what a request generates: a fixed cycle of words, entered at an offset that
 is a hash of the prompt's tail, so outputs are deterministic per prompt and seed. The cycle is
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
 
+from sglang_dp.sglang_api import ChatError
 from sglang_dp.sim.api import BadRequest
+from sglang_dp.tokenizer import HFEncoder, load_hf
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 _MAX_MEMO = 1 << 20  # words remembered by the word tokenizer (bounded memory on random text)
@@ -178,33 +183,41 @@ class WordTokenizer:
         return [self._memo[w] for w in OUTPUT_WORDS], [" " + w for w in OUTPUT_WORDS]
 
 
+class WordEncoder:
+    """The word tokenizer as the router's `keys.Encoder` (`--routing-key words`): the router
+    keys prompts on the very token ids the workers cache and publish. The simulator adds no
+    special tokens and renders chats with the built-in template, as `keys` does."""
+
+    def __init__(self) -> None:
+        self._tokenizer = WordTokenizer()
+
+    def encode(self, text: str, special: bool) -> Sequence[int]:
+        return self._tokenizer.encode(text)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str | None:
+        return None
+
+
 class HFTokenizer:
-    """A Hugging Face tokenizer from a local folder (never downloads)."""
+    """A Hugging Face tokenizer from a local folder (never downloads), encoding as the router's
+    `--tokenizer-path` encoder does (`sglang_dp.tokenizer.HFEncoder`)."""
 
     def __init__(self, path: str) -> None:
-        from transformers import AutoTokenizer
-
-        self._tok: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._tok: Any = load_hf(path)
+        self._encoder = HFEncoder(self._tok)
 
     def encode(self, text: str) -> list[int]:
         """Ids as SGLang computes them (special tokens such as BOS included)."""
-        ids: list[int] = self._tok.encode(text)
-        return ids
+        return list(self._encoder.encode(text, True))
 
     def encode_chat(self, messages: list[dict[str, Any]], rendered: str) -> list[int]:
         """As SGLang's chat route: `apply_chat_template(tokenize=True)`, which adds no special
         tokens beyond the template's own (nor to the built-in template's text)."""
-        if not getattr(self._tok, "chat_template", None):
-            ids: list[int] = self._tok.encode(rendered, add_special_tokens=False)
-            return ids
         try:
-            text = self._tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # a template may refuse a conversation (roles out of order)
-            raise BadRequest(f"the chat template rejects these messages: {exc}") from None
-        templated: list[int] = self._tok.encode(str(text), add_special_tokens=False)
-        return templated
+            templated = self._encoder.render_chat(messages)
+        except ChatError as exc:  # a template may refuse a conversation (roles out of order)
+            raise BadRequest(str(exc)) from None
+        return list(self._encoder.encode(rendered if templated is None else templated, False))
 
     def output_vocab(self) -> tuple[list[int], list[str]]:
         """Output words that are one token with a leading space in this vocabulary."""
