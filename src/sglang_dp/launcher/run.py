@@ -174,7 +174,7 @@ class Launch:
 
             async def node_only() -> Mapping[str, Any]:
                 return {"policy": "no router", "now": time.monotonic(),
-                        "events": self.cluster.events}  # fmt: skip
+                        "events": self.cluster.events.recent()}  # fmt: skip
 
             target = self.config.register_with or "-"
             return FrameSource(node_only, title=self.config.model, url=target, processes=processes)
