@@ -1,8 +1,8 @@
 """The client of a router's admin routes: what `top`, `inspect-tree` and `launch --register-with`
 ask of a router (`/debug/*`, `/workers`), on aiohttp, with the admin key as a Bearer token.
 
-`AdminClient(url, key, timeout_s)` (10 s by default), used as an async context manager;
-`call(method, path, params=..., json=..., body=...)` returns the decoded JSON answer or raises
+`AdminClient(url, key, timeout_s, key_option)` (10 s; the flag named when refused), used as
+an async context manager: `call(method, path, params=..., json=..., body=...)` returns the decoded JSON answer or raises
 `AdminError` with one of three messages: the router refused the key (401), answered another
 status (with the first 300 characters of its body), or could not be reached.
 
@@ -36,9 +36,12 @@ class AdminError(Exception):
 class AdminClient:
     """One router's admin API (see the module docstring)."""
 
-    def __init__(self, url: str, key: str | None, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str, key: str | None, timeout_s: float = TIMEOUT_S, key_option: str = "--api-key"
+    ) -> None:
         self.url = url.rstrip("/")
         self._headers = bearer_header(key)
+        self._key_option = key_option  # named in the refusal: the caller's own flag
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
@@ -86,9 +89,8 @@ class AdminClient:
             ) as reply:
                 text = await reply.read()
                 if reply.status == 401:
-                    raise AdminError(
-                        f"{self.url} refused the API key (pass its admin key with --api-key)"
-                    )
+                    hint = f"pass its admin key with {self._key_option}"
+                    raise AdminError(f"{self.url} refused the API key ({hint})")
                 if not 200 <= reply.status < 300:
                     detail = text.decode(errors="replace")[:DETAIL_CHARS]
                     raise AdminError(f"{self.url}{path} answered {reply.status}: {detail}")

@@ -23,7 +23,7 @@ class Registrar:
     def __init__(
         self, router_url: str, admin_key: str | None, on_event: Callable[[str], None]
     ) -> None:
-        self._admin = AdminClient(router_url, admin_key)
+        self._admin = AdminClient(router_url, admin_key, key_option="--admin-api-key")
         self._router = self._admin.url
         self._on_event = on_event
         self._tasks: dict[str, asyncio.Task[None]] = {}
