@@ -2,9 +2,10 @@
 ask of a router (`/debug/*`, `/workers`), on aiohttp, with the admin key as a Bearer token.
 
 `AdminClient(url, key, timeout_s, key_option)` (10 s; the flag named when refused), used as
-an async context manager: `call(method, path, params=..., json=..., body=...)` returns the decoded JSON answer or raises
-`AdminError` with one of three messages: the router refused the key (401), answered another
-status (with the first 300 characters of its body), or could not be reached.
+an async context manager: `call(method, path, params=..., json=..., body=...)` returns the
+decoded JSON answer or raises `AdminError` with one of three messages: the router refused the
+key (401), answered another status (with the first 300 characters of its body), or could not
+be reached.
 
 Also `print_error(console, message)`: how every command shows a failure, with the message's own
 square brackets escaped so that rich does not take them for markup.
