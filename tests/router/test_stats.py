@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sglang_dp.eventlog import EventLog
 from sglang_dp.router.engine import EngineConfig, RoutingEngine
 from sglang_dp.router.health import WorkerMonitor
 from sglang_dp.router.policies import PolicyConfig
@@ -20,7 +20,7 @@ class Source:
     monitor: WorkerMonitor
     clock: Callable[[], float] = lambda: 10.0
     started_at: float = 4.0
-    events: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=9))
+    events: EventLog = field(default_factory=lambda: EventLog(size=9))
 
 
 def imbalanced_engine() -> RoutingEngine:
@@ -46,7 +46,7 @@ def test_stats_payload_is_a_pure_read() -> None:
     for i in range(4):
         engine.route(f"prompt {i}", now=1.0)
     source = Source(engine, WorkerMonitor(engine, interval=5, timeout=5))
-    source.events.append("something happened")
+    source.events.record("something happened")
     first, second = stats_payload(source), stats_payload(source)
     assert first == second
     assert first["events"] == ["something happened"]

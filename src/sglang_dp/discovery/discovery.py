@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,7 +33,6 @@ from sglang_dp.discovery.pods import Member, Plan, Pod, reconcile
 if TYPE_CHECKING:
     from sglang_dp.router.app import RouterState
 
-log = logging.getLogger("sglang_dp.discovery")
 
 RECONCILE_INTERVAL_S = 1.0
 
@@ -45,13 +44,11 @@ class PodDiscovery:
         self,
         config: DiscoveryConfig,
         state: RouterState,
-        record: Callable[[str], None],
         api: PodApi | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self._state = state
-        self._record = record
         self._api = api
         self._rng = rng
         self.members: dict[str, Member] = {}
@@ -109,27 +106,27 @@ class PodDiscovery:
     def _apply(self, plan: Plan) -> None:
         from sglang_dp.router.app import add_worker, remove_worker
 
+        record = self._state.events.record
         for url, why in plan.remove:
             remove_worker(self._state, url)
-            self._record(f"{why}: {url} left")
+            record(f"{why}: {url} left")
         self.members = dict(plan.members)
         for member in plan.add:
             add_worker(self._state, member.url)
-            self._record(f"pod {member.pod.label} is Ready: {member.url} joined")
+            record(f"pod {member.pod.label} is Ready: {member.url} joined")
         for url in plan.hold:
             self._state.monitor.hold(url, True)
-            self._record(f"pod {self.members[url].pod.label} is not Ready: {url} takes no requests")
+            record(f"pod {self.members[url].pod.label} is not Ready: {url} takes no requests")
         for url in plan.release:
             self._state.monitor.hold(url, False)
-            self._record(f"pod {self.members[url].pod.label} is Ready again: {url} back")
+            record(f"pod {self.members[url].pod.label} is Ready again: {url} back")
 
     def _on_state(self, state: str, error: str) -> None:
         if state == "stale":  # a warning in the log, a line in the event log
             message = f"service discovery is stale (workers stay as they were): {error}"
-            log.warning("%s", message)
-            self._state.events.append(message)
+            self._state.events.record(message, logging.WARNING)
         else:
-            self._record(f"service discovery {state}")
+            self._state.events.record(f"service discovery {state}")
 
     def pod_record(self, url: str) -> dict[str, Any] | None:
         """What `/workers` shows of a discovered worker's pod (None: not discovered)."""

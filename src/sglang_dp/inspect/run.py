@@ -7,16 +7,15 @@ data as one JSON object for scripts.
 
 from __future__ import annotations
 
+import asyncio
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from sglang_dp.admin import AdminClient, AdminError, print_error
 from sglang_dp.inspect.render import decision_view, summary_table, tree_view
 
 
@@ -37,27 +36,6 @@ class InspectRequest:
     as_json: bool = False
 
 
-def _call(req: InspectRequest, path: str, body: bytes | None = None) -> Any:
-    headers = {"content-type": "application/json"}
-    if req.api_key:
-        headers["authorization"] = f"Bearer {req.api_key}"
-    request = urllib.request.Request(req.url + path, data=body, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            return json.load(reply)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            message = f"{req.url} refused the API key (pass its admin key with --api-key)"
-            raise InspectError(message) from None
-        detail = exc.read().decode(errors="replace")[:300]
-        raise InspectError(
-            f"{req.url}{path.split('?', maxsplit=1)[0]} answered {exc.code}: {detail}"
-        ) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise InspectError(f"cannot reach a router at {req.url}: {reason}") from None
-
-
 def _route_body(req: InspectRequest) -> tuple[str, bytes] | None:
     if req.messages_file is not None:
         data = json.loads(req.messages_file.read_text())
@@ -73,26 +51,29 @@ def _route_body(req: InspectRequest) -> tuple[str, bytes] | None:
     return "/generate", json.dumps({"text": text}).encode()
 
 
-def gather(req: InspectRequest) -> dict[str, Any]:
+async def gather(req: InspectRequest) -> dict[str, Any]:
     """Everything to show, as one JSON-able dict."""
-    stats = _call(req, "/debug/stats")
-    if not stats.get("workers"):
-        raise InspectError(f"the router at {req.url} has no workers")
-    routed = _route_body(req)
-    if routed is not None:
-        path, body = routed
-        route = _call(req, "/debug/route?path=" + urllib.parse.quote(path), body)
-        return {"stats": stats, "route": route}
-    query = {"depth": req.depth, "top": req.top} | ({"worker": req.worker} if req.worker else {})
-    tree = _call(req, "/debug/tree?" + urllib.parse.urlencode(query))
-    return {"stats": stats, "tree": tree}
+    async with AdminClient(req.url, req.api_key) as router:
+        stats = await router.call("GET", "/debug/stats")
+        if not stats.get("workers"):
+            raise InspectError(f"the router at {req.url} has no workers")
+        routed = _route_body(req)
+        if routed is not None:
+            path, body = routed
+            route = await router.call("POST", "/debug/route", params={"path": path}, body=body)
+            return {"stats": stats, "route": route}
+        query = {"depth": req.depth, "top": req.top} | (
+            {"worker": req.worker} if req.worker else {}
+        )
+        tree = await router.call("GET", "/debug/tree", params=query)
+        return {"stats": stats, "tree": tree}
 
 
 def run_inspect(req: InspectRequest, console: Console) -> int:
     try:
-        data = gather(req)
-    except (InspectError, OSError, ValueError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        data = asyncio.run(gather(req))
+    except (InspectError, AdminError, OSError, ValueError) as exc:
+        print_error(console, str(exc))
         return 1
     if req.as_json:
         print(json.dumps(data, indent=2))

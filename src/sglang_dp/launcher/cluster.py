@@ -11,6 +11,7 @@ until the first one is healthy. The supervisor tells the router when a worker is
 leaves routing at once and loses its tree share; one that is gone for good — failed, moved to
 another port, stopped — is removed). The router's health monitor is the one health checker: the
 supervisor reads it (`health_of`) to restart a worker unhealthy for --unhealthy-restart-secs.
+The cluster's `events` (an `EventLog`) is the router's too: one log from the first spawn on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from sglang_dp.eventlog import EventLog
 from sglang_dp.launcher.config import LaunchConfig
 from sglang_dp.launcher.gpus import assign_gpus, detect_gpus, run_nvidia_smi
 from sglang_dp.launcher.plan import KV_EVENTS_FLAG, WorkerSpec, WorkerTemplate, plan_workers
@@ -146,8 +148,8 @@ class Cluster:
     ) -> None:
         self.config = config
         self._router: RouterServer | None = None
+        self.events = EventLog()  # the router's too, once it runs
         self._up_before_router: list[str] = []
-        self._events_before_router: list[str] = []
         settings = SupervisorSettings(
             startup_timeout=config.startup_timeout_secs,
             max_restarts=config.max_restarts,
@@ -158,7 +160,7 @@ class Cluster:
         self.supervisor = Supervisor(
             specs,
             settings,
-            on_event=self._event,
+            on_event=self.events.record,
             on_up=self._worker_up,
             on_down=self._worker_down,
             spawner=spawner
@@ -169,8 +171,7 @@ class Cluster:
         self.registrar: Registrar | None = None
         if config.register_with:
             admin = config.router.admin_key
-            self.registrar = Registrar(config.register_with, admin, self._event)
-        self.events: list[str] = []  # without a router: what the screen shows
+            self.registrar = Registrar(config.register_with, admin, self.events.record)
         self._hurry = asyncio.Event()
 
     @property
@@ -185,13 +186,6 @@ class Cluster:
     def health_of(self, url: str) -> WorkerHealth | None:
         """The router's health record of a worker: the supervisor's one source of health."""
         return None if self._router is None else self._router.monitor.health_of(url)
-
-    def _event(self, message: str) -> None:
-        self.events = [*self.events[-49:], message]
-        if self._router is None:
-            self._events_before_router.append(message)
-        else:
-            self._router.record_event(message)
 
     def _worker_up(self, url: str) -> None:
         if self.registrar is not None:
@@ -223,8 +217,6 @@ class Cluster:
         from sglang_dp.router.server import RouterServer
 
         self._router = self._make_router(RouterServer)
-        for message in self._events_before_router:
-            self._router.record_event(message)
         for url in self._up_before_router:
             self._router.add_worker(url)
         await self._router.start()
@@ -237,15 +229,16 @@ class Cluster:
         specs = self.supervisor.specs
         publishing = any(KV_EVENTS_FLAG in spec.argv for spec in specs)
         if config.kv_events and not publishing and specs:
-            self._event("this SGLang has no --kv-events-config: routing on the approximate tree")
+            message = "this SGLang has no --kv-events-config: routing on the approximate tree"
+            self.events.record(message)
         settings = config.router_settings(publishing)
         try:
-            return server(settings)
+            return server(settings, events=self.events)
         except (OSError, ValueError, ImportError) as exc:
             if settings == config.router_settings(False):
                 raise
-            self._event(f"KV events not used: the tokenizer did not load ({exc})")
-            return server(config.router_settings(False))
+            self.events.record(f"KV events not used: the tokenizer did not load ({exc})")
+            return server(config.router_settings(False), events=self.events)
 
     async def wait_ready(self, allow_partial: bool) -> list[str]:
         """Raises StartupFailed (with the log tail) when a worker cannot start."""

@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import aiohttp
+from sglang_dp.admin import AdminClient, AdminError
 
 RETRY_S = 2.0
 
@@ -25,19 +23,11 @@ class Registrar:
     def __init__(
         self, router_url: str, admin_key: str | None, on_event: Callable[[str], None]
     ) -> None:
-        self._router = router_url.rstrip("/")
-        self._headers = {"authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self._admin = AdminClient(router_url, admin_key, key_option="--admin-api-key")
+        self._router = self._admin.url
         self._on_event = on_event
-        self._session: aiohttp.ClientSession | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.registered: set[str] = set()
-
-    def _client(self) -> aiohttp.ClientSession:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        return self._session
 
     def up(self, url: str) -> None:
         """Register `url` (in the background, retried until the router accepts it)."""
@@ -54,34 +44,23 @@ class Registrar:
             self._tasks[url] = asyncio.ensure_future(self._deregister(url))
 
     async def _register(self, url: str) -> None:
-        import aiohttp
-
         while True:
             try:
-                async with self._client().post(
-                    self._router + "/workers", json={"url": url}, headers=self._headers
-                ) as reply:
-                    if reply.status in (200, 201):
-                        self.registered.add(url)
-                        self._tasks.pop(url, None)
-                        self._on_event(f"{url} registered with {self._router}")
-                        return
-                    error = f"{reply.status} {(await reply.text())[:200]}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                error = str(exc) or type(exc).__name__
-            self._on_event(f"registering {url} with {self._router} failed ({error}); retrying")
-            await asyncio.sleep(RETRY_S)
+                await self._admin.call("POST", "/workers", json={"url": url})
+            except AdminError as exc:
+                self._on_event(f"registering {url} with {self._router} failed ({exc}); retrying")
+                await asyncio.sleep(RETRY_S)
+                continue
+            self.registered.add(url)
+            self._tasks.pop(url, None)
+            self._on_event(f"{url} registered with {self._router}")
+            return
 
     async def _deregister(self, url: str) -> None:
-        import aiohttp
-
         self.registered.discard(url)
         self._tasks.pop(url, None)
-        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-            async with self._client().delete(
-                self._router + "/workers", params={"url": url}, headers=self._headers
-            ) as reply:
-                await reply.read()
+        with contextlib.suppress(AdminError):
+            await self._admin.call("DELETE", "/workers", params={"url": url})
         self._on_event(f"{url} deregistered from {self._router}")
 
     async def close(self) -> None:
@@ -90,5 +69,4 @@ class Registrar:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await asyncio.gather(*(self._deregister(url) for url in list(self.registered)))
-        if self._session is not None:
-            await self._session.close()
+        await self._admin.close()

@@ -31,6 +31,7 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from sglang_dp.admin import print_error
 from sglang_dp.dashboard.live import FrameSource, run_dashboard
 from sglang_dp.dashboard.render import ProcessFacts, StartupRow, startup_table
 from sglang_dp.launcher.cluster import Cluster, LaunchError, clear_leftovers, make_plan
@@ -174,7 +175,7 @@ class Launch:
 
             async def node_only() -> Mapping[str, Any]:
                 return {"policy": "no router", "now": time.monotonic(),
-                        "events": self.cluster.events}  # fmt: skip
+                        "events": self.cluster.events.recent()}  # fmt: skip
 
             target = self.config.register_with or "-"
             return FrameSource(node_only, title=self.config.model, url=target, processes=processes)
@@ -204,7 +205,7 @@ class Launch:
         if supervising is not None and supervising.done() and not supervising.cancelled():
             error = supervising.exception()
             if isinstance(error, AllWorkersFailed):
-                self.console.print(f"[bold red]every worker failed:[/] {error}")
+                print_error(self.console, str(error), "every worker failed")
                 return 1
         return 0
 
@@ -237,7 +238,7 @@ def run_launch(config: LaunchConfig) -> int:
             console.print(line, highlight=False)
         specs = make_plan(config)
     except LaunchError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        print_error(console, str(exc))
         return 2
     return serve(config, specs, console)
 

@@ -81,6 +81,7 @@ from sglang_dp.launcher.plan import WorkerSpec, api_key_from_args, spare_ports, 
 from sglang_dp.launcher.ports import busy_ports, is_local_address
 from sglang_dp.launcher.process import Spawner, WorkerHandle, spawn_worker
 from sglang_dp.launcher.usage import TreeUsage
+from sglang_dp.router.auth import bearer_header
 from sglang_dp.router.health import WorkerHealth, WorkerMonitor, probe
 
 if TYPE_CHECKING:
@@ -165,8 +166,7 @@ class _Worker:
 
     @property
     def headers(self) -> dict[str, str]:
-        key = api_key_from_args(self.spec.argv)
-        return {"authorization": f"Bearer {key}"} if key else {}
+        return bearer_header(api_key_from_args(self.spec.argv))
 
 
 @dataclass(frozen=True)

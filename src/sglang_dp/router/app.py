@@ -15,12 +15,15 @@ Routes (admin ones need `--admin-api-key`, default `--api-key`, when one is set)
   POST /debug/route            the decision for a request body, with no side effects [admin]
   GET  /debug/stats            the engine snapshot (+ "discovery": pods, state)   [admin]
 With --service-discovery a discovered worker's record in /workers has its "pod".
+
+`create_app(state)` routes to the bound methods of one `Routes(state)`; sgl-router's names
+share `/workers`' code. `RouterState` is built whole by the router server; worker additions
+and removals (`add_worker`, `remove_worker`) go through its event log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,9 +34,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sglang_dp.eventlog import EventLog
 from sglang_dp.httpserver import error_body
 from sglang_dp.router.admission import Admission
-from sglang_dp.router.auth import bearer_matches
+from sglang_dp.router.auth import bearer_header, bearer_matches
 from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig, check_worker_url
 from sglang_dp.router.engine import NoWorkerAvailable, RoutingEngine, WorkerStats
@@ -83,9 +87,7 @@ class RouterState:
     # closes the pooled connections to a removed worker (the upstream pool's drop_host)
     drop_connections: Callable[[str], None] = lambda url: None
     started_at: float = 0.0
-    events: collections.deque[str] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=200)
-    )
+    events: EventLog = dataclasses.field(default_factory=EventLog)
     discovery: PodView | None = None
     admission: Admission[Any] | None = None
     breakers: Breakers | None = None
@@ -107,236 +109,150 @@ def _guard(key: str | None, endpoint: Endpoint) -> Endpoint:
 
 def create_app(state: RouterState) -> Starlette:
     admin, inference = state.config.admin_key, state.config.api_key
+    r = Routes(state)
     routes = [
-        Route("/health", _health(state)),
-        Route("/readiness", _readiness(state)),
-        Route("/metrics", _metrics(state)),
-        *(Route(path, _guard(inference, _info(state, path))) for path in INFO_PATHS),
-        Route("/flush_cache", _guard(admin, _flush(state)), methods=["GET", "POST"]),
-        Route("/workers", _guard(admin, _workers(state)), methods=["GET", "POST", "DELETE"]),
-        Route("/add_worker", _guard(admin, _legacy_add(state)), methods=["POST"]),
-        Route("/remove_worker", _guard(admin, _legacy_remove(state)), methods=["POST"]),
-        Route("/list_workers", _guard(admin, _list_workers(state))),
-        Route("/debug/tree", _guard(admin, _debug_tree(state))),
-        Route("/debug/route", _guard(admin, _debug_route(state)), methods=["POST"]),
-        Route("/debug/stats", _guard(admin, _debug_stats(state))),
+        Route("/health", r.health),
+        Route("/readiness", r.readiness),
+        Route("/metrics", r.metrics),
+        *(Route(path, _guard(inference, r.info)) for path in INFO_PATHS),
+        Route("/flush_cache", _guard(admin, r.flush), methods=["GET", "POST"]),
+        Route("/workers", _guard(admin, r.workers), methods=["GET", "POST", "DELETE"]),
+        Route("/add_worker", _guard(admin, r.legacy_add), methods=["POST"]),
+        Route("/remove_worker", _guard(admin, r.legacy_remove), methods=["POST"]),
+        Route("/list_workers", _guard(admin, r.list_workers)),
+        Route("/debug/tree", _guard(admin, r.debug_tree)),
+        Route("/debug/route", _guard(admin, r.debug_route), methods=["POST"]),
+        Route("/debug/stats", _guard(admin, r.debug_stats)),
     ]
     return Starlette(routes=routes)
 
 
-def _health(state: RouterState) -> Endpoint:
-    async def health(request: Request) -> Response:
+class Routes:
+    """The application's endpoints, bound to one router's state."""
+
+    def __init__(self, state: RouterState) -> None:
+        self.state = state
+
+    async def health(self, request: Request) -> Response:
         return json_response({"status": "ok"})
 
-    return health
-
-
-def _readiness(state: RouterState) -> Endpoint:
-    async def readiness(request: Request) -> Response:
-        healthy = len(state.engine.healthy_workers())
+    async def readiness(self, request: Request) -> Response:
+        healthy = len(self.state.engine.healthy_workers())
         return json_response({"healthy_workers": healthy}, 200 if healthy else 503)
 
-    return readiness
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-
-def _metrics(state: RouterState) -> Endpoint:
-    async def metrics(request: Request) -> Response:
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
-
-    return metrics
-
-
-def _auth_headers(state: RouterState) -> dict[str, str]:
-    key = state.config.api_key
-    return {"authorization": f"Bearer {key}"} if key else {}
-
-
-def _info(state: RouterState, path: str) -> Endpoint:
-    async def info(request: Request) -> Response:
+    async def info(self, request: Request) -> Response:
+        """The same path asked of the first healthy worker that answers."""
         import aiohttp
 
+        state, path = self.state, request.url.path
         for url in state.engine.healthy_workers():
             try:
-                async with state.session().get(url + path, headers=_auth_headers(state)) as reply:
+                async with state.session().get(url + path, headers=self._headers) as reply:
                     body = await reply.read()
                     return Response(body, reply.status, media_type="application/json")
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 continue
         return error("no healthy worker to ask", 503, "NoWorker")
 
-    return info
+    @property
+    def _headers(self) -> dict[str, str]:
+        return bearer_header(self.state.config.api_key)
 
-
-def _flush(state: RouterState) -> Endpoint:
-    async def flush(request: Request) -> Response:
-        urls = state.engine.workers
-        results = await asyncio.gather(*(_flush_one(state, url) for url in urls))
+    async def flush(self, request: Request) -> Response:
+        urls = self.state.engine.workers
+        results = await asyncio.gather(*(self._flush_one(url) for url in urls))
         report = dict(zip(urls, results))
         failed = {url: r for url, r in report.items() if r != "flushed"}
         return json_response({"workers": report}, 200 if not failed else 502)
 
-    return flush
+    async def _flush_one(self, url: str) -> str:
+        import aiohttp
 
-
-async def _flush_one(state: RouterState, url: str) -> str:
-    import aiohttp
-
-    try:
-        async with state.session().post(url + "/flush_cache", headers=_auth_headers(state)) as r:
-            text = (await r.text()).strip()
-            if r.status == 200:
-                state.engine.reset_worker(url)
-                return "flushed"
-            return f"refused ({r.status}): {text[:200]}"
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return f"unreachable: {type(exc).__name__}"
-
-
-def _worker_records(state: RouterState, urls: list[str]) -> list[dict[str, Any]]:
-    """Health and statistics of these workers, from one engine snapshot."""
-    snap = {w.url: w for w in state.engine.snapshot(state.clock()).workers}
-    return [_worker_record(state, url, snap.get(url)) for url in urls]
-
-
-def _worker_record(state: RouterState, url: str, stats: WorkerStats | None) -> dict[str, Any]:
-    health = state.monitor.workers.get(url)
-    record: dict[str, Any] = {"url": url, "state": health.state if health else "unknown"}
-    if health is not None and health.last_error:
-        record["last_error"] = health.last_error
-    if stats is not None:
-        record.update(worker_stats_dict(stats))
-    pod = state.discovery.pod_record(url) if state.discovery else None
-    if pod is not None:
-        record["pod"] = pod
-    return record
-
-
-def remove_worker(state: RouterState, url: str) -> None:
-    """Out of routing and of the tree; its pooled connections are closed."""
-    state.monitor.remove(url)
-    state.drop_connections(url)
-    if state.breakers is not None:
-        state.breakers.forget(url)
-    state.events.append(f"{url} removed")
-
-
-def add_worker(state: RouterState, url: str) -> str:
-    normal = check_worker_url(url)
-    state.monitor.add(normal)
-    state.events.append(f"{normal} added")
-    return normal
-
-
-async def _url_from(request: Request) -> str:
-    url = request.query_params.get("url")
-    if url is None and request.method == "POST":
         try:
-            body = orjson.loads(await request.body() or b"{}")
-        except orjson.JSONDecodeError:
-            raise ValueError("the request body is not valid JSON") from None
-        url = body.get("url") if isinstance(body, dict) else None
-    if not isinstance(url, str) or not url:
-        raise ValueError("a worker 'url' is required (query ?url= or JSON {\"url\": ...})")
-    return url
+            async with self.state.session().post(
+                url + "/flush_cache", headers=self._headers
+            ) as reply:
+                text = (await reply.text()).strip()
+                if reply.status == 200:
+                    self.state.engine.reset_worker(url)
+                    return "flushed"
+                return f"refused ({reply.status}): {text[:200]}"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return f"unreachable: {type(exc).__name__}"
 
+    def _records(self, urls: list[str]) -> list[dict[str, Any]]:
+        """Health and statistics of these workers, from one engine snapshot."""
+        snap = {w.url: w for w in self.state.engine.snapshot(self.state.clock()).workers}
+        return [self._record(url, snap.get(url)) for url in urls]
 
-def _workers(state: RouterState) -> Endpoint:
-    async def workers(request: Request) -> Response:
+    def _record(self, url: str, stats: WorkerStats | None) -> dict[str, Any]:
+        state = self.state
+        health = state.monitor.workers.get(url)
+        record: dict[str, Any] = {"url": url, "state": health.state if health else "unknown"}
+        if health is not None and health.last_error:
+            record["last_error"] = health.last_error
+        if stats is not None:
+            record.update(worker_stats_dict(stats))
+        pod = state.discovery.pod_record(url) if state.discovery else None
+        if pod is not None:
+            record["pod"] = pod
+        return record
+
+    async def workers(self, request: Request) -> Response:
         if request.method == "GET":
-            return json_response({"workers": _worker_records(state, state.engine.workers)})
+            return json_response({"workers": self._records(self.state.engine.workers)})
+        return await self._add_or_remove(request, add=request.method == "POST", legacy=False)
+
+    async def legacy_add(self, request: Request) -> Response:
+        """sgl-router's `/add_worker`: `POST /workers` answering in its own words."""
+        return await self._add_or_remove(request, add=True, legacy=True)
+
+    async def legacy_remove(self, request: Request) -> Response:
+        """sgl-router's `/remove_worker`: `DELETE /workers`."""
+        return await self._add_or_remove(request, add=False, legacy=True)
+
+    async def _add_or_remove(self, request: Request, add: bool, legacy: bool) -> Response:
         try:
             url = check_worker_url(await _url_from(request))
         except ValueError as exc:
             return error(str(exc), 400)
-        if request.method == "POST":
-            add_worker(state, url)
-            return json_response(_worker_records(state, [url])[0], 201)
-        if url not in state.monitor.workers:
+        if add:
+            add_worker(self.state, url)
+            if legacy:
+                return json_response({"added": url})
+            return json_response(self._records([url])[0], 201)
+        if url not in self.state.monitor.workers:
             return error(f"{url} is not a worker of this router", 404, "NotFound")
-        remove_worker(state, url)
+        remove_worker(self.state, url)
         return json_response({"removed": url})
 
-    return workers
+    async def list_workers(self, request: Request) -> Response:
+        return json_response({"urls": self.state.engine.workers})
 
-
-def _legacy_add(state: RouterState) -> Endpoint:
-    async def legacy_add(request: Request) -> Response:
-        try:
-            url = add_worker(state, await _url_from(request))
-        except ValueError as exc:
-            return error(str(exc), 400)
-        return json_response({"added": url})
-
-    return legacy_add
-
-
-def _legacy_remove(state: RouterState) -> Endpoint:
-    async def legacy_remove(request: Request) -> Response:
-        try:
-            url = check_worker_url(await _url_from(request))
-        except ValueError as exc:
-            return error(str(exc), 400)
-        if url not in state.monitor.workers:
-            return error(f"{url} is not a worker of this router", 404, "NotFound")
-        remove_worker(state, url)
-        return json_response({"removed": url})
-
-    return legacy_remove
-
-
-def _list_workers(state: RouterState) -> Endpoint:
-    async def list_workers(request: Request) -> Response:
-        return json_response({"urls": state.engine.workers})
-
-    return list_workers
-
-
-def branch_dict(branch: Branch, now: float) -> dict[str, Any]:
-    return {
-        "text": preview(branch.label, 80),
-        "length": len(branch.label),
-        "prefix_length": branch.prefix_length,
-        "subtree_size": branch.subtree_size,
-        "workers": [{"url": t, "idle_s": round(max(now - at, 0.0), 3)} for t, at in branch.tenants],
-        "hidden_children": branch.hidden_children,
-        "children": [branch_dict(child, now) for child in branch.children],
-    }
-
-
-def _int_param(request: Request, name: str, default: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 0 < int(raw) <= high:
-        raise ValueError(f"'{name}' must be a whole number from 1 to {high}")
-    return int(raw)
-
-
-def _debug_tree(state: RouterState) -> Endpoint:
-    async def debug_tree(request: Request) -> Response:
+    async def debug_tree(self, request: Request) -> Response:
         try:
             depth = _int_param(request, "depth", 4, 64)
             top = _int_param(request, "top", 8, 1000)
         except ValueError as exc:
             return error(str(exc), 400)
         worker = request.query_params.get("worker")
-        now = state.clock()
-        branches = state.engine.tree.branches(depth, top, worker)
+        now, tree = self.state.clock(), self.state.engine.tree
+        branches = tree.branches(depth, top, worker)
         return json_response(
             {
                 "now": now,
-                "total_size": state.engine.tree.total_size,
-                "nodes": state.engine.tree.node_count,
-                "sizes": {url: state.engine.tree.size(url) for url in state.engine.workers},
+                "total_size": tree.total_size,
+                "nodes": tree.node_count,
+                "sizes": {url: tree.size(url) for url in self.state.engine.workers},
                 "branches": [branch_dict(b, now) for b in branches],
             }
         )
 
-    return debug_tree
-
-
-def _debug_route(state: RouterState) -> Endpoint:
-    async def debug_route(request: Request) -> Response:
+    async def debug_route(self, request: Request) -> Response:
+        state = self.state
         path = request.query_params.get("path", "")
         raw = await request.body()
         if not path:
@@ -377,7 +293,58 @@ def _debug_route(state: RouterState) -> Endpoint:
             }
         )
 
-    return debug_route
+    async def debug_stats(self, request: Request) -> Response:
+        return json_response(router_stats(self.state))
+
+
+def remove_worker(state: RouterState, url: str) -> None:
+    """Out of routing and of the tree; its pooled connections are closed."""
+    state.monitor.remove(url)
+    state.drop_connections(url)
+    if state.breakers is not None:
+        state.breakers.forget(url)
+    state.events.record(f"{url} removed")
+
+
+def add_worker(state: RouterState, url: str) -> str:
+    normal = check_worker_url(url)
+    state.monitor.add(normal)
+    state.events.record(f"{normal} added")
+    return normal
+
+
+async def _url_from(request: Request) -> str:
+    url = request.query_params.get("url")
+    if url is None and request.method == "POST":
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            raise ValueError("the request body is not valid JSON") from None
+        url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url:
+        raise ValueError("a worker 'url' is required (query ?url= or JSON {\"url\": ...})")
+    return url
+
+
+def branch_dict(branch: Branch, now: float) -> dict[str, Any]:
+    return {
+        "text": preview(branch.label, 80),
+        "length": len(branch.label),
+        "prefix_length": branch.prefix_length,
+        "subtree_size": branch.subtree_size,
+        "workers": [{"url": t, "idle_s": round(max(now - at, 0.0), 3)} for t, at in branch.tenants],
+        "hidden_children": branch.hidden_children,
+        "children": [branch_dict(child, now) for child in branch.children],
+    }
+
+
+def _int_param(request: Request, name: str, default: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 0 < int(raw) <= high:
+        raise ValueError(f"'{name}' must be a whole number from 1 to {high}")
+    return int(raw)
 
 
 def estimate_dict(parts: tuple[float, float, float, float, float]) -> dict[str, float]:
@@ -401,13 +368,6 @@ def _guess_path(raw: bytes) -> str:
     if b'"prompt"' in raw:
         return "/v1/completions"
     return "/generate"
-
-
-def _debug_stats(state: RouterState) -> Endpoint:
-    async def debug_stats(request: Request) -> Response:
-        return json_response(router_stats(state))
-
-    return debug_stats
 
 
 def router_stats(state: RouterState) -> dict[str, Any]:

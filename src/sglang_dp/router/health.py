@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sglang_dp.router.auth import bearer_header
 from sglang_dp.router.engine import RoutingEngine
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ class WorkerMonitor:
         self._clock = clock
         self._interval = interval
         self._timeout = timeout
-        self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = bearer_header(api_key)
         self._on_event = on_event
         self.workers: dict[str, WorkerHealth] = {}
         self._session: aiohttp.ClientSession | None = None

@@ -13,7 +13,6 @@ then closes everything.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import signal
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from sglang_dp.eventlog import EventLog
 from sglang_dp.httpserver import (
     MAX_CONNECTIONS,
     HttpRequest,
@@ -31,6 +31,7 @@ from sglang_dp.httpserver import (
 )
 from sglang_dp.router.admission import Admission, LoadReports
 from sglang_dp.router.app import RouterState, add_worker, create_app, remove_worker
+from sglang_dp.router.auth import bearer_header
 from sglang_dp.router.breaker import Breakers
 from sglang_dp.router.config import RouterConfig
 from sglang_dp.router.encoding import EncodingPool, default_threads
@@ -64,20 +65,21 @@ class RouterServer:
         config: RouterConfig,
         engine: RoutingEngine | None = None,
         clock: Callable[[], float] = time.monotonic,
+        events: EventLog | None = None,
     ) -> None:
         self.config = config
         token_keys = config.routing_key in ("tokens", "words")
         self.engine = engine or RoutingEngine(
             dataclasses.replace(config.engine, token_keys=token_keys)
         )
-        self.events: collections.deque[str] = collections.deque(maxlen=200)  # for dashboards
-        self.kv_view = KvView(config.cache_view, self.engine, token_keys, clock, self.record_event)
+        self.events = EventLog() if events is None else events  # the launcher's, if any
+        self.kv_view = KvView(config.cache_view, self.engine, token_keys, clock, self.events.record)
         self.monitor = WorkerMonitor(
             self.engine,
             interval=config.health_check_interval_secs,
             timeout=config.health_check_timeout_secs,
             api_key=config.api_key,
-            on_event=self.record_event,
+            on_event=self.events.record,
             on_server_info=self.kv_view.server_info,
         )
         self.metrics = RouterMetrics(self.engine, clock)
@@ -102,13 +104,20 @@ class RouterServer:
         self.encoding = EncodingPool(threads) if pooled else None
         self._session: aiohttp.ClientSession | None = None
         self.state = RouterState(
-            config, self.engine, self.monitor, self.metrics, clock, self._get_session, encode
+            config,
+            self.engine,
+            self.monitor,
+            self.metrics,
+            clock,
+            self._get_session,
+            encode,
+            drop_connections=self.pool.drop_host,
+            started_at=clock(),
+            events=self.events,
+            admission=self.admission,
+            breakers=self.breakers,
+            kv_view=self.kv_view,
         )
-        self.state.events = self.events
-        self.state.admission, self.state.breakers = self.admission, self.breakers
-        self.state.kv_view = self.kv_view
-        self.state.drop_connections = self.pool.drop_host
-        self.state.started_at = clock()
         self.app: Starlette = create_app(self.state)
         self.proxy = Proxy(
             config,
@@ -130,19 +139,14 @@ class RouterServer:
         if config.discovery.service_discovery:
             from sglang_dp.discovery.discovery import PodDiscovery
 
-            self.discovery = PodDiscovery(config.discovery, self.state, self.record_event)
-            self.state.discovery = self.discovery
+            self.discovery = PodDiscovery(config.discovery, self.state)
+            self.state.discovery = self.discovery  # the one back-reference: it needs the state
         self._load_reports: asyncio.Task[None] | None = None
         self.port = config.port
 
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
-
-    def record_event(self, message: str) -> None:
-        """A line for the dashboard's event log (and the log)."""
-        log.info("%s", message)
-        self.events.append(message)
 
     def _get_session(self) -> aiohttp.ClientSession:
         import aiohttp
@@ -168,7 +172,7 @@ class RouterServer:
                 raise
         await self.monitor.check_now()
         self._imbalance = asyncio.get_running_loop().create_task(
-            watch_imbalance(self.engine, self.record_event)
+            watch_imbalance(self.engine, self.events.record)
         )
         if self.config.admission.load_report_interval_secs > 0:
             self._load_reports = asyncio.get_running_loop().create_task(self._read_loads())
@@ -198,7 +202,6 @@ class RouterServer:
     def remove_worker(self, url: str) -> None:
         remove_worker(self.state, url)
         self.loads.forget(url)
-        log.info("%s removed", url)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting; let the responses in flight finish for up to `grace` s (requests
@@ -226,7 +229,7 @@ class RouterServer:
         """Every interval, each healthy worker's own load report (off the request path); a
         worker without `/get_load` (404) is not asked again."""
         interval = self.config.admission.load_report_interval_secs
-        headers = {"authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        headers = bearer_header(self.config.api_key)
         unsupported: set[str] = set()
 
         import aiohttp

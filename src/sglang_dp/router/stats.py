@@ -13,12 +13,12 @@ No web framework here: the launcher's dashboard imports this module, not the app
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from sglang_dp.eventlog import EventLog
 from sglang_dp.router.engine import RoutingEngine, WorkerStats
 from sglang_dp.router.health import WorkerMonitor
 
@@ -38,7 +38,7 @@ class StatsSource(Protocol):
     @property
     def started_at(self) -> float: ...
     @property
-    def events(self) -> collections.deque[str]: ...
+    def events(self) -> EventLog: ...
 
 
 def stats_payload(source: StatsSource) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def stats_payload(source: StatsSource) -> dict[str, Any]:
             worker_stats_dict(w) | {"state": health_state(source.monitor, w.url)}
             for w in snap.workers
         ],
-        "events": list(source.events)[-50:],
+        "events": source.events.recent(),
     }
 
 
