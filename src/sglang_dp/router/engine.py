@@ -2,14 +2,15 @@
 
 For every request the shell calls, on one event loop:
 
-    dispatch = engine.route(key, now)         match → choose → speculate (insert for the worker)
+    dispatch = engine.route(key, now, exclude, streamed)   match → choose → speculate
     try:
         ... forward the request to dispatch.worker ...
-        engine.observe(dispatch, outcome, now)  correct the tree from `cached_tokens`
+        engine.first_token(dispatch, now)        a stream's first chunk: its prefill is done
+        engine.observe(dispatch, outcome, now)   correct the tree from `cached_tokens`
     except ...:
-        engine.fail(dispatch, "connect_error", now)
+        engine.fail(dispatch, "connect_error")
     finally:
-        engine.release(dispatch, now)           no-op if observe/fail already released it
+        engine.release(dispatch)                 no-op if observe/fail already released it
 
 A `Dispatch` is the in-flight handle: the worker's in-flight count goes up in `route` and down
 exactly once, by whichever of observe/fail/release comes first, so a `finally` makes a leak

@@ -161,9 +161,6 @@ class WorkerMonitor:
         """The worker's health record (None if not registered); do not modify it."""
         return self.workers.get(url)
 
-    def healthy_urls(self) -> list[str]:
-        return [h.url for h in self.workers.values() if h.state == "healthy"]
-
     async def check_now(self) -> None:
         """One round of checks (also what the background task runs every interval)."""
         await asyncio.gather(*(self._check(h) for h in list(self.workers.values())))
