@@ -28,7 +28,6 @@ import asyncio
 import logging
 import os
 import random
-from typing import TYPE_CHECKING
 
 import orjson
 
@@ -36,9 +35,7 @@ from sglang_dp.httpserver import JSON, SSE
 from sglang_dp.sglang_api import sse
 from sglang_dp.sim.api import error_body
 from sglang_dp.sim.config import SimConfig
-
-if TYPE_CHECKING:
-    from sglang_dp.sim.server import Responder
+from sglang_dp.sim.responder import Responder
 
 log = logging.getLogger("sglang_dp.sim")
 

@@ -20,7 +20,7 @@ after N tokens; a whole answer of more than N tokens comes S seconds late).
 
 Two HTTP servers carry the one handler, `SimWorker.handle(request, responder)`: the lean
 `httpserver` (default) and uvicorn + Starlette (`--http-server uvicorn`, `sim.asgi`), SGLang's
-own stack. `Responder` is what the handler needs of a response; both servers implement it.
+own stack. `sim.responder.Responder` is what the handler needs of a response; both implement it.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from sglang_dp import __version__
-from sglang_dp.httpserver import JSON, SSE, TEXT, HttpRequest
+from sglang_dp.httpserver import TEXT, HttpRequest
 from sglang_dp.kv_wire import EventBatch, KvEventsConfig
 from sglang_dp.sglang_api import CHAT, COMPLETIONS, GENERATE, sse
 from sglang_dp.sim import api
@@ -47,6 +47,7 @@ from sglang_dp.sim.config import SimConfig
 from sglang_dp.sim.cost_model import CostModel, resolve
 from sglang_dp.sim.faults import Faults
 from sglang_dp.sim.kv_events import EventPublisher, describe
+from sglang_dp.sim.responder import Responder
 from sglang_dp.sim.scheduler import Events, Scheduler, SimRequest
 from sglang_dp.sim.tokenizer import (
     Output,
@@ -65,50 +66,6 @@ WARMUP_PROMPT = "The capital city of France is"  # what SGLang's warm-up request
 HEALTH_TIMEOUT_S = 20.0
 DONE = b"data: [DONE]\n\n"
 UNAUTHENTICATED = ("/health", "/health_generate", "/ready", "/metrics")
-
-
-class Responder(Protocol):
-    """One response as the handler writes it, whichever server carries it: the lean server's
-    `httpserver.Responder`, or `sim.asgi.AsgiResponder` over uvicorn + Starlette."""
-
-    done: bool  # the response is over (or broken)
-    started: bool  # bytes of it were written
-    streaming: bool
-    on_disconnect: Callable[[], object] | None  # called when the client goes away first
-
-    @property
-    def closed(self) -> bool:
-        """The client went away or the response is over: writing is pointless."""
-
-    def send(
-        self, code: int, body: bytes, content_type: bytes = JSON, headers: bytes = b""
-    ) -> None:
-        """The whole response at once."""
-
-    def start_stream(
-        self, code: int = 200, content_type: bytes = SSE, headers: bytes = b""
-    ) -> None:
-        """A streamed response begins (its head may wait for the first chunk)."""
-
-    def write(self, data: bytes) -> None:
-        """One chunk of a stream."""
-
-    def end(self, data: bytes = b"") -> None:
-        """The last chunk and the clean end of a stream."""
-
-    def abort_stream(self, data: bytes = b"") -> None:
-        """A broken response: `data`, then a close without the clean end."""
-
-    # fault injection
-    def write_unframed(self, data: bytes) -> None:
-        """Bytes outside any framing (--garble-rate)."""
-
-    def send_partial(self, code: int, body: bytes, sent: int, content_type: bytes = JSON) -> None:
-        """A head declaring len(body) bytes, and only `sent` of them; then `abort_stream` or
-        `reset` (--truncate-rate, --reset-rate)."""
-
-    def reset(self) -> None:
-        """Close with a TCP reset (--reset-rate)."""
 
 
 class IdMaker:
