@@ -388,7 +388,6 @@ class RoutingEngine:
         self._per_token = [start] * len(KINDS)  # indexed by keys.KIND_*
         self._learned = [0] * len(KINDS)  # responses each estimate was learned from
         self._events: KvIndex | None = None
-        self._speculated: list[str] = []  # whose matches `_matches` last took from speculation
 
     @property
     def tree(self) -> RadixTree:
@@ -471,7 +470,7 @@ class RoutingEngine:
             self._settle_queues(now)
         loads = self._candidates(exclude).copy()
         path = self._tree.walk(key)
-        matched, exact = self._matches(path, loads, now)
+        matched, exact, _ = self._matches(path, loads, now)
         decision = self._decide(matched, len(path.key), loads)
         matches = {w: matched.get(w, 0) for w in loads}
         length = len(path.key)
@@ -495,10 +494,10 @@ class RoutingEngine:
         self._view.now = now
         path = self._tree.walk(key)
         loads = self._candidates(exclude)
-        matched, _ = self._matches(path, loads, now)
+        matched, _, speculated = self._matches(path, loads, now)
         decision = self._decide(matched, len(path.key), loads)
         state = self._workers[decision.worker]
-        if decision.worker in self._speculated:
+        if decision.worker in speculated:
             state.speculated += 1
         prior = self._tree.insert_at(path, state.url, now)
         oldest = next(iter(state.in_flight.values()), math.inf)
@@ -694,18 +693,19 @@ class RoutingEngine:
 
     def _matches(
         self, path: Path, loads: dict[str, int], now: float | None
-    ) -> tuple[dict[str, int], list[str]]:
+    ) -> tuple[dict[str, int], list[str], list[str]]:
         """Every candidate's match: its KV events' where they are whole (exact, whole pages),
-        the tree's elsewhere; and the workers matched on events. A prefix routed to a worker
-        lately counts as held before its events come (the tree's touch, `_unconfirmed_since`)."""
+        the tree's elsewhere; the workers matched on events; and those of them whose match
+        is speculative: a prefix routed there lately counts as held before its events come
+        (the tree's touch, `_unconfirmed_since`)."""
         index = self._events
         key = path.key
-        self._speculated.clear()
         if index is None or isinstance(key, str):
-            return path.matched, []
+            return path.matched, [], []
         exact = [w for w in loads if index.trusted(w)]
+        speculated: list[str] = []
         if not exact:
-            return path.matched, exact
+            return path.matched, exact, speculated
         stored = index.match(key, exact)
         since = (self._view.now if now is None else now) - SPECULATIVE_TTL_S
         page = index.block_size
@@ -717,19 +717,17 @@ class RoutingEngine:
                 recent = recent // page * page
                 if recent > held:
                     held = recent
-                    self._speculated.append(w)
+                    speculated.append(w)
             matched[w] = held
-        return matched, exact
+        return matched, exact, speculated
 
     def _unconfirmed_since(self, url: str, since: float) -> float:
         """Since when the worker's routed prefixes may still be unconfirmed: `since`, or
         earlier while a request routed then still waits for its prefill (SGLang publishes a
         prompt's pages when it has computed them, seconds later behind a long queue)."""
         state = self._workers[url]
-        for dispatch_id in state.queued:  # oldest first: the first one routed
-            sent = state.in_flight.get(dispatch_id, since)
-            return min(sent, since)
-        return since
+        oldest = next(iter(state.queued), None)  # in routing order: the first one routed
+        return since if oldest is None else min(state.in_flight.get(oldest, since), since)
 
     def _decide(self, matched: dict[str, int], length: int, loads: dict[str, int]) -> Decision:
         worker, reason = self._policy.choose(loads, matched, length, self._pending)

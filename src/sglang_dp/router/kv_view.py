@@ -3,9 +3,7 @@
     view = KvView(mode, engine, token_keys, clock, record_event)
     view.server_info(url, info)   # the health monitor read a worker's /server_info
     await view.start() ... await view.close()
-    view.status()                 # for /debug/stats, /metrics, the dashboard and inspect-tree:
-                                  # per worker its stream's health, and how often it was routed
-                                  # on pages its events had not confirmed yet (`speculated`)
+    view.status()                 # for /debug/stats, /metrics, the dashboard and inspect-tree
 
 Modes (`--cache-view`):
 - `approx`: the router's own tree alone (corrected from `cached_tokens`); nothing subscribed.
@@ -131,14 +129,12 @@ class KvView:
         """Per worker: its stream's health, or why its events are not followed."""
         workers: dict[str, Any] = {}
         index = self.index
-        speculated = {w.url: w.speculated for w in self._engine.snapshot(self._clock()).workers}
         for url in self._sources:
             if index is None or url not in index.workers():
                 continue
             record = dataclasses.asdict(index.status(url))
             record["events_per_s"] = round(self._watches[url].batches_per_s, 2)
             record["endpoint"] = self._sources[url].endpoint
-            record["speculated"] = speculated.get(url, 0)
             workers[url] = record
         for url, why in self._not_followed.items():
             workers[url] = {"trusted": False, "reason": why, "followed": False}

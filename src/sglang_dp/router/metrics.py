@@ -11,14 +11,15 @@ global state. Everything runs on the router's event loop, so nothing needs a loc
     sglang_dp_routing_latency_seconds               histogram: choosing a worker
     sglang_dp_upstream_latency_seconds              histogram: forward to end of answer
     sglang_dp_{in_flight, worker_healthy, tree_size, predicted_tokens, cached_tokens,
-               prompt_tokens, corrections}{worker}, sglang_dp_decisions_total{reason},
+               prompt_tokens, corrections, kv_events_speculated_routes}{worker},
+    sglang_dp_decisions_total{reason},
     sglang_dp_tree_total_size                       from the engine's snapshot
     sglang_dp_tree_memory_bytes                     from the engine's snapshot
     sglang_dp_{admitted_in_flight, queue_length}, sglang_dp_queued_total,
     sglang_dp_shed_total{reason}, sglang_dp_circuit_breaker_state{worker, state},
     sglang_dp_circuit_breaker_opens_total{worker}   admission control (`watch_admission`)
     sglang_dp_kv_events_{trusted, last_seq, blocks, gaps_filled_total, gaps_lost_total,
-               rejected_total, speculated_routes_total}{worker}, sglang_dp_kv_event_batches_total,
+               rejected_total}{worker}, sglang_dp_kv_event_batches_total,
     sglang_dp_kv_event_batches_per_second, sglang_dp_kv_events_total{worker},
     sglang_dp_kv_index_blocks                       KV events (`watch_kv_events`)
 """
@@ -150,6 +151,12 @@ class _EngineCollector(Collector):
                 CounterMetricFamily,
                 lambda w: w.corrections,
             ),
+            (
+                "kv_events_speculated_routes",
+                "Routed on pages its KV events had not confirmed yet.",
+                CounterMetricFamily,
+                lambda w: w.speculated,
+            ),
         ]
         for name, doc, kind, value in per_worker:
             family = kind(f"sglang_dp_{name}", doc, labels=["worker"])
@@ -232,12 +239,6 @@ _KV_FIELDS = (
     ("gaps_filled", "sglang_dp_kv_events_gaps_filled", "counter", "Seq gaps repaired by replay."),
     ("gaps_lost", "sglang_dp_kv_events_gaps_lost", "counter", "Seq gaps replay could not fill."),
     ("rejected", "sglang_dp_kv_events_rejected", "counter", "Messages that could not be used."),
-    (
-        "speculated",
-        "sglang_dp_kv_events_speculated_routes",
-        "counter",
-        "Routed on unconfirmed pages.",
-    ),
 )
 
 
