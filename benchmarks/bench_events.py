@@ -44,7 +44,7 @@ from sglang_dp.launcher.ports import free_port, free_port_band
 from sglang_dp.router.kv_events import Batch, decode_payload
 from sglang_dp.router.kv_index import KvIndex
 from sglang_dp.router.kv_subscriber import KvSubscriber, source_from_server_info
-from support import get_json, process, wait_until
+from support import get_json, process, publish, wait_until
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 PAGE = 16
@@ -239,12 +239,7 @@ def main() -> None:
         "events_index_bytes_per_block": round(bytes_per_block(batches)),
         "workers": per_worker,
     }
-    Path(__file__).with_name("results_events.json").write_text(json.dumps(figures, indent=1) + "\n")
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"{key}: {value}")
+    publish(figures, Path(__file__).with_name("results_events.json"), args.json)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from sglang_dp.launcher.ports import free_port_band
 from sglang_dp.router.engine import EngineConfig, Outcome, RoutingEngine
 from sglang_dp.router.kv_events import Batch
 from sglang_dp.router.kv_index import KvIndex
-from support import get_json, start_router, start_worker
+from support import get_json, publish, start_router, start_worker
 
 SGLANG_DP = str(Path(sys.executable).parent / "sglang-dp")
 RESULTS = Path(__file__).with_name("results_events_routing.json")
@@ -158,12 +158,7 @@ def main() -> None:
         "events_route_over_tree": round(costs["events"] / costs["tree"], 3),
         "runs": runs,
     }
-    RESULTS.write_text(json.dumps(figures, indent=1) + "\n")
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for key, value in figures.items():
-            print(f"{key}: {value}")
+    publish(figures, RESULTS, args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What several benchmark scripts need: a child process that is always stopped, JSON over HTTP,
 polling for a condition while watching the process it depends on, and simulated workers and
-a router started as the user would (`sglang-dp sim-worker`, `sglang-dp router`)."""
+a router started as the user would (`sglang-dp sim-worker`, `sglang-dp router`), and the figures
+written to the results file and printed."""
 
 from __future__ import annotations
 
@@ -97,3 +98,13 @@ def start_router(
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: healthy_workers(url) == len(workers), proc, "router")
     return url, proc
+
+
+def publish(figures: dict[str, Any], results: Path, as_json: bool) -> None:
+    """Write the figures to their results file, and print them: one JSON object, or a line each."""
+    results.write_text(json.dumps(figures, indent=1) + "\n")
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key}: {value}")
